@@ -1,0 +1,186 @@
+//! Inference backends. A backend turns an ONNX file into a [`Session`] that runs named tensors;
+//! nothing above this module knows which backend runs a part.
+
+use std::fmt;
+use std::path::Path;
+
+use half::f16;
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+
+pub mod tract;
+
+/// Element type of a model input or output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElemType {
+    F32,
+    F16,
+    I64,
+    I32,
+    Bool,
+    U8,
+    /// Anything else, by name.
+    Other(&'static str),
+}
+
+impl fmt::Display for ElemType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ElemType::F32 => f.write_str("f32"),
+            ElemType::F16 => f.write_str("f16"),
+            ElemType::I64 => f.write_str("i64"),
+            ElemType::I32 => f.write_str("i32"),
+            ElemType::Bool => f.write_str("bool"),
+            ElemType::U8 => f.write_str("u8"),
+            ElemType::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// One dimension of a declared input or output shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(usize),
+    /// A symbolic size (the ONNX `dim_param`), resolved at run time.
+    Symbol(String),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbol(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Name, element type and declared shape of a model input or output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub elem: ElemType,
+    pub shape: Vec<Dim>,
+}
+
+impl TensorInfo {
+    /// The fixed size of an axis, if the model declares one.
+    pub fn fixed(&self, axis: usize) -> Option<usize> {
+        match self.shape.get(axis) {
+            Some(Dim::Fixed(n)) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for TensorInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        write!(f, "{}: {}[{}]", self.name, self.elem, dims.join(", "))
+    }
+}
+
+/// A host tensor passed to or returned by a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tensor {
+    F32(ArrayD<f32>),
+    F16(ArrayD<f16>),
+    I64(ArrayD<i64>),
+    Bool(ArrayD<bool>),
+}
+
+impl Tensor {
+    /// Shape of the tensor.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Tensor::F32(a) => a.shape(),
+            Tensor::F16(a) => a.shape(),
+            Tensor::I64(a) => a.shape(),
+            Tensor::Bool(a) => a.shape(),
+        }
+    }
+
+    /// Element type.
+    pub fn elem(&self) -> ElemType {
+        match self {
+            Tensor::F32(_) => ElemType::F32,
+            Tensor::F16(_) => ElemType::F16,
+            Tensor::I64(_) => ElemType::I64,
+            Tensor::Bool(_) => ElemType::Bool,
+        }
+    }
+
+    /// An all-zero tensor of a float element type (used for empty KV caches).
+    pub fn zeros(elem: ElemType, shape: &[usize]) -> Result<Tensor> {
+        match elem {
+            ElemType::F32 => Ok(Tensor::F32(ArrayD::zeros(IxDyn(shape)))),
+            ElemType::F16 => Ok(Tensor::F16(ArrayD::from_elem(IxDyn(shape), f16::ZERO))),
+            other => Err(Error::invalid("KV cache element type", other, "expected f32 or f16")),
+        }
+    }
+
+    /// The tensor as f32 (f16 is widened), or an error naming `what`.
+    pub fn into_f32(self, what: &str) -> Result<ArrayD<f32>> {
+        match self {
+            Tensor::F32(a) => Ok(a),
+            Tensor::F16(a) => Ok(a.mapv(f32::from)),
+            other => Err(Error::interface(what, format!("expected a float tensor, found {}", other.elem()))),
+        }
+    }
+}
+
+/// A loaded model part ready to run.
+pub trait Session: Send + Sync {
+    /// Declared inputs, in model order.
+    fn inputs(&self) -> &[TensorInfo];
+    /// Declared outputs, in model order.
+    fn outputs(&self) -> &[TensorInfo];
+    /// Runs the part. `inputs` must name every declared input; outputs come back in declared
+    /// order.
+    fn run(&self, inputs: Vec<(&str, Tensor)>) -> Result<Vec<Tensor>>;
+}
+
+/// A way of running ONNX files.
+pub trait Backend: Send + Sync {
+    /// Short name used in messages and `--backend`.
+    fn name(&self) -> &'static str;
+    /// Loads one ONNX file. `root` is the model folder, which external data must stay inside.
+    fn load(&self, onnx_file: &Path, root: &Path, part: &str) -> Result<Box<dyn Session>>;
+}
+
+/// Backend names this build can run.
+pub fn available() -> Vec<&'static str> {
+    vec!["tract"]
+}
+
+/// The backend registered under `name`.
+pub fn by_name(name: &str) -> Result<Box<dyn Backend>> {
+    match name {
+        "tract" => Ok(Box::new(tract::TractBackend)),
+        other => Err(Error::invalid("backend", other, format!("available backends: {}", available().join(", ")))),
+    }
+}
+
+/// Orders named inputs as a session declares them, failing on missing or unknown names.
+pub fn order_inputs(part: &str, declared: &[TensorInfo], mut given: Vec<(&str, Tensor)>) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(declared.len());
+    for info in declared {
+        let pos = given
+            .iter()
+            .position(|(n, _)| *n == info.name)
+            .ok_or_else(|| Error::interface(part, format!("input `{}` was not provided", info.name)))?;
+        let (_, t) = given.swap_remove(pos);
+        if t.elem() != info.elem {
+            return Err(Error::interface(
+                part,
+                format!("input `{}` expects {} but got {}", info.name, info.elem, t.elem()),
+            ));
+        }
+        out.push(t);
+    }
+    if let Some((name, _)) = given.first() {
+        return Err(Error::interface(part, format!("model has no input named `{name}`")));
+    }
+    Ok(out)
+}

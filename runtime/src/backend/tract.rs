@@ -1,0 +1,95 @@
+//! The default backend: tract, pure Rust, no native dependencies. Each ONNX file becomes one
+//! optimized plan with symbolic sequence/past/tile dims resolved at run time.
+
+use std::path::Path;
+
+use tract_onnx::prelude::*;
+
+use super::{order_inputs, Backend, Session, Tensor as HostTensor, TensorInfo};
+use crate::error::{Error, Result};
+use crate::onnx_info::{graph_io, read_proto};
+
+/// tract backend (default).
+#[derive(Debug, Default, Clone)]
+pub struct TractBackend;
+
+const NAME: &str = "tract";
+
+impl Backend for TractBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn load(&self, onnx_file: &Path, root: &Path, part: &str) -> Result<Box<dyn Session>> {
+        let load_err =
+            |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
+        let proto = read_proto(onnx_file, root)?;
+        let graph = proto.graph.as_ref().ok_or_else(|| load_err("the file has no graph".into()))?;
+        let (inputs, outputs) = graph_io(graph);
+        let framework = tract_onnx::onnx();
+        let dir = onnx_file.parent().and_then(Path::to_str);
+        let parsed = framework.parse(&proto, dir).map_err(|e| load_err(format!("{e:#}")))?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(load_err(format!("unresolved inputs {:?}", parsed.unresolved_inputs)));
+        }
+        let plan = parsed
+            .model
+            .into_typed()
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| load_err(format!("{e:#}")))?;
+        Ok(Box::new(TractSession { part: part.to_string(), plan, inputs, outputs }))
+    }
+}
+
+struct TractSession {
+    part: String,
+    plan: Arc<TypedSimplePlan>,
+    inputs: Vec<TensorInfo>,
+    outputs: Vec<TensorInfo>,
+}
+
+impl Session for TractSession {
+    fn inputs(&self) -> &[TensorInfo] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[TensorInfo] {
+        &self.outputs
+    }
+
+    fn run(&self, inputs: Vec<(&str, HostTensor)>) -> Result<Vec<HostTensor>> {
+        let ordered = order_inputs(&self.part, &self.inputs, inputs)?;
+        let values: TVec<TValue> = ordered.into_iter().map(|t| to_tract(t).into_tvalue()).collect();
+        let infer_err = |message: String| Error::Inference { part: self.part.clone(), backend: NAME.into(), message };
+        let outs = self.plan.run(values).map_err(|e| infer_err(format!("{e:#}")))?;
+        outs.into_iter()
+            .zip(&self.outputs)
+            .map(|(v, info)| from_tract(v.into_tensor()).map_err(|m| infer_err(format!("output `{}`: {m}", info.name))))
+            .collect()
+    }
+}
+
+fn to_tract(t: HostTensor) -> Tensor {
+    match t {
+        HostTensor::F32(a) => a.into(),
+        HostTensor::F16(a) => a.into(),
+        HostTensor::I64(a) => a.into(),
+        HostTensor::Bool(a) => a.into(),
+    }
+}
+
+fn from_tract(t: Tensor) -> std::result::Result<HostTensor, String> {
+    let dt = t.datum_type();
+    let conv = |e: TractError| format!("{e:#}");
+    Ok(match dt {
+        DatumType::F32 => HostTensor::F32(t.into_plain_array::<f32>().map_err(conv)?),
+        DatumType::F16 => HostTensor::F16(t.into_plain_array::<half::f16>().map_err(conv)?),
+        DatumType::I64 => HostTensor::I64(t.into_plain_array::<i64>().map_err(conv)?),
+        DatumType::Bool => HostTensor::Bool(t.into_plain_array::<bool>().map_err(conv)?),
+        DatumType::I32 => {
+            HostTensor::I64(t.cast_to::<i64>().map_err(conv)?.into_owned().into_plain_array::<i64>().map_err(conv)?)
+        }
+        other => return Err(format!("unsupported output type {other:?}")),
+    })
+}

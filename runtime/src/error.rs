@@ -1,0 +1,104 @@
+//! Typed errors of the runtime. Every variant names the file, field or value at fault so that a
+//! user can fix the input without reading the source.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file the model folder needs does not exist.
+    #[error("{path}: missing {what}")]
+    MissingFile { path: PathBuf, what: String },
+
+    /// A file exists but could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A JSON file is not valid JSON.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A configuration field is missing or has an unusable value.
+    #[error("{path}: field `{field}`: {message}")]
+    Field { path: PathBuf, field: String, message: String },
+
+    /// `config.json` names a model family Glimpse does not implement.
+    #[error("{path}: unknown model_type {found:?}; supported model types: {supported}")]
+    UnknownModelType { path: PathBuf, found: String, supported: String },
+
+    /// The requested dtype variant of a model part is not in the folder.
+    #[error("{path}: no `{dtype}` variant of {part}; variants present: {available}")]
+    MissingVariant { path: PathBuf, part: String, dtype: String, available: String },
+
+    /// An ONNX file names external data outside the model folder.
+    #[error("{path}: external data location {location:?} resolves outside the model folder {root}; refusing to load")]
+    ExternalDataOutside { path: PathBuf, location: String, root: PathBuf },
+
+    /// An ONNX file could not be parsed, typed or planned by the backend.
+    #[error("{path}: cannot load ONNX model with {backend}: {message}")]
+    OnnxLoad { path: PathBuf, backend: String, message: String },
+
+    /// Running a model part failed.
+    #[error("{part}: inference failed with {backend}: {message}")]
+    Inference { part: String, backend: String, message: String },
+
+    /// A model part's inputs or outputs do not have the names, types or shapes Glimpse needs.
+    #[error("{part}: {message}")]
+    ModelInterface { part: String, message: String },
+
+    /// An image could not be read or decoded.
+    #[error("{path}: cannot decode image: {message}")]
+    Image { path: PathBuf, message: String },
+
+    /// An image is larger than the configured limit.
+    #[error("{path}: image is {width}x{height} pixels, over the limit of {limit} (raise it with max_image_pixels)")]
+    ImageTooLarge { path: PathBuf, width: u32, height: u32, limit: String },
+
+    /// The prompt does not fit in the model's context window.
+    #[error("prompt is {tokens} tokens (including {image_tokens} image tokens), the model's context is {context} tokens ({field})")]
+    ContextOverflow { tokens: usize, image_tokens: usize, context: usize, field: String },
+
+    /// Tokenizer loading or encoding failed.
+    #[error("{path}: tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+
+    /// The chat template could not be compiled or rendered.
+    #[error("chat template from {path}: {message}")]
+    Template { path: PathBuf, message: String },
+
+    /// A token-selection method needs a signal the model does not provide.
+    #[error("token selection `{method}` needs {signal}, which this model does not provide: {hint}")]
+    MissingSignal { method: String, signal: String, hint: String },
+
+    /// A caller-supplied option has an invalid value.
+    #[error("invalid {name} {value:?}: {message}")]
+    InvalidArgument { name: String, value: String, message: String },
+}
+
+impl Error {
+    /// Shorthand for [`Error::Field`].
+    pub fn field(path: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Field { path: path.into(), field: field.into(), message: message.into() }
+    }
+
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(name: impl Into<String>, value: impl ToString, message: impl Into<String>) -> Self {
+        Error::InvalidArgument { name: name.into(), value: value.to_string(), message: message.into() }
+    }
+
+    /// Shorthand for [`Error::ModelInterface`].
+    pub fn interface(part: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::ModelInterface { part: part.into(), message: message.into() }
+    }
+}

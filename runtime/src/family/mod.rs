@@ -1,0 +1,155 @@
+//! Model families. Each family turns an image into the encoder's pixel tensors plus a layout of
+//! views (tiles, global view), and knows how its prompt stands for an image. One file per
+//! family, registered in [`FAMILIES`].
+
+use image::RgbImage;
+
+use crate::backend::Tensor;
+use crate::error::{Error, Result};
+use crate::folder::ModelFolder;
+use crate::text::TextTokenizer;
+
+pub mod idefics3;
+pub mod llava;
+
+/// What part of the image a view covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewKind {
+    /// One tile of a split image (0-based row and column).
+    Tile { row: usize, col: usize },
+    /// The downscaled whole image that follows the tiles (SmolVLM's `<global-img>`).
+    Global,
+    /// The whole image as the only view (LLaVA).
+    Whole,
+}
+
+/// One encoder view and the run of feature rows it produces.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct View {
+    /// Which part of the image.
+    pub kind: ViewKind,
+    /// Feature rows the encoder emits for this view.
+    pub tokens: usize,
+    /// The rows laid out as a `(rows, cols)` patch grid in raster order.
+    pub grid: (usize, usize),
+    /// Covered region of the original image, `[x0, y0, x1, y1]` in 0..1.
+    pub region: [f32; 4],
+}
+
+/// Encoder inputs for one image and the view layout the features will follow.
+#[derive(Debug, Clone)]
+pub struct VisionInput {
+    /// Named encoder inputs (`pixel_values`, optionally `pixel_attention_mask`).
+    pub tensors: Vec<(String, Tensor)>,
+    /// Views in the order the encoder emits their features.
+    pub views: Vec<View>,
+    /// Tile grid rows (0 when the image was not split).
+    pub rows: usize,
+    /// Tile grid columns (0 when the image was not split).
+    pub cols: usize,
+}
+
+impl VisionInput {
+    /// Total feature rows over all views.
+    pub fn total_tokens(&self) -> usize {
+        self.views.iter().map(|v| v.tokens).sum()
+    }
+}
+
+/// A VLM family: preprocessing and prompt conventions.
+pub trait Family: Send + Sync {
+    /// The family name (`idefics3`, `llava`).
+    fn name(&self) -> &'static str;
+    /// The id of the token whose positions receive image features.
+    fn image_token_id(&self) -> i64;
+    /// The placeholder that stands for one image in the rendered chat prompt.
+    fn image_placeholder(&self) -> &str;
+    /// Turns an RGB image into encoder inputs and views.
+    fn preprocess(&self, image: &RgbImage) -> Result<VisionInput>;
+    /// The text that replaces one placeholder, given the rows kept for each view.
+    fn expand_image(&self, input: &VisionInput, kept: &[usize]) -> String;
+    /// The prompt used when the folder has no chat template.
+    fn fallback_prompt(&self, prompt: &str, with_image: bool) -> String;
+}
+
+type Constructor = fn(&ModelFolder, &TextTokenizer) -> Result<Box<dyn Family>>;
+
+/// Registered families: the `model_type` values each accepts and its constructor.
+pub const FAMILIES: &[(&[&str], Constructor)] =
+    &[(&["idefics3", "smolvlm"], idefics3::Idefics3::boxed), (&["llava"], llava::Llava::boxed)];
+
+/// Every supported `model_type`.
+pub fn supported_model_types() -> Vec<&'static str> {
+    FAMILIES.iter().flat_map(|(names, _)| names.iter().copied()).collect()
+}
+
+/// The family for a folder's `model_type`, or an error listing the supported ones.
+pub fn for_folder(folder: &ModelFolder, tokenizer: &TextTokenizer) -> Result<Box<dyn Family>> {
+    let model_type = folder.model_type()?;
+    for (names, make) in FAMILIES {
+        if names.contains(&model_type) {
+            return make(folder, tokenizer);
+        }
+    }
+    Err(Error::UnknownModelType {
+        path: folder.path("config.json"),
+        found: model_type.to_string(),
+        supported: supported_model_types().join(", "),
+    })
+}
+
+/// Reads `image_mean`/`image_std` as three floats.
+pub(crate) fn triple(folder: &ModelFolder, field: &str, default: [f32; 3]) -> Result<[f32; 3]> {
+    if folder.preprocessor.get(field).is_none() {
+        return Ok(default);
+    }
+    let file = folder.path("preprocessor_config.json");
+    let v = crate::folder::json_f32s(&folder.preprocessor, &file, field)?;
+    match v.as_slice() {
+        [a] => Ok([*a; 3]),
+        [a, b, c] => Ok([*a, *b, *c]),
+        _ => Err(Error::field(file, field, format!("expected 1 or 3 values, found {}", v.len()))),
+    }
+}
+
+/// Reads the resample filter code (`resample`), defaulting to `default`.
+pub(crate) fn filter(folder: &ModelFolder, default: crate::preprocess::Filter) -> Result<crate::preprocess::Filter> {
+    match folder.preprocessor.get("resample") {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => v.as_u64().and_then(crate::preprocess::Filter::from_pil_code).ok_or_else(|| {
+            Error::field(
+                folder.path("preprocessor_config.json"),
+                "resample",
+                format!("unsupported resample filter {v} (supported: 1 lanczos, 2 bilinear, 3 bicubic)"),
+            )
+        }),
+    }
+}
+
+/// Reads a boolean preprocessor flag.
+pub(crate) fn flag(folder: &ModelFolder, field: &str, default: bool) -> bool {
+    folder.preprocessor.get(field).and_then(serde_json::Value::as_bool).unwrap_or(default)
+}
+
+/// Reads the rescale factor (default 1/255).
+pub(crate) fn rescale(folder: &ModelFolder) -> f64 {
+    folder.preprocessor.get("rescale_factor").and_then(serde_json::Value::as_f64).unwrap_or(1.0 / 255.0)
+}
+
+/// The image token id from `config.json` (any of the names transformers uses), else from the
+/// tokenizer's vocabulary.
+pub(crate) fn image_token_id(folder: &ModelFolder, tokenizer: &TextTokenizer, token: &str) -> Result<i64> {
+    for key in ["image_token_id", "image_token_index"] {
+        if let Some(id) = folder.config.get(key).and_then(serde_json::Value::as_i64) {
+            return Ok(id);
+        }
+    }
+    tokenizer.token_id(token).ok_or_else(|| {
+        Error::field(
+            folder.path("config.json"),
+            "image_token_id",
+            format!("missing, and the tokenizer has no {token:?}"),
+        )
+    })
+}

@@ -1,0 +1,23 @@
+//! Glimpse runtime: loads vision-language models in the Hugging Face / onnx-community folder
+//! layout and answers prompts about images, with a token-selection stage between the vision
+//! encoder and the language model so that fewer image tokens can reach the LLM.
+//!
+//! The pipeline is preprocess → encode → select → splice → prefill → decode
+//! ([`pipeline::Pipeline`]); model families ([`family`]), backends ([`backend`]) and selection
+//! methods ([`select`]) each sit behind one small trait.
+
+pub mod backend;
+pub mod error;
+pub mod family;
+pub mod folder;
+pub mod generate;
+pub mod onnx_info;
+pub mod pipeline;
+pub mod preprocess;
+pub mod select;
+pub mod text;
+
+pub use error::{Error, Result};
+pub use folder::{Dtype, ModelFolder, Part};
+pub use generate::{GenerationOptions, SamplingOptions};
+pub use pipeline::{Answer, GenerationStats, Pipeline, PipelineOptions, StageTimes};

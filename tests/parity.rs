@@ -1,0 +1,133 @@
+//! Parity with Hugging Face transformers on the committed tiny models: preprocessing, prompt
+//! expansion, image features, first-step logits and greedy generation, compared with the
+//! fixtures `tools/export` recorded from transformers itself.
+
+mod common;
+
+use common::*;
+use glimpse::runtime::backend::Tensor;
+use glimpse::runtime::{GenerationOptions, Pipeline, PipelineOptions, StageTimes};
+
+fn load(name: &str) -> Pipeline {
+    Pipeline::load(model(name), &PipelineOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn preprocessing_matches_transformers() {
+    for name in TINY_MODELS {
+        let p = load(name);
+        let (family, cases) = cases(&model(name));
+        assert_eq!(p.family.name(), family);
+        for case in cases {
+            let img = p.load_image(&case.image()).expect("image");
+            let input = p.preprocess(&img).expect("preprocess");
+            let ours = match &input.tensors[0].1 {
+                Tensor::F32(a) => a.clone(),
+                other => panic!("pixel_values is {:?}", other.elem()),
+            };
+            let theirs = case.f32("pixel_values");
+            assert_eq!(ours.shape(), theirs.shape(), "{name}/{}: pixel_values shape", case.name());
+            let mean = mean_abs_diff(&ours, &theirs);
+            let max = max_abs_diff(&ours, &theirs);
+            eprintln!("{name}/{}: pixel_values mean abs diff {mean:.2e}, max {max:.2e}", case.name());
+            assert!(mean < 1e-2, "{name}/{}: mean abs diff {mean}", case.name());
+            // Pillow-exact resampling makes PNG inputs bit-identical, not merely close.
+            assert!(max < 1e-6, "{name}/{}: max abs diff {max}", case.name());
+            if let Some((rows, cols)) = case.layout() {
+                assert_eq!((input.rows, input.cols), (rows, cols), "{name}/{}: tile layout", case.name());
+            }
+            if case.has_tensor("pixel_attention_mask") {
+                let mask = input.tensors.iter().find(|(n, _)| n == "pixel_attention_mask").expect("mask");
+                assert_eq!(mask.1, Tensor::Bool(case.bools("pixel_attention_mask")), "{name}/{}: mask", case.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn prompt_expansion_matches_the_processor() {
+    for name in TINY_MODELS {
+        let p = load(name);
+        for case in cases(&model(name)).1 {
+            let rendered = p.render_prompt(case.prompt(), true).expect("render");
+            assert_eq!(
+                rendered,
+                case.json["prompt_text"].as_str().expect("prompt_text"),
+                "{name}/{}: chat template",
+                case.name()
+            );
+            let img = p.load_image(&case.image()).expect("image");
+            let input = p.preprocess(&img).expect("preprocess");
+            let counts: Vec<usize> = input.views.iter().map(|v| v.tokens).collect();
+            let ids = p.expand_and_tokenize(&rendered, Some((&input, &counts))).expect("tokenize");
+            assert_eq!(ids, case.ints("input_ids"), "{name}/{}: expanded input_ids", case.name());
+        }
+    }
+}
+
+/// Runs the encoder on transformers' own pixel_values so encoder parity is measured apart from
+/// preprocessing.
+fn reference_input(p: &Pipeline, case: &Case) -> glimpse::runtime::family::VisionInput {
+    let img = p.load_image(&case.image()).expect("image");
+    let mut input = p.preprocess(&img).expect("preprocess");
+    input.tensors = vec![("pixel_values".to_string(), Tensor::F32(case.f32("pixel_values")))];
+    if case.has_tensor("pixel_attention_mask") {
+        input.tensors.push(("pixel_attention_mask".to_string(), Tensor::Bool(case.bools("pixel_attention_mask"))));
+    }
+    input
+}
+
+#[test]
+fn image_features_logits_and_greedy_tokens_match() {
+    for name in TINY_MODELS {
+        let p = load(name);
+        for case in cases(&model(name)).1 {
+            let input = reference_input(&p, &case);
+            let feats = p.encode(&input).expect("encode");
+            let theirs = case.f32("image_features");
+            let theirs = theirs.to_shape((feats.nrows(), feats.ncols())).expect("feature shape").to_owned().into_dyn();
+            let d = max_abs_diff(&feats.clone().into_dyn(), &theirs);
+            eprintln!("{name}/{}: image_features max abs diff {d:.2e}", case.name());
+            assert!(d < 1e-4, "{name}/{}: image_features differ by {d}", case.name());
+
+            let rendered = p.render_prompt(case.prompt(), true).expect("render");
+            let counts: Vec<usize> = input.views.iter().map(|v| v.tokens).collect();
+            let ids = p.expand_and_tokenize(&rendered, Some((&input, &counts))).expect("tokenize");
+            let prepared = p.splice(ids, Some(&feats), feats.nrows()).expect("splice");
+            let logits = p.prefill_logits(&prepared).expect("prefill").into_dyn();
+            let d = max_abs_diff(&logits, &case.f32("logits"));
+            eprintln!("{name}/{}: first-step logits max abs diff {d:.2e}", case.name());
+            assert!(d < 1e-4, "{name}/{}: logits differ by {d}", case.name());
+
+            let opts = GenerationOptions {
+                max_new_tokens: case.json["max_new_tokens"].as_u64().expect("max_new_tokens") as usize,
+                ..Default::default()
+            };
+            let mut times = StageTimes::default();
+            let ids = p.generate(prepared, &opts, &mut times, &mut |_| {}).expect("generate");
+            assert_eq!(ids, case.ints("generated_ids"), "{name}/{}: greedy ids", case.name());
+        }
+    }
+}
+
+#[test]
+fn ask_end_to_end_from_the_image_file_matches_generate() {
+    for name in TINY_MODELS {
+        let p = load(name);
+        for case in cases(&model(name)).1 {
+            let opts = GenerationOptions {
+                max_new_tokens: case.json["max_new_tokens"].as_u64().expect("max_new_tokens") as usize,
+                ..Default::default()
+            };
+            let mut streamed = String::new();
+            let answer = p.ask(Some(&case.image()), case.prompt(), &opts, &mut |s| streamed.push_str(s)).expect("ask");
+            assert_eq!(answer.token_ids, case.ints("generated_ids"), "{name}/{}: ids from the image file", case.name());
+            assert_eq!(streamed, answer.text, "{name}/{}: streamed text equals the final text", case.name());
+            let s = &answer.stats;
+            assert_eq!(s.new_tokens, answer.token_ids.len());
+            assert_eq!(s.prompt_tokens, case.ints("input_ids").len());
+            assert_eq!(s.visual_tokens, s.visual_tokens_kept);
+            assert!(s.visual_tokens > 0);
+        }
+    }
+}

@@ -1,0 +1,62 @@
+"""Environment, determinism and small helpers shared by all commands.
+
+Importing this module sets the offline / threading environment variables, so it must be imported before
+``torch`` / ``transformers`` (``__main__`` does that).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+# No network: nothing may be fetched from a hub. Set before transformers / huggingface_hub are imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Single-threaded BLAS / OpenMP: reproducible reductions (and the models are tiny anyway).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Needed by torch.use_deterministic_algorithms for some CUDA paths; harmless on CPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+DEFAULT_SEED = 0
+OPSET = 18
+MAX_NEW_TOKENS = 20
+PROMPT = "What is in the image?"
+
+
+class ExportError(RuntimeError):
+    """A self-check failed: the export is not trustworthy."""
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (can only be set once per process)
+        pass
+    torch.use_deterministic_algorithms(True)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0

@@ -1,0 +1,94 @@
+//! `glimpse ask`: one question about one image, answer streamed to stdout.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use glimpse_runtime::{GenerationOptions, Pipeline, SamplingOptions};
+
+use super::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image file (PNG or JPEG). Without it the model answers from text alone.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// The question.
+    #[arg(long)]
+    pub prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object (answer, token ids, stats) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let pipeline = Pipeline::load(&args.model.model, &args.model.pipeline_options())
+        .with_context(|| format!("loading model {}", args.model.model.display()))?;
+    let opts = GenerationOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingOptions {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+    };
+    let mut stdout = std::io::stdout().lock();
+    let stream = !args.json;
+    let answer = pipeline
+        .ask(args.image.as_deref(), &args.prompt, &opts, &mut |piece| {
+            if stream {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+        })
+        .context("answering")?;
+    if args.json {
+        let v = serde_json::json!({
+            "model": pipeline.folder.root,
+            "family": pipeline.family.name(),
+            "backend": pipeline.backend_name(),
+            "answer": answer.text,
+            "token_ids": answer.token_ids,
+            "stats": answer.stats,
+        });
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(stdout)?;
+        let s = &answer.stats;
+        let t = &s.times;
+        eprintln!(
+            "[{} tokens in {:.1} ms TTFT; visual tokens {}/{}; prompt {} tokens; decode {:.1} tok/s; preprocess {:.1} ms, encode {:.1} ms, select {:.1} ms, splice {:.1} ms, prefill {:.1} ms, decode {:.1} ms]",
+            s.new_tokens,
+            s.ttft_ms,
+            s.visual_tokens_kept,
+            s.visual_tokens,
+            s.prompt_tokens,
+            s.decode_tokens_per_s,
+            t.preprocess.as_secs_f64() * 1e3,
+            t.encode.as_secs_f64() * 1e3,
+            t.select.as_secs_f64() * 1e3,
+            t.splice.as_secs_f64() * 1e3,
+            t.prefill.as_secs_f64() * 1e3,
+            t.decode.as_secs_f64() * 1e3,
+        );
+    }
+    Ok(())
+}

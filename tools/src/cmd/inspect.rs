@@ -1,0 +1,86 @@
+//! `glimpse inspect`: what a model folder holds, without running it.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use glimpse_runtime::onnx_info::describe;
+use glimpse_runtime::{family, text::TextTokenizer, ModelFolder, Part};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model folder in the Hugging Face / onnx-community layout.
+    #[arg(long, default_value = super::DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let folder = ModelFolder::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let tokenizer = TextTokenizer::load(&folder)?;
+    let fam = family::for_folder(&folder, &tokenizer)?;
+    let (context, _) = folder.context_length()?;
+    let mut parts = Vec::new();
+    for part in Part::ALL {
+        let mut variants = Vec::new();
+        for dtype in folder.variants(part) {
+            let path = folder.part_file(part, dtype);
+            let summary = describe(&path, &folder.root).with_context(|| format!("reading {}", path.display()))?;
+            let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            variants.push(serde_json::json!({
+                "dtype": dtype.name(),
+                "file": path.strip_prefix(&folder.root).unwrap_or(&path),
+                "bytes": bytes,
+                "summary": summary,
+            }));
+        }
+        parts.push(serde_json::json!({ "part": part.stem(), "variants": variants }));
+    }
+    let report = serde_json::json!({
+        "model": folder.root,
+        "model_type": folder.model_type()?,
+        "family": fam.name(),
+        "image_token_id": fam.image_token_id(),
+        "context_length": context,
+        "eos_token_ids": folder.eos_token_ids(),
+        "chat_template": tokenizer.has_chat_template(),
+        "parts": parts,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("model        {}", folder.root.display());
+    println!("model_type   {} (family {})", folder.model_type()?, fam.name());
+    println!(
+        "context      {context} tokens; image token id {}; eos {:?}",
+        fam.image_token_id(),
+        folder.eos_token_ids()
+    );
+    println!("chat template {}", if tokenizer.has_chat_template() { "yes" } else { "no (family fallback)" });
+    for part in &parts {
+        let name = part["part"].as_str().unwrap_or_default();
+        let variants = part["variants"].as_array().cloned().unwrap_or_default();
+        if variants.is_empty() {
+            println!("\n{name}: MISSING");
+            continue;
+        }
+        for v in variants {
+            let s = &v["summary"];
+            println!(
+                "\n{name} [{}] {} ({:.2} MB, {} parameters)",
+                v["dtype"].as_str().unwrap_or_default(),
+                v["file"].as_str().unwrap_or_default(),
+                v["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                s["parameters"]
+            );
+            for (label, key) in [("in ", "inputs"), ("out", "outputs")] {
+                for io in s[key].as_array().into_iter().flatten() {
+                    println!("  {label} {}", io.as_str().unwrap_or_default());
+                }
+            }
+        }
+    }
+    Ok(())
+}

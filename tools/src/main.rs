@@ -1,0 +1,42 @@
+//! `glimpse`: the command-line front end. Argument parsing and printing only; every bit of
+//! inference lives in the library crates.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Glimpse: run vision-language models on small devices, looking at fewer image tokens.
+#[derive(Parser, Debug)]
+#[command(name = "glimpse", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Ask a question about an image; streams the answer.
+    Ask(cmd::ask::Args),
+    /// Describe a model folder: family, parts, dtype variants, inputs and outputs.
+    Inspect(cmd::inspect::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("GLIMPSE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Ask(a) => cmd::ask::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
