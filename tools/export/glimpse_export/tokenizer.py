@@ -48,20 +48,23 @@ LLAVA_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
 VOCAB_SIZE = {"idefics3": 512, "llava": 480}
 
 
-def train_tokenizer(family: str) -> Tokenizer:
-    """Train the byte-level BPE for ``family`` ("idefics3" or "llava"); special tokens get the lowest ids."""
+def train_tokenizer(family: str, corpus: list[str] | None = None, vocab_size: int | None = None) -> Tokenizer:
+    """Train the byte-level BPE for ``family`` ("idefics3" or "llava"); special tokens get the lowest ids.
+
+    ``corpus`` / ``vocab_size`` override the built-in corpus and size (the testbeds train on their question and
+    answer vocabulary); the defaults reproduce the tiny models' tokenizers exactly."""
     special = SMOLVLM_SPECIAL_TOKENS if family == "idefics3" else LLAVA_SPECIAL_TOKENS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE[family],
+        vocab_size=vocab_size or VOCAB_SIZE[family],
         min_frequency=2,
         special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = [line for line in CORPUS.splitlines() if line]
+    lines = corpus if corpus is not None else [line for line in CORPUS.splitlines() if line]
     # Repeat the corpus so that pair counts are well above min_frequency; order is fixed -> deterministic merges.
     tok.train_from_iterator(lines * 3, trainer=trainer)
     if family == "idefics3":

@@ -1,0 +1,512 @@
+"""Accuracy testbeds: small Idefics3 (SmolVLM-style) and LLaVA models trained on synthetic scenes.
+
+Build (real transformers classes, small configs) -> stage 1: vision encoder alone with dense per-patch supervision
+(colour / shape / digit / object-centre / own coordinates of every patch, plus image-level presence on CLIP's CLS)
+-> stage 2: connector + decoder (encoder frozen at first, then fine-tuned with the auxiliary loss kept on) on
+questions rendered exactly as at inference (chat template, one image, answer + EOS) -> save weights + export with the
+same exporter as the tiny models. Auxiliary heads live outside the HF model and are never exported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .common import ExportError, log, seed_everything
+from .families import LLAVA_CHAT_TEMPLATE, SMOLVLM_CHAT_TEMPLATE, Bundle
+from .scenes import (
+    LLAVA_SCENE, N_COLOUR_CLS, N_DIGIT_CLS, N_SHAPE_CLS, QTYPES, SMOL_SCENE, make_scene, patch_labels,
+    presence_vector, question, render, vocabulary_corpus,
+)
+from .tokenizer import train_tokenizer, wrap_tokenizer
+
+TESTBEDS = ("smolvlm", "llava")
+TRAIN_SEED_BASE = {1: 10_000_000, 2: 20_000_000}  # scene seeds: stage -> base (eval sets use 0 .. 999_999)
+EVAL_SEED_BASE = {"smolvlm": 0, "llava": 500_000}
+TOKENIZER_VOCAB = 640
+TRAIN_DEFAULTS = {
+    "smolvlm": dict(steps1=500, steps2=1300, batch1=6, batch2=6, unfreeze_at=1.0),
+    "llava": dict(steps1=800, steps2=1400, batch1=32, batch2=16, unfreeze_at=0.7),
+}
+
+TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, rms_norm_eps=1e-5,
+            initializer_range=0.02, tie_word_embeddings=False)
+SMOL_TILE = 128
+SMOL_LONGEST = 256
+SMOL_VISION = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                   image_size=SMOL_TILE, patch_size=8, initializer_range=0.02)
+SMOL_SCALE = 2
+LLAVA_PX = 96
+CLIP_VISION = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=5, num_attention_heads=4,
+                   image_size=LLAVA_PX, patch_size=8, projection_dim=96, initializer_range=0.02)
+
+
+def scene_spec(testbed: str):
+    return SMOL_SCENE if testbed == "smolvlm" else LLAVA_SCENE
+
+
+# ------------------------------------------------------------------------------------------------------- build
+def build_testbed(testbed: str, seed: int) -> Bundle:
+    from transformers import GenerationConfig, LlamaConfig
+
+    family = "idefics3" if testbed == "smolvlm" else "llava"
+    template = SMOLVLM_CHAT_TEMPLATE if family == "idefics3" else LLAVA_CHAT_TEMPLATE
+    tok = wrap_tokenizer(family, train_tokenizer(family, vocabulary_corpus(), TOKENIZER_VOCAB), template)
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    bos, eos, pad = (("<|im_start|>", "<end_of_utterance>", "<|endoftext|>") if family == "idefics3"
+                     else ("<s>", "</s>", "<pad>"))
+    eos_id = tok.convert_tokens_to_ids(eos)
+    text_cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.convert_tokens_to_ids(bos), eos_token_id=eos_id,
+                           pad_token_id=tok.convert_tokens_to_ids(pad), **TEXT)
+    seed_everything(seed)
+    if family == "idefics3":
+        from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
+                                  Idefics3VisionConfig)
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        ip = Idefics3ImageProcessorPil(
+            do_resize=True, size={"longest_edge": SMOL_LONGEST}, max_image_size={"longest_edge": SMOL_TILE},
+            do_image_splitting=True, resample=1, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_pad=True, do_convert_rgb=True)
+        seq = (SMOL_TILE // SMOL_VISION["patch_size"]) ** 2 // SMOL_SCALE**2
+        proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=template)
+        cfg = Idefics3Config(vision_config=Idefics3VisionConfig(**SMOL_VISION), text_config=text_cfg,
+                             scale_factor=SMOL_SCALE, image_token_id=image_token_id, tie_word_embeddings=False,
+                             pad_token_id=text_cfg.pad_token_id)
+        model = Idefics3ForConditionalGeneration(cfg)
+    else:
+        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        ip = CLIPImageProcessorPil(do_resize=True, size={"shortest_edge": LLAVA_PX}, resample=3, do_center_crop=True,
+                                   crop_size={"height": LLAVA_PX, "width": LLAVA_PX}, do_rescale=True,
+                                   rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True)
+        proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=CLIP_VISION["patch_size"],
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=template)
+        seq = (LLAVA_PX // CLIP_VISION["patch_size"]) ** 2
+        cfg = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP_VISION), text_config=text_cfg,
+                          image_token_index=image_token_id, image_seq_length=seq, projector_hidden_act="gelu",
+                          vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=False)
+        model = LlavaForConditionalGeneration(cfg)
+    model.set_attn_implementation("eager")
+    model.generation_config = GenerationConfig(bos_token_id=text_cfg.bos_token_id, eos_token_id=[eos_id],
+                                               pad_token_id=text_cfg.pad_token_id)
+    return Bundle(family, seed, model, proc, tok, template, image_token_id, [eos_id],
+                  extra=dict(image_seq_len=seq, testbed=testbed))
+
+
+def load_testbed(model_dir: Path) -> Bundle:
+    """A trained testbed folder (weights in model.safetensors) as a Bundle."""
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    family = cfg["model_type"]
+    cls = Idefics3ForConditionalGeneration if family == "idefics3" else LlavaForConditionalGeneration
+    model = cls.from_pretrained(str(model_dir), attn_implementation="eager", dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(str(model_dir))
+    tok = proc.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    img = cfg.get("image_token_id", cfg.get("image_token_index"))
+    seq = proc.image_seq_len if family == "idefics3" else cfg["image_seq_length"]
+    info = json.loads((model_dir / "export_info.json").read_text()) if (model_dir / "export_info.json").exists() else {}
+    template = SMOLVLM_CHAT_TEMPLATE if family == "idefics3" else LLAVA_CHAT_TEMPLATE
+    return Bundle(family, info.get("seed", 0), model, proc, tok, template, img, eos,
+                  extra=dict(image_seq_len=seq, testbed="smolvlm" if family == "idefics3" else "llava"))
+
+
+def messages(q: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+
+
+# ------------------------------------------------------------------------------------------- fast preprocessing
+class Prep:
+    """Processor-equivalent pixels for square scene pictures (checked against the real processor at start-up)."""
+
+    def __init__(self, bundle: Bundle):
+        self.b = bundle
+        self.family = bundle.family
+        ip = bundle.processor.image_processor
+        self.mean = np.asarray(ip.image_mean, np.float32)
+        self.std = np.asarray(ip.image_std, np.float32)
+
+    def views(self, rgb: "Image.Image") -> np.ndarray:  # noqa: F821
+        """[n_views, 3, H, W] normalised; idefics3: 4 tiles (raster) then the global view; llava: 1 view."""
+        from PIL import Image
+
+        if self.family == "idefics3":
+            a = np.asarray(rgb)
+            t = SMOL_TILE
+            views = [a[r * t:(r + 1) * t, c * t:(c + 1) * t] for r in range(2) for c in range(2)]
+            views.append(np.asarray(rgb.resize((t, t), Image.Resampling.LANCZOS)))
+        else:
+            views = [np.asarray(rgb)]
+        v = np.stack(views).astype(np.float32) / 255.0
+        v = (v - self.mean) / self.std
+        return v.transpose(0, 3, 1, 2).copy()
+
+    def view_regions(self) -> list[tuple[int, int, int, int]]:
+        """(x0, y0, side, grid) of each view in scene pixels."""
+        if self.family == "idefics3":
+            t, g = SMOL_TILE, SMOL_TILE // SMOL_VISION["patch_size"]
+            return [(c * t, r * t, t, g) for r in range(2) for c in range(2)] + [(0, 0, 2 * t, g)]
+        return [(0, 0, LLAVA_PX, LLAVA_PX // CLIP_VISION["patch_size"])]
+
+    def check(self, seeds=(1, 2, 3)) -> float:
+        spec = scene_spec(self.b.extra["testbed"])
+        worst = 0.0
+        for s in seeds:
+            img, _ = render(make_scene(spec, s))
+            rgb = img.convert("RGB")
+            ref = self.b.processor(images=[rgb], text=[self.b.processor.apply_chat_template(
+                messages("x"), add_generation_prompt=True)], return_tensors="np")["pixel_values"][0]
+            got = self.views(rgb)
+            if self.family == "llava":
+                got = got[0]
+            if ref.shape != got.shape:
+                raise ExportError(f"fast preprocessing shape {got.shape} != processor {ref.shape}")
+            worst = max(worst, float(np.abs(ref - got).max()))
+        if worst > 1e-5:
+            raise ExportError(f"fast preprocessing differs from the processor by {worst}")
+        return worst
+
+
+class Prompts:
+    """Token ids of the prompt split as prefix (up to the last image token structure) + question suffix."""
+
+    def __init__(self, bundle: Bundle):
+        self.b = bundle
+        proc, tok = bundle.processor, bundle.tokenizer
+        spec = scene_spec(bundle.extra["testbed"])
+        img, _ = render(make_scene(spec, 1))
+        rgb = img.convert("RGB")
+        self.prefix = None
+        for q in ("What colour is the circle?", "Is the red circle left or right of the blue cross?", "x"):
+            full = proc(images=[rgb], text=[proc.apply_chat_template(messages(q), add_generation_prompt=True)],
+                        return_tensors="np")["input_ids"][0].tolist()
+            suf = self.suffix(q)
+            if full[-len(suf):] != suf:
+                raise ExportError("suffix tokenization differs from the processor's")
+            pre = full[:-len(suf)]
+            if self.prefix is not None and pre != self.prefix:
+                raise ExportError("prompt prefix depends on the question")
+            self.prefix = pre
+        self.eos = bundle.eos_token_ids[0]
+        self.pad = tok.pad_token_id
+
+    def suffix(self, q: str) -> list[int]:
+        text = self.b.processor.apply_chat_template(messages(q), add_generation_prompt=True)
+        after = text.split("<image>", 1)[1]
+        return self.b.tokenizer(after, add_special_tokens=False)["input_ids"]
+
+    def answer(self, a: str) -> list[int]:
+        return self.b.tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [self.eos]
+
+
+# ---------------------------------------------------------------------------------------------- vision pieces
+def vision_hidden(bundle: Bundle, pv: torch.Tensor, need_cls_states: bool = False):
+    """Encoder outputs the features come from: idefics3 post_layernorm [N, P, D]; llava hidden_states[-2] incl. CLS
+    plus the last layer's pooled CLS."""
+    m = bundle.model.model
+    if bundle.family == "idefics3":
+        out = m.vision_model(pixel_values=pv, patch_attention_mask=None, return_dict=True)
+        return out.last_hidden_state, None
+    out = m.vision_tower(pv, output_hidden_states=True, return_dict=True)
+    return out.hidden_states[bundle.model.config.vision_feature_layer], out.pooler_output
+
+
+def project(bundle: Bundle, hid: torch.Tensor) -> torch.Tensor:
+    m = bundle.model.model
+    if bundle.family == "idefics3":
+        return m.connector(hid)  # [N, 64, text_hidden]
+    return m.multi_modal_projector(hid[:, 1:])
+
+
+class AuxHeads(nn.Module):
+    def __init__(self, dim: int, cls: bool):
+        super().__init__()
+        self.colour = nn.Linear(dim, N_COLOUR_CLS)
+        self.shape = nn.Linear(dim, N_SHAPE_CLS)
+        self.digit = nn.Linear(dim, N_DIGIT_CLS)
+        self.centre = nn.Linear(dim, 2)
+        self.xy = nn.Linear(dim, 2)
+        self.presence = nn.Linear(dim, 34) if cls else None
+        self.presence_last = nn.Linear(dim, 34) if cls else None
+
+
+def _ce(logits, target, bg_weight=0.15):
+    w = torch.ones(logits.shape[-1])
+    w[0] = bg_weight
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight=w)
+
+
+def aux_loss(heads: AuxHeads, hid, pooled, labels, family):
+    patches = hid if family == "idefics3" else hid[:, 1:]
+    loss = (_ce(heads.colour(patches), labels["colour"]) + _ce(heads.shape(patches), labels["shape"])
+            + _ce(heads.digit(patches), labels["digit"]) + _ce(heads.centre(patches), labels["centre"], 0.05)
+            + 4.0 * F.mse_loss(torch.sigmoid(heads.xy(patches)), labels["xy"]))
+    if heads.presence is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(heads.presence(hid[:, 0]), labels["presence"])
+        loss = loss + F.binary_cross_entropy_with_logits(heads.presence_last(pooled), labels["presence"])
+    with torch.no_grad():
+        fg = labels["colour"] > 0
+        acc = ((heads.colour(patches).argmax(-1) == labels["colour"]) & fg).sum() / fg.sum().clamp(min=1)
+        dfg = labels["digit"] > 0
+        dacc = ((heads.digit(patches).argmax(-1) == labels["digit"]) & dfg).sum() / dfg.sum().clamp(min=1)
+    return loss, {"fg_colour_acc": float(acc), "digit_acc": float(dacc)}
+
+
+def scene_batch(bundle: Bundle, prep: Prep, seeds: list[int]):
+    """Pixels [n_img * n_views, 3, H, W] + stacked patch labels for the given scene seeds."""
+    spec = scene_spec(bundle.extra["testbed"])
+    pvs, labs, scenes = [], {k: [] for k in ("colour", "shape", "digit", "centre", "xy", "presence")}, []
+    for s in seeds:
+        sc = make_scene(spec, s)
+        img, ids = render(sc)
+        pvs.append(prep.views(img.convert("RGB")))
+        centre_map = np.zeros_like(ids)
+        for o in sc.objects:
+            centre_map[o.cy, o.cx] = 1
+        for (x0, y0, side, grid) in prep.view_regions():
+            lab = patch_labels(sc, ids, x0, y0, side, grid)
+            for k in ("colour", "shape", "digit", "xy"):
+                labs[k].append(lab[k])
+            cell = side // grid
+            cm = centre_map[y0:y0 + side, x0:x0 + side].reshape(grid, cell, grid, cell).sum((1, 3)) > 0
+            labs["centre"].append(cm.reshape(-1).astype(np.int64))
+            labs["presence"].append(presence_vector(sc))
+        scenes.append(sc)
+    pv = torch.from_numpy(np.concatenate(pvs))
+    lab = {k: torch.from_numpy(np.stack(v)) for k, v in labs.items()}
+    return pv, lab, scenes
+
+
+# --------------------------------------------------------------------------------------------------- training
+def _lr(step, total, base, warm=60):
+    if step < warm:
+        return base * (step + 1) / warm
+    p = (step - warm) / max(1, total - warm)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _vision_params(bundle):
+    m = bundle.model.model
+    return list((m.vision_model if bundle.family == "idefics3" else m.vision_tower).parameters())
+
+
+def train_stage1(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, lr: float, log_every=50) -> dict:
+    prep = Prep(bundle)
+    params = _vision_params(bundle) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    t0 = time.perf_counter()
+    hist = []
+    for step in range(steps):
+        seeds = [TRAIN_SEED_BASE[1] + step * batch + i for i in range(batch)]
+        pv, lab, _ = scene_batch(bundle, prep, seeds)
+        hid, pooled = vision_hidden(bundle, pv)
+        loss, m = aux_loss(heads, hid, pooled, lab, bundle.family)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        hist.append((float(loss), m["fg_colour_acc"], m["digit_acc"]))
+        if step % log_every == 0 or step == steps - 1:
+            h = np.asarray(hist[-log_every:])
+            log(f"[stage1 {bundle.extra['testbed']}] step {step}/{steps} loss {h[:, 0].mean():.4f} fg-colour "
+                f"{h[:, 1].mean():.3f} digit {h[:, 2].mean():.3f} ({time.perf_counter() - t0:.0f}s)")
+    return {"steps": steps, "batch_images": batch, "seconds": time.perf_counter() - t0,
+            "final_loss": float(np.mean([h[0] for h in hist[-50:]]))}
+
+
+def _text_model(bundle):
+    m = bundle.model.model
+    return m.text_model if bundle.family == "idefics3" else m.language_model
+
+
+def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_image: int, lr: float,
+                 vision_lr: float, unfreeze_at: float, log_every=50, budget_s: float | None = None,
+                 ckpt: Path | None = None) -> dict:
+    prep, prompts = Prep(bundle), Prompts(bundle)
+    model = bundle.model
+    vparams = _vision_params(bundle)
+    vset = {id(p) for p in vparams}
+    other = [p for p in model.parameters() if id(p) not in vset]
+    opt = torch.optim.AdamW([{"params": other, "lr": lr, "base": lr},
+                             {"params": vparams + list(heads.parameters()), "lr": 0.0, "base": vision_lr}],
+                            weight_decay=0.01)
+    P = len(prompts.prefix)
+    prefix = torch.tensor(prompts.prefix)
+    img_pos = prefix == bundle.image_token_id
+    # longest segment over all question templates / answers
+    L = max(len(prompts.suffix(q)) for q in vocabulary_corpus() if q.endswith("?")) + 2
+    rng = np.random.default_rng([bundle.seed, 2])
+    weights = np.ones(len(QTYPES))
+    err = np.full(len(QTYPES), 0.5)
+    t0 = time.perf_counter()
+    hist = []
+    unfreeze_step = int(unfreeze_at * steps)
+    emb_layer = model.get_input_embeddings()
+    tm = _text_model(bundle)
+    budget_note = None
+    step = 0
+    while step < steps:
+        if budget_s and step == 20:
+            # size the run to the wall-clock budget once the step time is known (recorded in train_info.json;
+            # reproduce with --steps2 N and no budget)
+            per = (time.perf_counter() - t0) / 20
+            fit = int(budget_s / (per * (1.35 if unfreeze_at < 1 else 1.0)))
+            if fit < steps:
+                budget_note = f"steps2 {steps} -> {fit} to fit {budget_s:.0f}s at {per:.2f}s/step"
+                log(f"[stage2] {budget_note}")
+                steps = fit
+                unfreeze_step = int(unfreeze_at * steps)
+        seeds = [TRAIN_SEED_BASE[2] + step * batch + i for i in range(batch)]
+        pv, lab, scenes = scene_batch(bundle, prep, seeds)
+        train_vision = step >= unfreeze_step
+        if train_vision:
+            hid, pooled = vision_hidden(bundle, pv)
+        else:
+            with torch.no_grad():
+                hid, pooled = vision_hidden(bundle, pv)
+        feats = project(bundle, hid).reshape(batch, -1, model.config.text_config.hidden_size)
+        # packed sequences: prefix + q_per_image segments (each sees the prefix and itself only)
+        p = weights / weights.sum()
+        seg_ids, seg_tgt, seg_types = [], [], []
+        for sc in scenes:
+            ids_i, tgt_i, ty_i = [], [], []
+            tries = 0
+            while len(ids_i) < q_per_image and tries < 50:
+                tries += 1
+                ti = int(rng.choice(len(QTYPES), p=p))
+                q = question(sc, QTYPES[ti], rng)
+                if q is None:
+                    continue
+                s, a = prompts.suffix(q["question"]), prompts.answer(q["answer"])
+                seq = s + a
+                if len(seq) > L:
+                    raise ExportError(f"segment too long ({len(seq)}): {q}")
+                tgt = [-100] * L
+                for j in range(len(a)):
+                    tgt[len(s) - 1 + j] = seq[len(s) + j]
+                ids_i.append(seq + [prompts.pad] * (L - len(seq)))
+                tgt_i.append(tgt)
+                ty_i.append((ti, len(s) - 1))
+            seg_ids.append(ids_i)
+            seg_tgt.append(tgt_i)
+            seg_types.append(ty_i)
+        Q = q_per_image
+        T = P + Q * L
+        ids = torch.cat([prefix[None].repeat(batch, 1), torch.tensor(seg_ids).reshape(batch, Q * L)], 1)
+        tgt = torch.cat([torch.full((batch, P), -100), torch.tensor(seg_tgt).reshape(batch, Q * L)], 1)
+        emb = emb_layer(ids)
+        mask_img = torch.zeros(batch, T, dtype=torch.bool)
+        mask_img[:, :P] = img_pos
+        emb = emb.masked_scatter(mask_img[..., None], feats.reshape(-1, feats.shape[-1]).to(emb.dtype))
+        # 4-D additive mask
+        pos = torch.cat([torch.arange(P), P + torch.arange(L).repeat(Q)])
+        seg = torch.cat([torch.full((P,), -1), torch.arange(Q).repeat_interleave(L)])
+        qi, ki = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        allowed = ((seg[None, :] == -1) & (ki <= qi)) | ((seg[:, None] == seg[None, :]) & (ki <= qi))
+        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None].expand(batch, 1, T, T)
+        out = tm(inputs_embeds=emb, attention_mask=bias, position_ids=pos[None].repeat(batch, 1), use_cache=False)
+        logits = model.lm_head(out.last_hidden_state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        if train_vision:
+            aloss, _ = aux_loss(heads, hid, pooled, lab, bundle.family)
+            loss = loss + 0.3 * aloss
+        for g in opt.param_groups:
+            if g["base"] == lr:
+                g["lr"] = _lr(step, steps, lr)
+            else:
+                g["lr"] = _lr(step - unfreeze_step, steps - unfreeze_step, vision_lr, warm=30) if train_vision else 0.0
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
+        opt.step()
+        # per-type first-answer-token accuracy -> adaptive type weights
+        with torch.no_grad():
+            pred = logits.argmax(-1)
+            ok_t = np.zeros(len(QTYPES))
+            n_t = np.zeros(len(QTYPES))
+            for b in range(batch):
+                for j, (ti, at) in enumerate(seg_types[b]):
+                    base = P + j * L
+                    a_pos = [k for k in range(L) if seg_tgt[b][j][k] != -100]
+                    good = all(int(pred[b, base + k]) == seg_tgt[b][j][k] for k in a_pos)
+                    ok_t[ti] += good
+                    n_t[ti] += 1
+            seen = n_t > 0
+            err[seen] = 0.95 * err[seen] + 0.05 * (1 - ok_t[seen] / n_t[seen])
+            weights = 0.15 + err
+        hist.append((float(loss), ok_t.sum() / max(1, n_t.sum())))
+        if step % log_every == 0 or step == steps - 1:
+            h = np.asarray(hist[-log_every:])
+            acc = " ".join(f"{t}:{1 - e:.2f}" for t, e in zip(QTYPES, err))
+            log(f"[stage2 {bundle.extra['testbed']}] step {step}/{steps} loss {h[:, 0].mean():.4f} acc "
+                f"{h[:, 1].mean():.3f} | {acc} | vision {'on' if train_vision else 'frozen'} "
+                f"({time.perf_counter() - t0:.0f}s)")
+        if ckpt is not None and step % 200 == 199:
+            torch.save(model.state_dict(), ckpt)
+        step += 1
+    return {"steps": steps, "batch_images": batch, "questions_per_image": q_per_image,
+            "seconds": time.perf_counter() - t0, "unfreeze_step": unfreeze_step, "budget_note": budget_note,
+            "final_running_acc": {t: round(1 - e, 4) for t, e in zip(QTYPES, err)}}
+
+
+def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batch1: int, batch2: int,
+              qpi: int, threads: int, unfreeze_at: float, budget2: float | None, workdir: Path) -> dict:
+    seed_everything(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)  # the CPU kernels used here are deterministic anyway
+    bundle = build_testbed(testbed, seed)
+    prep = Prep(bundle)
+    log(f"[train {testbed}] fast preprocessing == processor (max diff {prep.check():.2e})")
+    Prompts(bundle)
+    model = bundle.model
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[train {testbed}] {n_params} parameters; prefix {len(Prompts(bundle).prefix)} tokens")
+    model.train()
+    vdim = model.config.vision_config.hidden_size
+    heads = AuxHeads(vdim, cls=bundle.family == "llava")
+    t0 = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    s1 = train_stage1(bundle, heads, steps1, batch1, lr=2e-3)
+    torch.save({"model": model.state_dict(), "heads": heads.state_dict()}, workdir / f"{testbed}-stage1.pt")
+    s2 = train_stage2(bundle, heads, steps2, batch2, qpi, lr=1.5e-3, vision_lr=3e-4, unfreeze_at=unfreeze_at,
+                      budget_s=budget2, ckpt=workdir / f"{testbed}-stage2.pt")
+    total = time.perf_counter() - t0
+    save_trained(bundle, out)
+    info = {"testbed": testbed, "seed": seed, "parameters": n_params, "threads": threads,
+            "stage1": s1, "stage2": s2, "train_seconds": total}
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"[train {testbed}] done in {total:.0f}s -> {out}")
+    return info
+
+
+def save_trained(bundle: Bundle, out: Path) -> None:
+    """Round weights to fp16-representable values (so fp16 safetensors reload exactly), save the folder + weights."""
+    from .pipeline import save_folder
+
+    model = bundle.model
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.copy_(p.half().float())
+    out.mkdir(parents=True, exist_ok=True)
+    save_folder(bundle, out)
+    model.to(torch.float16).save_pretrained(str(out))
+    model.to(torch.float32)
+    bundle.model.config.save_pretrained(str(out))  # keep config.json's dtype float32 (the ONNX files are f32)

@@ -1,0 +1,234 @@
+"""Held-out eval sets, transformers evaluation (optionally with random visual-token dropping), testbed export.
+
+Convention (the Rust ``glimpse eval`` does exactly this): the user turn is the question text with one image, rendered
+by the model's chat template with the generation prompt; the processor expands ``<image>``; greedy decoding until
+EOS (at most MAX_ANSWER_TOKENS); prediction = decoded text (special tokens skipped), stripped, lower-cased; exact
+match against ``answer``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import ExportError, log, seed_everything
+from .families import Bundle
+from .scenes import QTYPES, make_scene, questions_for, render
+from .testbed import EVAL_SEED_BASE, load_testbed, messages, scene_spec
+
+MAX_ANSWER_TOKENS = 8
+
+
+# ------------------------------------------------------------------------------------------------------ eval sets
+def write_evalset(testbed: str, out: Path, n_images: int, seed_base: int | None = None) -> dict:
+    base = EVAL_SEED_BASE[testbed] if seed_base is None else seed_base
+    spec = scene_spec(testbed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_images):
+        sc = make_scene(spec, base + i)
+        img, _ = render(sc)
+        rel = f"images/{i:04d}.png"
+        img.save(out / rel, format="PNG", optimize=True)
+        for q in questions_for(sc):
+            rows.append({"id": len(rows), "image": rel, "question": q["question"], "answer": q["answer"],
+                         "type": q["type"]})
+    with open(out / "questions.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    counts = {t: sum(r["type"] == t for r in rows) for t in QTYPES}
+    size = sum(p.stat().st_size for p in (out / "images").glob("*.png"))
+    return {"images": n_images, "questions": len(rows), "per_type": counts, "seed_base": base, "png_bytes": size}
+
+
+def read_evalset(eval_dir: Path, limit: int | None = None) -> list[dict]:
+    rows = [json.loads(l) for l in (eval_dir / "questions.jsonl").read_text().splitlines() if l.strip()]
+    return rows[:limit] if limit else rows
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def summarize(rows: list[dict], preds: list[str]) -> dict:
+    ok = [p == r["answer"] for p, r in zip(preds, rows)]
+
+    def block(sel):
+        n = len(sel)
+        k = int(sum(sel))
+        lo, hi = wilson(k, n)
+        return {"accuracy": round(k / n, 4) if n else None, "n": n, "ci95": [round(lo, 4), round(hi, 4)]}
+
+    out = {"overall": block(ok), "per_type": {}}
+    for t in QTYPES:
+        sel = [o for o, r in zip(ok, rows) if r["type"] == t]
+        if sel:
+            out["per_type"][t] = block(sel)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- transformers eval
+def normalize(text: str) -> str:
+    return text.strip().lower()
+
+
+@torch.no_grad()
+def image_features(bundle: Bundle, inputs) -> torch.Tensor:
+    m = bundle.model.model
+    if bundle.family == "idefics3":
+        f = m.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"]).pooler_output
+    else:
+        f = m.get_image_features(pixel_values=inputs["pixel_values"],
+                                 vision_feature_layer=bundle.model.config.vision_feature_layer,
+                                 vision_feature_select_strategy=bundle.model.config.vision_feature_select_strategy
+                                 ).pooler_output
+    return torch.cat(list(f), 0)
+
+
+@torch.no_grad()
+def greedy_from_embeds(bundle: Bundle, embeds: torch.Tensor) -> list[int]:
+    model = bundle.model
+    emb_layer = model.get_input_embeddings()
+    seq = embeds.shape[1]
+    out = model(inputs_embeds=embeds, attention_mask=torch.ones(1, seq, dtype=torch.long), use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    gen = []
+    for _ in range(MAX_ANSWER_TOKENS):
+        tok = int(out.logits[0, -1].argmax())
+        gen.append(tok)
+        if tok in bundle.eos_token_ids:
+            break
+        seq += 1
+        out = model(inputs_embeds=emb_layer(torch.tensor([[tok]])), attention_mask=torch.ones(1, seq, dtype=torch.long),
+                    cache=cache, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    return gen
+
+
+def keep_rows(n: int, keep: float, seed: int, image_index: int) -> np.ndarray:
+    """Sorted indices of the image-feature rows kept by --keep-random (seeded per image)."""
+    k = max(1, int(round(keep * n)))
+    rng = np.random.default_rng([seed, image_index])
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def load_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+@torch.no_grad()
+def predict(bundle: Bundle, eval_dir: Path, rows: list[dict], keep: float | None = None, seed: int = 0,
+            progress: bool = True) -> list[str]:
+    proc, tok = bundle.processor, bundle.tokenizer
+    preds = []
+    cache_img, feats, t0 = None, None, time.perf_counter()
+    for i, r in enumerate(rows):
+        img = load_image(eval_dir / r["image"])
+        text = proc.apply_chat_template(messages(r["question"]), add_generation_prompt=True)
+        inputs = proc(images=[img], text=[text], return_tensors="pt")
+        if cache_img != r["image"]:
+            feats = image_features(bundle, inputs)
+            cache_img = r["image"]
+        ids = inputs["input_ids"][0]
+        is_img = ids == bundle.image_token_id
+        f = feats
+        if keep is not None and keep < 1.0:
+            img_index = int(Path(r["image"]).stem)
+            kept = torch.from_numpy(keep_rows(f.shape[0], keep, seed, img_index))
+            f = f[kept]
+            img_pos = torch.nonzero(is_img)[:, 0]
+            drop = torch.ones(len(img_pos), dtype=torch.bool)
+            drop[kept] = False
+            keep_tok = torch.ones(len(ids), dtype=torch.bool)
+            keep_tok[img_pos[drop]] = False
+            ids = ids[keep_tok]
+            is_img = ids == bundle.image_token_id
+        emb = bundle.model.get_input_embeddings()(ids[None]).clone()
+        emb[0, is_img] = f
+        gen = greedy_from_embeds(bundle, emb)
+        preds.append(normalize(tok.decode(gen, skip_special_tokens=True)))
+        if progress and (i + 1) % 200 == 0:
+            log(f"  {i + 1}/{len(rows)} ({time.perf_counter() - t0:.0f}s)")
+    return preds
+
+
+def run_hf_eval(model_dir: Path, keep: float | None, seed: int, limit: int | None) -> dict:
+    seed_everything(0)
+    bundle = load_testbed(model_dir)
+    eval_dir = model_dir / "eval"
+    rows = read_evalset(eval_dir, limit)
+    t0 = time.perf_counter()
+    preds = predict(bundle, eval_dir, rows, keep, seed)
+    res = summarize(rows, preds)
+    res.update({"model": str(model_dir), "keep_random": keep, "seed": seed if keep is not None else None,
+                "items": len(rows), "seconds": round(time.perf_counter() - t0, 1)})
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- testbed export
+def ort_predict(onnx_dir: Path, bundle: Bundle, eval_dir: Path, rows: list[dict]) -> list[str]:
+    from .ort_loop import OrtModel
+
+    ort_model = OrtModel(onnx_dir)
+    proc = bundle.processor
+    preds = []
+    for r in rows:
+        img = load_image(eval_dir / r["image"])
+        text = proc.apply_chat_template(messages(r["question"]), add_generation_prompt=True)
+        inputs = proc(images=[img], text=[text], return_tensors="np")
+        pam = inputs.get("pixel_attention_mask")
+        res = ort_model.greedy(inputs["input_ids"][0].tolist(), inputs["pixel_values"], pam, bundle.image_token_id,
+                               bundle.eos_token_ids, MAX_ANSWER_TOKENS)
+        preds.append(normalize(bundle.tokenizer.decode(res.generated_ids, skip_special_tokens=True)))
+    return preds
+
+
+def run_testbed_export(model_dir: Path, parity_items: int, signals: bool = False) -> dict:
+    """Export the trained weights in MODEL_DIR with the tiny models' exporter, self-check, and compare ORT greedy
+    answers with transformers on the first PARITY_ITEMS eval questions."""
+    from .onnx_parts import export_all
+    from .pipeline import compute_case, self_check, write_export_info
+
+    seed_everything(0)
+    bundle = load_testbed(model_dir)
+    for p in bundle.model.parameters():
+        p.requires_grad_(False)
+    eval_dir = model_dir / "eval"
+    rows = read_evalset(eval_dir)
+    img_path = eval_dir / rows[0]["image"]
+    case = compute_case(bundle, "eval0", img_path)
+    onnx_dir = model_dir / "onnx"
+    if onnx_dir.is_dir():
+        for f in onnx_dir.iterdir():
+            f.unlink()
+    export_all(bundle, onnx_dir, case.torch_inputs)
+    if signals:
+        from .signals import export_signals
+
+        export_signals(bundle, model_dir, case.torch_inputs)
+    report = self_check(bundle, model_dir, [case])
+    write_export_info(model_dir, bundle)
+    sub = rows[:parity_items]
+    hf = predict(bundle, eval_dir, sub, progress=False)
+    ort = ort_predict(onnx_dir, bundle, eval_dir, sub)
+    agree = sum(a == b for a, b in zip(hf, ort)) / len(sub)
+    acc_hf = summarize(sub, hf)["overall"]["accuracy"]
+    acc_ort = summarize(sub, ort)["overall"]["accuracy"]
+    if abs(acc_hf - acc_ort) > 0.005:
+        raise ExportError(f"ORT accuracy {acc_ort} vs transformers {acc_hf} on {len(sub)} items")
+    return {"self_check": report, "parity_items": len(sub), "answer_agreement": agree,
+            "accuracy_transformers": acc_hf, "accuracy_onnxruntime": acc_ort}
