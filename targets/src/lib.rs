@@ -1,12 +1,30 @@
-//! Glimpse targets: what the machine running Glimpse can do. For now, run-time CPU feature
-//! detection; device profiles, GPU detection and SIMD kernels build on it.
+//! Glimpse targets: what the machine running Glimpse is and what it can do.
+//!
+//! - [`profile`]: per-device defaults (backend, execution providers, dtype per model part,
+//!   threads, pruning budget) from embedded TOML files; [`Profile::choose_dtype`] backs
+//!   `--dtype auto`.
+//! - [`detect`]: board / Jetson L4T / CPU features / GPU detection from `/proc` and `/etc`
+//!   (testable against fixture trees) and the recommended [`Profile`].
+//! - [`simd`]: run-time dispatched vector kernels (AVX-512, AVX2+FMA, NEON, NEON `sdot`, scalar)
+//!   for token selection.
+//! - [`hal`]: embedded-hal 1.0 adapters (busy indicator, trigger input) for robot apps.
+
+pub mod detect;
+pub mod error;
+pub mod hal;
+pub mod profile;
+pub mod simd;
+
+pub use detect::{detect, detect_from_root, Detected, GpuInfo, GpuKind, JetsonInfo};
+pub use error::{DetectError, ProfileError, SimdError};
+pub use profile::{profiles, Backend, ExecutionProvider, ModelPart, Profile, Threads};
 
 /// CPU features relevant to inference kernels, detected at run time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CpuFeatures {
     /// Architecture name (`x86_64`, `aarch64`, ...).
     pub arch: &'static str,
-    /// Detected feature names, in a fixed order.
+    /// Detected feature names (Rust target-feature spelling), in a fixed order.
     pub features: Vec<&'static str>,
 }
 
@@ -17,7 +35,7 @@ impl CpuFeatures {
     }
 }
 
-/// Detects the running CPU's features.
+/// Detects the running CPU's features with `std::arch` (not `/proc/cpuinfo`).
 pub fn cpu_features() -> CpuFeatures {
     let mut features = Vec::new();
     #[cfg(target_arch = "x86_64")]
@@ -25,14 +43,27 @@ pub fn cpu_features() -> CpuFeatures {
         macro_rules! probe {
             ($($f:tt),*) => { $( if std::arch::is_x86_feature_detected!($f) { features.push($f); } )* };
         }
-        probe!("sse4.1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni");
+        probe!(
+            "sse4.1",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512vnni",
+            "avxvnni",
+            "avx512bf16",
+            "avx512fp16"
+        );
     }
     #[cfg(target_arch = "aarch64")]
     {
         macro_rules! probe {
             ($($f:tt),*) => { $( if std::arch::is_aarch64_feature_detected!($f) { features.push($f); } )* };
         }
-        probe!("neon", "fp16", "dotprod", "i8mm");
+        probe!("neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2");
     }
     CpuFeatures { arch: std::env::consts::ARCH, features }
 }
@@ -49,5 +80,12 @@ mod tests {
         assert!(f.has("neon"), "every aarch64 Linux CPU has NEON");
         #[cfg(all(target_arch = "x86_64", target_feature = "sse4.1"))]
         assert!(f.has("sse4.1"));
+    }
+
+    #[test]
+    fn live_features_use_the_profile_vocabulary() {
+        for f in cpu_features().features {
+            assert!(profile::KNOWN_CPU_FEATURES.contains(&f), "{f}");
+        }
     }
 }

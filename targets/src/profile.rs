@@ -1,0 +1,589 @@
+//! Target profiles: per-device defaults (backend, execution providers, dtype per model part,
+//! threads, pruning budget) kept as TOML files under `targets/profiles/` and embedded in the binary.
+//!
+//! Adding a profile = one TOML file + one line in [`BUILTIN`].
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProfileError;
+
+/// The registry: file name and embedded text of every built-in profile, in display order
+/// (most specific devices first, `generic` last).
+const BUILTIN: &[(&str, &str)] = &[
+    ("jetson-orin-nano.toml", include_str!("../profiles/jetson-orin-nano.toml")),
+    ("jetson-agx-orin.toml", include_str!("../profiles/jetson-agx-orin.toml")),
+    ("raspberry-pi-5.toml", include_str!("../profiles/raspberry-pi-5.toml")),
+    ("x86-avx512.toml", include_str!("../profiles/x86-avx512.toml")),
+    ("x86-avx2.toml", include_str!("../profiles/x86-avx2.toml")),
+    ("generic-aarch64.toml", include_str!("../profiles/generic-aarch64.toml")),
+    ("generic.toml", include_str!("../profiles/generic.toml")),
+];
+
+/// Dtype names a profile may list: the onnx-community file suffixes (`model_<dtype>.onnx`,
+/// `fp32` = no suffix). Same spelling as `glimpse --dtype`.
+pub const DTYPES: [&str; 7] = ["fp32", "fp16", "int8", "uint8", "quantized", "q4", "q4f16"];
+
+/// CPU feature names a profile may require, spelled as Rust target features (see
+/// [`crate::detect::Detected::cpu_features`]).
+pub const KNOWN_CPU_FEATURES: [&str; 19] = [
+    "sse4.1",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512vnni",
+    "avxvnni",
+    "avx512bf16",
+    "avx512fp16",
+    "neon",
+    "fp16",
+    "dotprod",
+    "i8mm",
+    "bf16",
+    "sve",
+    "sve2",
+];
+
+/// One of the three onnx-community model parts a dtype is chosen for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelPart {
+    /// `vision_encoder*.onnx`.
+    VisionEncoder,
+    /// `embed_tokens*.onnx`.
+    EmbedTokens,
+    /// `decoder_model_merged*.onnx`.
+    DecoderModelMerged,
+}
+
+impl ModelPart {
+    /// Every part, in pipeline order.
+    pub const ALL: [ModelPart; 3] = [ModelPart::VisionEncoder, ModelPart::EmbedTokens, ModelPart::DecoderModelMerged];
+
+    /// The file stem (`vision_encoder`, `embed_tokens`, `decoder_model_merged`), also the TOML key.
+    pub fn stem(self) -> &'static str {
+        match self {
+            ModelPart::VisionEncoder => "vision_encoder",
+            ModelPart::EmbedTokens => "embed_tokens",
+            ModelPart::DecoderModelMerged => "decoder_model_merged",
+        }
+    }
+}
+
+impl fmt::Display for ModelPart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.stem())
+    }
+}
+
+impl FromStr for ModelPart {
+    type Err = String;
+
+    /// Parses a file stem; `decoder` is accepted for `decoder_model_merged`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vision_encoder" => Ok(ModelPart::VisionEncoder),
+            "embed_tokens" => Ok(ModelPart::EmbedTokens),
+            "decoder_model_merged" | "decoder" => Ok(ModelPart::DecoderModelMerged),
+            other => Err(format!("unknown model part `{other}` (vision_encoder, embed_tokens, decoder_model_merged)")),
+        }
+    }
+}
+
+/// Inference backend, in the order a profile prefers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// ONNX Runtime (dynamically loaded), needed for GPU/NPU execution providers.
+    Ort,
+    /// tract: pure Rust, no native dependency, CPU only.
+    Tract,
+}
+
+impl Backend {
+    /// Lowercase name, as in the TOML and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Ort => "ort",
+            Backend::Tract => "tract",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An ONNX Runtime execution provider, spelled as ONNX Runtime names it (without the
+/// `ExecutionProvider` suffix). tract ignores these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExecutionProvider {
+    /// NVIDIA TensorRT (Jetson, discrete NVIDIA GPUs).
+    TensorRT,
+    /// NVIDIA CUDA.
+    #[serde(rename = "CUDA")]
+    Cuda,
+    /// XNNPACK: optimised ARM/x86 CPU kernels.
+    #[serde(rename = "XNNPACK")]
+    Xnnpack,
+    /// The default CPU provider.
+    #[serde(rename = "CPU")]
+    Cpu,
+}
+
+impl ExecutionProvider {
+    /// Name as written in profiles (`TensorRT`, `CUDA`, `XNNPACK`, `CPU`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ExecutionProvider::TensorRT => "TensorRT",
+            ExecutionProvider::Cuda => "CUDA",
+            ExecutionProvider::Xnnpack => "XNNPACK",
+            ExecutionProvider::Cpu => "CPU",
+        }
+    }
+}
+
+impl fmt::Display for ExecutionProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Thread count: `"auto"` (all available cores) or a fixed positive number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// Use [`std::thread::available_parallelism`].
+    Auto,
+    /// Exactly this many threads.
+    Fixed(NonZeroUsize),
+}
+
+impl Threads {
+    /// The concrete thread count on this machine (`Auto` falls back to 1 when unknown).
+    pub fn resolve(self) -> usize {
+        match self {
+            Threads::Auto => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+            Threads::Fixed(n) => n.get(),
+        }
+    }
+}
+
+impl fmt::Display for Threads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Threads::Auto => f.write_str("auto"),
+            Threads::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for Threads {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Threads::Auto => s.serialize_str("auto"),
+            Threads::Fixed(n) => s.serialize_u64(n.get() as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Threads {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Threads;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"auto\" or a positive integer")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Threads, E> {
+                if v == "auto" {
+                    Ok(Threads::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Threads, E> {
+                usize::try_from(v)
+                    .ok()
+                    .and_then(NonZeroUsize::new)
+                    .map(Threads::Fixed)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Threads, E> {
+                usize::try_from(v)
+                    .ok()
+                    .and_then(NonZeroUsize::new)
+                    .map(Threads::Fixed)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Ordered dtype preferences per model part (first = most preferred).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DtypePreference {
+    /// For `vision_encoder`.
+    pub vision_encoder: Vec<String>,
+    /// For `embed_tokens`.
+    pub embed_tokens: Vec<String>,
+    /// For `decoder_model_merged`.
+    pub decoder_model_merged: Vec<String>,
+}
+
+impl DtypePreference {
+    /// The list for one part.
+    pub fn for_part(&self, part: ModelPart) -> &[String] {
+        match part {
+            ModelPart::VisionEncoder => &self.vision_encoder,
+            ModelPart::EmbedTokens => &self.embed_tokens,
+            ModelPart::DecoderModelMerged => &self.decoder_model_merged,
+        }
+    }
+}
+
+/// Default visual-token pruning budget: a selection method name (as registered in
+/// `glimpse-runtime`'s `select` module, `none` = keep all) and the fraction of image tokens kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pruning {
+    /// Method name (`dart`, `none`, ...).
+    pub method: String,
+    /// Fraction of visual tokens kept, in (0, 1]; 1.0 with method `none`.
+    pub keep_ratio: f32,
+}
+
+/// A device profile: the defaults Glimpse uses on one class of machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Registry name, equal to the file stem (`raspberry-pi-5`).
+    pub name: String,
+    /// One-line human description.
+    pub description: String,
+    /// `aarch64`, `x86_64` or `any`.
+    pub arch: String,
+    /// Profile to try when this one's CPU requirements are not met (none for `generic`).
+    #[serde(default)]
+    pub fallback: Option<String>,
+    /// Backends in order of preference.
+    pub backends: Vec<Backend>,
+    /// ONNX Runtime execution providers in order of preference.
+    pub execution_providers: Vec<ExecutionProvider>,
+    /// Worker threads.
+    pub threads: Threads,
+    /// CPU features the profile's kernels and dtypes assume (Rust target-feature names).
+    pub required_cpu_features: Vec<String>,
+    /// Dtype preference per model part.
+    pub dtypes: DtypePreference,
+    /// Default pruning budget.
+    pub pruning: Pruning,
+}
+
+impl Profile {
+    /// Every built-in profile, in registry order.
+    pub fn all() -> &'static [Profile] {
+        profiles()
+    }
+
+    /// The built-in profile called `name`.
+    pub fn by_name(name: &str) -> Result<&'static Profile, ProfileError> {
+        profiles()
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| ProfileError::Unknown { name: name.to_string(), available: profile_names().join(", ") })
+    }
+
+    /// Parses and validates a profile from TOML text; `file` names the source in errors.
+    pub fn from_toml_str(file: &str, text: &str) -> Result<Profile, ProfileError> {
+        let profile: Profile = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
+        profile.validate(file)?;
+        Ok(profile)
+    }
+
+    /// Reads a user-supplied profile file (same format as the built-in ones).
+    pub fn from_file(path: &Path) -> Result<Profile, ProfileError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ProfileError::Io { path: path.to_path_buf(), source })?;
+        Profile::from_toml_str(&path.display().to_string(), &text)
+    }
+
+    /// The first dtype of this profile's preference for `part` that appears in `available`
+    /// (case-insensitive), returned as the caller's string; `None` if none matches.
+    /// This is `--dtype auto`: pass the dtypes whose files exist in the model folder.
+    pub fn choose_dtype<'a>(&self, part: ModelPart, available: &[&'a str]) -> Option<&'a str> {
+        self.dtypes
+            .for_part(part)
+            .iter()
+            .find_map(|want| available.iter().copied().find(|have| have.eq_ignore_ascii_case(want)))
+    }
+
+    /// Whether this profile can run on a CPU of `arch` with `features`.
+    pub fn supports(&self, arch: &str, features: &[String]) -> bool {
+        (self.arch == "any" || self.arch == arch) && self.missing_cpu_features(features).is_empty()
+    }
+
+    /// Required features absent from `features`.
+    pub fn missing_cpu_features<'s>(&'s self, features: &[String]) -> Vec<&'s str> {
+        self.required_cpu_features.iter().filter(|f| !features.contains(f)).map(String::as_str).collect()
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ProfileError> {
+        let bad = |field: &str, message: String| ProfileError::Invalid {
+            file: file.to_string(),
+            field: Some(field.to_string()),
+            line: None,
+            message,
+        };
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(bad("name", format!("`{}` must be non-empty lowercase letters, digits and '-'", self.name)));
+        }
+        if !matches!(self.arch.as_str(), "aarch64" | "x86_64" | "any") {
+            return Err(bad("arch", format!("`{}` is not one of aarch64, x86_64, any", self.arch)));
+        }
+        if self.fallback.as_deref() == Some(self.name.as_str()) {
+            return Err(bad("fallback", "a profile cannot fall back to itself".into()));
+        }
+        if self.backends.is_empty() {
+            return Err(bad("backends", "must list at least one backend".into()));
+        }
+        if self.execution_providers.is_empty() {
+            return Err(bad("execution_providers", "must list at least one provider (e.g. \"CPU\")".into()));
+        }
+        for f in &self.required_cpu_features {
+            if !KNOWN_CPU_FEATURES.contains(&f.as_str()) {
+                return Err(bad(
+                    "required_cpu_features",
+                    format!("unknown CPU feature `{f}` (known: {})", KNOWN_CPU_FEATURES.join(", ")),
+                ));
+            }
+        }
+        for part in ModelPart::ALL {
+            let list = self.dtypes.for_part(part);
+            let field = format!("dtypes.{}", part.stem());
+            if list.is_empty() {
+                return Err(bad(&field, "must list at least one dtype".into()));
+            }
+            for (i, d) in list.iter().enumerate() {
+                if !DTYPES.contains(&d.as_str()) {
+                    return Err(bad(&field, format!("unknown dtype `{d}` (known: {})", DTYPES.join(", "))));
+                }
+                if list[..i].contains(d) {
+                    return Err(bad(&field, format!("dtype `{d}` listed twice")));
+                }
+            }
+        }
+        let r = self.pruning.keep_ratio;
+        if !(r > 0.0 && r <= 1.0) {
+            return Err(bad("pruning.keep_ratio", format!("{r} is not in (0, 1]")));
+        }
+        if self.pruning.method.is_empty() {
+            return Err(bad("pruning.method", "must not be empty (use \"none\")".into()));
+        }
+        if self.pruning.method == "none" && r != 1.0 {
+            return Err(bad(
+                "pruning.keep_ratio",
+                format!("method `none` keeps every token, so keep_ratio must be 1.0, not {r}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Every built-in profile, parsed once, in registry order.
+///
+/// # Panics
+/// Only if a file embedded from `targets/profiles/` is invalid, which the crate's tests rule out.
+pub fn profiles() -> &'static [Profile] {
+    static PROFILES: OnceLock<Vec<Profile>> = OnceLock::new();
+    PROFILES.get_or_init(|| {
+        BUILTIN
+            .iter()
+            .map(|(file, text)| match Profile::from_toml_str(file, text) {
+                Ok(p) => p,
+                Err(e) => panic!("built-in profile is invalid: {e}"),
+            })
+            .collect()
+    })
+}
+
+/// Names of the built-in profiles, in registry order.
+pub fn profile_names() -> Vec<&'static str> {
+    profiles().iter().map(|p| p.name.as_str()).collect()
+}
+
+/// Turns a toml/serde error into [`ProfileError::Invalid`], naming the field found at the error span.
+fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> ProfileError {
+    let message = e.message().trim().to_string();
+    let (mut field, line) = match e.span() {
+        Some(span) => {
+            let at = floor_char_boundary(text, span.start);
+            (field_at(text, at), Some(text[..at].matches('\n').count() + 1))
+        }
+        None => (None, None),
+    };
+    // "missing field `x`": the span is the enclosing table, so append the missing key.
+    if let Some(missing) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+        field = Some(match field {
+            Some(table) if !table.contains('=') => format!("{table}.{missing}"),
+            _ => missing.to_string(),
+        });
+    }
+    ProfileError::Invalid { file: file.to_string(), field, line, message }
+}
+
+fn floor_char_boundary(text: &str, mut at: usize) -> usize {
+    at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// Best-effort dotted key path of the value at byte offset `at`: the last `[table]` header before
+/// it, plus the key of the nearest `key = ...` line at or before it within that table.
+fn field_at(text: &str, at: usize) -> Option<String> {
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let mut key = None;
+    let mut table = None;
+    for line in text[..line_end].lines().rev() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            table = Some(t.trim_start_matches('[').trim_end_matches(']').trim().to_string());
+            break;
+        }
+        if key.is_none() && !t.starts_with('#') {
+            if let Some((k, _)) = t.split_once('=') {
+                key = Some(k.trim().to_string());
+            }
+        }
+    }
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (Some(t), None) => Some(t),
+        (None, k) => k,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_profile_parses_and_matches_its_file_name() {
+        assert_eq!(profiles().len(), BUILTIN.len());
+        for ((file, _), p) in BUILTIN.iter().zip(profiles()) {
+            assert_eq!(format!("{}.toml", p.name), *file);
+            assert!(!p.description.is_empty());
+        }
+        for name in [
+            "jetson-orin-nano",
+            "jetson-agx-orin",
+            "raspberry-pi-5",
+            "x86-avx2",
+            "x86-avx512",
+            "generic-aarch64",
+            "generic",
+        ] {
+            assert_eq!(Profile::by_name(name).map(|p| p.name.as_str()).ok(), Some(name));
+        }
+    }
+
+    #[test]
+    fn fallback_chains_resolve_and_end_at_generic() {
+        for p in profiles() {
+            let mut cur = p;
+            let mut steps = 0;
+            while let Some(next) = &cur.fallback {
+                cur = Profile::by_name(next).expect("fallback names a registered profile");
+                steps += 1;
+                assert!(steps < profiles().len(), "fallback cycle from {}", p.name);
+            }
+            assert_eq!(cur.name, "generic", "chain from {}", p.name);
+        }
+        assert!(Profile::by_name("generic").map(|g| g.required_cpu_features.is_empty()).unwrap_or(false));
+    }
+
+    #[test]
+    fn unknown_name_lists_available() {
+        let e = Profile::by_name("jetson-tx1").unwrap_err().to_string();
+        assert!(e.contains("jetson-tx1") && e.contains("raspberry-pi-5"), "{e}");
+    }
+
+    #[test]
+    fn choose_dtype_picks_first_preferred_available() {
+        let jetson = Profile::by_name("jetson-orin-nano").unwrap();
+        let avail = ["fp32", "q4", "Q4F16", "int8"];
+        assert_eq!(jetson.choose_dtype(ModelPart::DecoderModelMerged, &avail), Some("Q4F16"));
+        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, &avail), Some("fp32"));
+        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, &["fp16", "fp32"]), Some("fp16"));
+        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, &["bnb4"]), None);
+        assert_eq!(jetson.choose_dtype(ModelPart::EmbedTokens, &[]), None);
+        let pi = Profile::by_name("raspberry-pi-5").unwrap();
+        assert_eq!(pi.choose_dtype(ModelPart::DecoderModelMerged, &avail), Some("q4"));
+        assert_eq!(pi.choose_dtype(ModelPart::VisionEncoder, &avail), Some("int8"));
+        let x86 = Profile::by_name("x86-avx512").unwrap();
+        assert_eq!(x86.choose_dtype(ModelPart::VisionEncoder, &avail), Some("fp32"));
+        assert_eq!(x86.choose_dtype(ModelPart::DecoderModelMerged, &avail), Some("int8"));
+        assert_eq!(x86.pruning.method, "none");
+        assert_eq!("decoder".parse::<ModelPart>(), Ok(ModelPart::DecoderModelMerged));
+    }
+
+    #[test]
+    fn threads_parse_auto_and_numbers() {
+        assert_eq!(Profile::by_name("raspberry-pi-5").unwrap().threads.resolve(), 4);
+        assert_eq!(Profile::by_name("generic").unwrap().threads, Threads::Auto);
+        assert!(Threads::Auto.resolve() >= 1);
+    }
+
+    fn bad(replace: &str, with: &str) -> String {
+        let text = include_str!("../profiles/raspberry-pi-5.toml");
+        assert!(text.contains(replace), "fixture text lacks {replace}");
+        Profile::from_toml_str("my-pi.toml", &text.replacen(replace, with, 1)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_toml_names_file_and_field() {
+        let cases = [
+            ("vision_encoder = [\"int8\"", "vision_encoder = [\"fp8\"", "dtypes.vision_encoder", "fp8"),
+            ("threads = 4", "threads = 0", "threads", "positive"),
+            ("threads = 4", "threads = \"many\"", "threads", "many"),
+            ("keep_ratio = 0.25", "keep_ratio = 1.5", "pruning.keep_ratio", "1.5"),
+            ("keep_ratio = 0.25", "keep_ratio = \"a lot\"", "pruning.keep_ratio", "expected f32"),
+            ("[\"XNNPACK\", \"CPU\"]", "[\"NNAPI\", \"CPU\"]", "execution_providers", "NNAPI"),
+            ("backends = [\"ort\", \"tract\"]", "backends = [\"ort\", \"onnx\"]", "backends", "onnx"),
+            ("threads = 4\n", "", "threads", "missing field"),
+            ("keep_ratio = 0.25\n", "", "pruning.keep_ratio", "missing field"),
+            ("[\"neon\", \"dotprod\"]", "[\"neon\", \"dotprd\"]", "required_cpu_features", "dotprd"),
+            ("arch = \"aarch64\"", "arch = \"riscv64\"", "arch", "riscv64"),
+            ("threads = 4", "threads = 4\nthreds = 4", "threds", "unknown field"),
+            ("method = \"dart\"", "method = \"none\"", "pruning.keep_ratio", "none"),
+        ];
+        for (from, to, field, detail) in cases {
+            let e = bad(from, to);
+            assert!(e.contains("my-pi.toml"), "{e}");
+            assert!(e.contains(&format!("field `{field}`")), "expected field {field}: {e}");
+            assert!(e.contains(detail), "expected {detail}: {e}");
+        }
+        let e = bad("name = ", "name = = ");
+        assert!(e.contains("my-pi.toml") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn from_file_reports_missing_files() {
+        let e = Profile::from_file(Path::new("/nonexistent/p.toml")).unwrap_err();
+        assert!(matches!(e, ProfileError::Io { .. }));
+    }
+}
