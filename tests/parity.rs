@@ -83,7 +83,7 @@ fn image_features_logits_and_greedy_tokens_match() {
         let p = load(name);
         for case in cases(&model(name)).1 {
             let input = reference_input(&p, &case);
-            let feats = p.encode(&input).expect("encode");
+            let feats = p.encode(&input).expect("encode").features;
             let theirs = case.f32("image_features");
             let theirs = theirs.to_shape((feats.nrows(), feats.ncols())).expect("feature shape").to_owned().into_dyn();
             let d = max_abs_diff(&feats.clone().into_dyn(), &theirs);
@@ -93,7 +93,7 @@ fn image_features_logits_and_greedy_tokens_match() {
             let rendered = p.render_prompt(case.prompt(), true).expect("render");
             let counts: Vec<usize> = input.views.iter().map(|v| v.tokens).collect();
             let ids = p.expand_and_tokenize(&rendered, Some((&input, &counts))).expect("tokenize");
-            let prepared = p.splice(ids, Some(&feats), feats.nrows()).expect("splice");
+            let prepared = p.splice(ids, Some(&feats), feats.nrows(), None).expect("splice");
             let logits = p.prefill_logits(&prepared).expect("prefill").into_dyn();
             let d = max_abs_diff(&logits, &case.f32("logits"));
             eprintln!("{name}/{}: first-step logits max abs diff {d:.2e}", case.name());
@@ -129,5 +129,48 @@ fn ask_end_to_end_from_the_image_file_matches_generate() {
             assert_eq!(s.visual_tokens, s.visual_tokens_kept);
             assert!(s.visual_tokens > 0);
         }
+    }
+}
+
+#[test]
+fn keep_all_gives_the_unpruned_tokens_for_every_method() {
+    use glimpse::runtime::{Budget, Positions, SelectConfig};
+    for name in TINY_MODELS {
+        let mut p = load(name);
+        let case = cases(&model(name)).1.into_iter().next().expect("a case");
+        let opts = GenerationOptions { max_new_tokens: 20, ..Default::default() };
+        for method in glimpse::runtime::select::available() {
+            for positions in [Positions::Contiguous, Positions::Original] {
+                let cfg = SelectConfig { method: method.into(), budget: Budget::Ratio(1.0), ..Default::default() };
+                p.set_selection(cfg, positions).expect("method exists");
+                let a = p.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask");
+                assert_eq!(a.token_ids, case.ints("generated_ids"), "{name}: {method} at keep 1.0");
+            }
+        }
+    }
+}
+
+#[test]
+fn pruning_end_to_end_keeps_the_budget() {
+    use glimpse::runtime::{Budget, Positions, Scope, SelectConfig};
+    let mut p = load("tiny-smolvlm");
+    let case = cases(&model("tiny-smolvlm")).1.into_iter().next().expect("a case");
+    let opts = GenerationOptions { max_new_tokens: 4, ..Default::default() };
+    for method in ["random", "uniform", "pool", "dart", "divprune", "todre", "cdpruner"] {
+        for (scope, positions) in [(Scope::Global, Positions::Contiguous), (Scope::PerView, Positions::Original)] {
+            let cfg = SelectConfig { method: method.into(), budget: Budget::Ratio(0.25), scope, ..Default::default() };
+            p.set_selection(cfg, positions).expect("method exists");
+            let a = p.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect(method);
+            assert_eq!(a.stats.visual_tokens, 160, "{method}");
+            assert_eq!(a.stats.visual_tokens_kept, 40, "{method} {scope:?}");
+            assert_eq!(a.stats.prompt_tokens, case.ints("input_ids").len() - 120, "{method}");
+        }
+    }
+    // Methods whose signal the plain export lacks fail with a clear error.
+    for method in ["vtc-cls", "visionzip"] {
+        let cfg = SelectConfig { method: method.into(), budget: Budget::Ratio(0.25), ..Default::default() };
+        p.set_selection(cfg, Positions::Contiguous).expect("method exists");
+        let err = p.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect_err(method);
+        assert!(matches!(err, glimpse::runtime::Error::MissingSignal { .. }), "{method}: {err}");
     }
 }

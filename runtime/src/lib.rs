@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod eval;
 pub mod family;
 pub mod folder;
 pub mod generate;
@@ -20,4 +21,5 @@ pub mod text;
 pub use error::{Error, Result};
 pub use folder::{Dtype, ModelFolder, Part};
 pub use generate::{GenerationOptions, SamplingOptions};
-pub use pipeline::{Answer, GenerationStats, Pipeline, PipelineOptions, StageTimes};
+pub use pipeline::{Answer, Encoded, GenerationStats, Pipeline, PipelineOptions, Positions, StageTimes};
+pub use select::{Budget, Scope, SelectConfig};

@@ -14,7 +14,7 @@ use crate::family::{self, Family, VisionInput};
 use crate::folder::{Dtype, ModelFolder, Part};
 use crate::generate::{DecoderIo, GenerationOptions, KvCache, Sampler};
 use crate::preprocess::{self, ImageLimits};
-use crate::select::{self, Selection, SelectionInput, Selector};
+use crate::select::{SelectConfig, Selection, SelectionInput, Selector, Signals};
 use crate::text::TextTokenizer;
 
 /// How a pipeline is built.
@@ -24,8 +24,10 @@ pub struct PipelineOptions {
     pub dtype: Dtype,
     /// Backend name (`tract`).
     pub backend: String,
-    /// Token-selection method name (`none` keeps every token).
-    pub selector: String,
+    /// Token selection (method, budget, scope); the default keeps every token.
+    pub select: SelectConfig,
+    /// Position ids of the tokens after pruned image tokens.
+    pub positions: Positions,
     /// Limits on input images.
     pub image_limits: ImageLimits,
 }
@@ -35,10 +37,43 @@ impl Default for PipelineOptions {
         PipelineOptions {
             dtype: Dtype::Fp32,
             backend: "tract".into(),
-            selector: "none".into(),
+            select: SelectConfig::default(),
+            positions: Positions::Contiguous,
             image_limits: ImageLimits::default(),
         }
     }
+}
+
+/// Position-id policy after pruning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    /// Renumber 0..n over the pruned sequence.
+    #[default]
+    Contiguous,
+    /// Keep each token's position in the unpruned sequence (gaps where tokens were dropped), as
+    /// DART and FastV do.
+    Original,
+}
+
+impl std::str::FromStr for Positions {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "contiguous" => Ok(Positions::Contiguous),
+            "original" => Ok(Positions::Original),
+            _ => Err(Error::invalid("positions", s, "expected original or contiguous")),
+        }
+    }
+}
+
+/// Encoder output: feature rows and any pruning signals the export added.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// Feature rows `[N, d]`, views concatenated.
+    pub features: Array2<f32>,
+    /// Signals read from the extra outputs named in `glimpse.json` (text is added later).
+    pub signals: Signals,
 }
 
 /// Wall time of each stage, in milliseconds when serialised.
@@ -128,7 +163,9 @@ pub struct Pipeline {
     embed: Box<dyn Session>,
     decoder: Box<dyn Session>,
     decoder_io: DecoderIo,
-    selector: Box<dyn Selector>,
+    selector: Selector,
+    positions: Positions,
+    signal_outputs: Vec<(String, String)>,
     eos: Vec<i64>,
     context: (usize, String),
     image_limits: ImageLimits,
@@ -150,7 +187,8 @@ impl Pipeline {
         let folder = ModelFolder::open(dir)?;
         let tokenizer = TextTokenizer::load(&folder)?;
         let family = family::for_folder(&folder, &tokenizer)?;
-        let selector = select::by_name(&opts.selector)?;
+        let selector = Selector::new(opts.select.clone())?;
+        let signal_outputs = read_signal_names(&folder)?;
         let backend = backend::by_name(&opts.backend)?;
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = folder.part_path(part, opts.dtype)?;
@@ -172,6 +210,8 @@ impl Pipeline {
             decoder,
             decoder_io,
             selector,
+            positions: opts.positions,
+            signal_outputs,
             eos,
             context,
             image_limits: opts.image_limits,
@@ -198,8 +238,20 @@ impl Pipeline {
         self.family.preprocess(image)
     }
 
-    /// Stage 2: encoder inputs → feature rows `[N, d]` (views concatenated).
-    pub fn encode(&self, input: &VisionInput) -> Result<Array2<f32>> {
+    /// Replaces the token-selection configuration (e.g. to sweep keep ratios without reloading).
+    pub fn set_selection(&mut self, config: SelectConfig, positions: Positions) -> Result<()> {
+        self.selector = Selector::new(config)?;
+        self.positions = positions;
+        Ok(())
+    }
+
+    /// The token-selection configuration in use.
+    pub fn selection(&self) -> &SelectConfig {
+        self.selector.config()
+    }
+
+    /// Stage 2: encoder inputs → feature rows `[N, d]` (views concatenated) plus signals.
+    pub fn encode(&self, input: &VisionInput) -> Result<Encoded> {
         let declared = self.vision.inputs();
         let mut given: Vec<(&str, Tensor)> = Vec::new();
         for info in declared {
@@ -212,32 +264,99 @@ impl Pipeline {
             given.push((info.name.as_str(), t.1.clone()));
         }
         let outputs = self.vision.run(given)?;
-        let idx = self.vision.outputs().iter().position(|o| o.name == "image_features").unwrap_or(0);
-        let feats = outputs.into_iter().nth(idx).ok_or_else(|| Error::interface("vision_encoder", "no outputs"))?;
-        let feats = feats.into_f32("vision_encoder image_features")?;
+        let mut named: Vec<(String, Option<Tensor>)> =
+            self.vision.outputs().iter().map(|o| o.name.clone()).zip(outputs.into_iter().map(Some)).collect();
+        let first = named.first().map(|(n, _)| n.clone()).unwrap_or_default();
+        let mut take = |name: &str| named.iter_mut().find(|(n, _)| n == name).and_then(|(_, t)| t.take());
+        let feats = take("image_features")
+            .or_else(|| take(&first))
+            .ok_or_else(|| Error::interface("vision_encoder", "no outputs"))?
+            .into_f32("vision_encoder image_features")?;
         let d = *feats.shape().last().unwrap_or(&0);
         let n = feats.len().checked_div(d).unwrap_or(0);
-        if n != input.total_tokens() {
+        let total = input.total_tokens();
+        if n != total {
             return Err(Error::interface(
                 "vision_encoder",
                 format!(
-                    "image_features has {n} rows (shape {:?}) but the {} layout expects {}",
+                    "image_features has {n} rows (shape {:?}) but the {} layout expects {total}",
                     feats.shape(),
                     self.family.name(),
-                    input.total_tokens()
                 ),
             ));
         }
-        feats.into_shape_with_order((n, d)).map_err(|e| Error::interface("vision_encoder", e.to_string()))
+        let features =
+            feats.into_shape_with_order((n, d)).map_err(|e| Error::interface("vision_encoder", e.to_string()))?;
+        let signals = self.read_signals(&mut take, input)?;
+        Ok(Encoded { features, signals })
     }
 
-    /// Stage 3: chooses which rows reach the language model.
-    pub fn select(&self, features: &Array2<f32>, input: &VisionInput) -> Result<Selection> {
-        let sel = self.selector.select(&SelectionInput { features, views: &input.views })?;
+    /// Reshapes the extra encoder outputs named in `glimpse.json` into per-view signals.
+    fn read_signals(&self, take: &mut dyn FnMut(&str) -> Option<Tensor>, input: &VisionInput) -> Result<Signals> {
+        let total = input.total_tokens();
+        let views = input.views.len();
+        let per = input.views.first().map_or(0, |v| v.tokens);
+        let mut signals = Signals::default();
+        for (signal, output) in &self.signal_outputs {
+            let t = take(output)
+                .ok_or_else(|| {
+                    Error::interface(
+                        "vision_encoder",
+                        format!("glimpse.json names output `{output}`, which the model lacks"),
+                    )
+                })?
+                .into_f32(output)?;
+            let shape = t.shape().to_vec();
+            let bad = |e: ndarray::ShapeError| {
+                Error::interface("vision_encoder", format!("signal `{output}` has shape {shape:?}: {e}"))
+            };
+            let width = t.len().checked_div(total).unwrap_or(0);
+            match signal.as_str() {
+                "cls_attention" => {
+                    signals.cls_attention = Some(t.into_shape_with_order((views, width, per)).map_err(bad)?)
+                }
+                "attention_received" => {
+                    signals.attention_received = Some(t.into_shape_with_order((views, per)).map_err(bad)?)
+                }
+                "keys" => signals.keys = Some(t.into_shape_with_order((views, per, width)).map_err(bad)?),
+                _ => {}
+            }
+        }
+        Ok(signals)
+    }
+
+    /// Stage 3: chooses which rows reach the language model; computes the prompt's text
+    /// embeddings first when the method needs them.
+    pub fn select(&self, encoded: &Encoded, input: &VisionInput, prompt: &str) -> Result<Selection> {
+        let mut signals = encoded.signals.clone();
+        if self.selector.needs().text {
+            signals.text = Some(self.text_embeddings(prompt)?);
+        }
+        let sel = self.selector.select(&SelectionInput {
+            features: &encoded.features,
+            views: &input.views,
+            signals: &signals,
+        })?;
         if sel.kept.len() != input.views.len() {
             return Err(Error::interface("select", "selector returned a different number of views"));
         }
         Ok(sel)
+    }
+
+    /// The language model's input embeddings of the raw prompt tokens, `[m, d]`.
+    pub fn text_embeddings(&self, prompt: &str) -> Result<Array2<f32>> {
+        let mut ids = self.tokenizer.encode_plain(prompt)?;
+        if ids.is_empty() {
+            ids.push(0);
+        }
+        let m = ids.len();
+        let ids = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, m]), ids)
+            .map_err(|e| Error::interface("embed_tokens", e.to_string()))?;
+        let out = self.embed.run(vec![("input_ids", Tensor::I64(ids))])?;
+        let e = out.into_iter().next().ok_or_else(|| Error::interface("embed_tokens", "no outputs"))?;
+        let e = e.into_f32("embed_tokens")?;
+        let d = *e.shape().last().unwrap_or(&0);
+        e.into_shape_with_order((m, d)).map_err(|e| Error::interface("embed_tokens", e.to_string()))
     }
 
     /// Renders the user prompt with the chat template (or the family's fallback).
@@ -274,6 +393,7 @@ impl Pipeline {
         input_ids: Vec<i64>,
         image_rows: Option<&Array2<f32>>,
         visual_tokens: usize,
+        positions: Option<Vec<i64>>,
     ) -> Result<Prepared> {
         let (context, field) = &self.context;
         let image_id = self.family.image_token_id();
@@ -321,7 +441,10 @@ impl Pipeline {
                 }
             }
         }
-        let positions = (0..seq as i64).collect();
+        let positions = positions.unwrap_or_else(|| (0..seq as i64).collect());
+        if positions.len() != seq {
+            return Err(Error::interface("splice", format!("{} positions for {seq} tokens", positions.len())));
+        }
         Ok(Prepared { input_ids, embeds, positions, visual_tokens, visual_tokens_kept: rows })
     }
 
@@ -334,22 +457,26 @@ impl Pipeline {
                 let input = self.preprocess(img)?;
                 times.preprocess = t.elapsed();
                 let t = Instant::now();
-                let feats = self.encode(&input)?;
+                let encoded = self.encode(&input)?;
                 times.encode = t.elapsed();
                 let t = Instant::now();
-                let sel = self.select(&feats, &input)?;
-                let kept_rows = sel.gather(&feats, &input.views);
+                let sel = self.select(&encoded, &input, prompt)?;
+                let kept_rows = sel.gather(&encoded.features, &input.views);
                 times.select = t.elapsed();
                 let t = Instant::now();
                 let ids = self.expand_and_tokenize(&rendered, Some((&input, &sel.counts())))?;
-                let prepared = self.splice(ids, Some(&kept_rows), feats.nrows())?;
+                let positions = match self.positions {
+                    Positions::Contiguous => None,
+                    Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), &input, &sel)?),
+                };
+                let prepared = self.splice(ids, Some(&kept_rows), encoded.features.nrows(), positions)?;
                 times.splice = t.elapsed();
                 Ok(prepared)
             }
             None => {
                 let t = Instant::now();
                 let ids = self.expand_and_tokenize(&rendered, None)?;
-                let prepared = self.splice(ids, None, 0)?;
+                let prepared = self.splice(ids, None, 0, None)?;
                 times.splice = t.elapsed();
                 Ok(prepared)
             }
@@ -461,6 +588,88 @@ impl Pipeline {
             decode_tokens_per_s: if ids.len() > 1 && decode_s > 0.0 { (ids.len() - 1) as f64 / decode_s } else { 0.0 },
         };
         Ok(Answer { text, token_ids: ids, stats })
+    }
+}
+
+/// Reads `glimpse.json`'s `signals` map (signal name → extra encoder output), if present.
+fn read_signal_names(folder: &ModelFolder) -> Result<Vec<(String, String)>> {
+    let path = folder.path("glimpse.json");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let bytes = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.clone(), source })?;
+    let Some(map) = v.get("signals").and_then(serde_json::Value::as_object) else { return Ok(Vec::new()) };
+    map.iter()
+        .map(|(k, out)| {
+            out.as_str()
+                .map(|o| (k.clone(), o.to_string()))
+                .ok_or_else(|| Error::field(&path, format!("signals.{k}"), "expected an output name"))
+        })
+        .collect()
+}
+
+/// Position ids of a pruned sequence in the unpruned one: every token keeps the position it had
+/// before image tokens were dropped (gaps where they were).
+pub fn original_positions(ids: &[i64], image_id: i64, input: &VisionInput, sel: &Selection) -> Result<Vec<i64>> {
+    // For the j-th kept image token (view v, index i): the tokens dropped before it are all drops
+    // of earlier views plus the drops of view v with a smaller index.
+    let mut dropped_before_view = Vec::with_capacity(input.views.len());
+    let mut acc = 0i64;
+    for (view, kept) in input.views.iter().zip(&sel.kept) {
+        dropped_before_view.push(acc);
+        acc += (view.tokens - kept.len()) as i64;
+    }
+    let kept: Vec<(usize, usize, usize)> = sel
+        .kept
+        .iter()
+        .enumerate()
+        .flat_map(|(v, k)| k.iter().enumerate().map(move |(rank, &i)| (v, i, rank)))
+        .collect();
+    let mut out = Vec::with_capacity(ids.len());
+    let mut shift = 0i64;
+    let mut next = 0usize;
+    for (p, &t) in ids.iter().enumerate() {
+        if t == image_id {
+            let &(v, i, rank) =
+                kept.get(next).ok_or_else(|| Error::interface("splice", "more image tokens than kept rows"))?;
+            next += 1;
+            shift = dropped_before_view[v] + (i - rank) as i64;
+            out.push(p as i64 + shift);
+            // After the last kept token of a view, the view's trailing drops also precede what follows.
+            if kept.get(next).is_none_or(|&(nv, _, _)| nv != v) {
+                shift = dropped_before_view[v] + (input.views[v].tokens - sel.kept[v].len()) as i64;
+            }
+        } else {
+            out.push(p as i64 + shift);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::family::{View, ViewKind};
+
+    fn view(n: usize) -> View {
+        View { kind: ViewKind::Whole, tokens: n, grid: (1, n), region: [0.0, 0.0, 1.0, 1.0] }
+    }
+
+    #[test]
+    fn original_positions_leave_gaps_where_tokens_were_dropped() {
+        const I: i64 = 9;
+        // Unpruned: [t0, I, I, I, I, t5, I, I, I, t42] with views of 4 and 3 tokens.
+        let input = VisionInput { tensors: vec![], views: vec![view(4), view(3)], rows: 0, cols: 0 };
+        let sel = Selection { kept: vec![vec![1, 3], vec![0]], ..Default::default() };
+        let ids = vec![0, I, I, 5, I, 42];
+        let pos = original_positions(&ids, I, &input, &sel).unwrap();
+        assert_eq!(pos, vec![0, 2, 4, 5, 6, 9]);
+        // Keeping everything gives 0..n.
+        let all = Selection::all(&input.views);
+        let ids = vec![0, I, I, I, I, 5, I, I, I, 42];
+        assert_eq!(original_positions(&ids, I, &input, &all).unwrap(), (0..10).collect::<Vec<i64>>());
     }
 }
 

@@ -92,6 +92,15 @@ impl TextTokenizer {
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
+    /// Encodes text without special tokens (the instruction alone, for text signals).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
     /// Decodes ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();

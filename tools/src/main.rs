@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Ask a question about an image; streams the answer.
     Ask(cmd::ask::Args),
+    /// Measure accuracy on an eval set (exact match, per question type, 95% CI).
+    Eval(cmd::eval::Args),
     /// Describe a model folder: family, parts, dtype variants, inputs and outputs.
     Inspect(cmd::inspect::Args),
 }
@@ -31,6 +33,7 @@ fn main() -> std::process::ExitCode {
     let result: Result<()> = match cli.command {
         Command::Ask(a) => cmd::ask::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

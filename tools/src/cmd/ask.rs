@@ -6,12 +6,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use glimpse_runtime::{GenerationOptions, Pipeline, SamplingOptions};
 
-use super::ModelArgs;
+use super::{ModelArgs, SelectArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Image file (PNG or JPEG). Without it the model answers from text alone.
     #[arg(long)]
     pub image: Option<PathBuf>,
@@ -39,7 +41,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let pipeline = Pipeline::load(&args.model.model, &args.model.pipeline_options())
+    let pipeline = Pipeline::load(&args.model.model, &args.model.pipeline_options(&args.select))
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
     let opts = GenerationOptions {
         max_new_tokens: args.max_new_tokens,

@@ -1,12 +1,13 @@
 //! One module per subcommand, plus the options they share.
 
 pub mod ask;
+pub mod eval;
 pub mod inspect;
 
 use std::path::PathBuf;
 
 use glimpse_runtime::preprocess::ImageLimits;
-use glimpse_runtime::{Dtype, PipelineOptions};
+use glimpse_runtime::{Budget, Dtype, PipelineOptions, Positions, Scope, SelectConfig};
 
 /// The model folder used when `--model` is not given.
 pub const DEFAULT_MODEL: &str = "models/tiny-smolvlm";
@@ -29,13 +30,50 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The pipeline options these arguments describe.
-    pub fn pipeline_options(&self) -> PipelineOptions {
+    /// The pipeline options these arguments describe, with a token-selection setup.
+    pub fn pipeline_options(&self, select: &SelectArgs) -> PipelineOptions {
         PipelineOptions {
             dtype: self.dtype,
             backend: self.backend.clone(),
             image_limits: ImageLimits { max_pixels: self.max_image_pixels, ..ImageLimits::default() },
-            ..PipelineOptions::default()
+            select: select.config(),
+            positions: select.positions,
+        }
+    }
+}
+
+/// Options of the token-selection (pruning) stage.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SelectArgs {
+    /// Pruning method: none, random, uniform, pool, dart, divprune, todre, cdpruner, vtc-cls, visionzip.
+    #[arg(long, default_value = "none")]
+    pub prune: String,
+    /// Visual tokens to keep: a ratio in (0, 1] (0.25) or a count (64).
+    #[arg(long, default_value = "1.0")]
+    pub keep: Budget,
+    /// Spend the budget over all views together (global) or within each view (per-view).
+    #[arg(long, default_value = "global")]
+    pub keep_scope: Scope,
+    /// Position ids after pruning: contiguous (renumber) or original (keep gaps).
+    #[arg(long, default_value = "contiguous")]
+    pub positions: Positions,
+    /// Seed of seeded methods (random; todre without CLS attention).
+    #[arg(long, default_value_t = 0)]
+    pub prune_seed: u64,
+    /// CDPruner relevance weight λ.
+    #[arg(long, default_value_t = 0.5)]
+    pub lambda: f32,
+}
+
+impl SelectArgs {
+    /// The selection configuration.
+    pub fn config(&self) -> SelectConfig {
+        SelectConfig {
+            method: self.prune.clone(),
+            budget: self.keep,
+            scope: self.keep_scope,
+            seed: self.prune_seed,
+            lambda: self.lambda,
         }
     }
 }
