@@ -3,7 +3,7 @@
 //!
 //! Everything is read from files under a root directory so that tests can point it at fixture
 //! trees: `<root>/proc/device-tree/model`, `<root>/etc/nv_tegra_release`, `<root>/proc/cpuinfo`
-//! and `<root>/proc/driver/nvidia/gpus/*/information`. [`detect`] uses `/` and replaces the
+//! and `<root>/proc/driver/nvidia/gpus/*/information`. [`fn@detect`] uses `/` and replaces the
 //! cpuinfo features by what the running CPU reports through `std::arch`.
 
 use std::fs;
@@ -190,6 +190,15 @@ pub fn detect() -> Detected {
         warnings: vec!["/ is not a directory".to_string()],
     });
     let live = crate::cpu_features();
+    if d.arch != "unknown" && d.arch != live.arch {
+        // qemu-user shows the host's /proc/cpuinfo: its model and core count describe another CPU.
+        d.warnings.push(format!(
+            "/proc/cpuinfo describes a {} CPU but this process runs on {} (emulated?); using run-time detection",
+            d.arch, live.arch
+        ));
+        d.cpu_model = None;
+        d.cpu_count = None;
+    }
     d.arch = live.arch.to_string();
     d.cpu_features = live.features.iter().map(|f| f.to_string()).collect();
     if d.cpu_count.is_none() {

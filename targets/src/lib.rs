@@ -3,7 +3,7 @@
 //! - [`profile`]: per-device defaults (backend, execution providers, dtype per model part,
 //!   threads, pruning budget) from embedded TOML files; [`Profile::choose_dtype`] backs
 //!   `--dtype auto`.
-//! - [`detect`]: board / Jetson L4T / CPU features / GPU detection from `/proc` and `/etc`
+//! - [`mod@detect`]: board / Jetson L4T / CPU features / GPU detection from `/proc` and `/etc`
 //!   (testable against fixture trees) and the recommended [`Profile`].
 //! - [`simd`]: run-time dispatched vector kernels (AVX-512, AVX2+FMA, NEON, NEON `sdot`, scalar)
 //!   for token selection.

@@ -1,7 +1,7 @@
 //! Target profiles: per-device defaults (backend, execution providers, dtype per model part,
 //! threads, pruning budget) kept as TOML files under `targets/profiles/` and embedded in the binary.
 //!
-//! Adding a profile = one TOML file + one line in [`BUILTIN`].
+//! Adding a profile = one TOML file + one line in the `BUILTIN` registry in this file.
 
 use std::fmt;
 use std::num::NonZeroUsize;
