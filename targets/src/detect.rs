@@ -6,6 +6,7 @@
 //! and `<root>/proc/driver/nvidia/gpus/*/information`. [`fn@detect`] uses `/` and replaces the
 //! cpuinfo features by what the running CPU reports through `std::arch`.
 
+use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -132,6 +133,36 @@ impl Detected {
     fn finish(mut self) -> Detected {
         self.recommended_profile = self.choose_profile().name.as_str();
         self
+    }
+}
+
+impl fmt::Display for Detected {
+    /// Multi-line human summary, as `glimpse targets` prints it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let or_unknown = |v: Option<&str>| v.unwrap_or("unknown").to_string();
+        writeln!(f, "device:    {}", or_unknown(self.device.as_deref()))?;
+        if let Some(j) = &self.jetson {
+            writeln!(f, "jetson:    L4T {}", j.l4t_version())?;
+        }
+        let count = self.cpu_count.map_or(String::new(), |n| format!(" x{n}"));
+        writeln!(f, "cpu:       {} ({}){count}", or_unknown(self.cpu_model.as_deref()), self.arch)?;
+        writeln!(
+            f,
+            "features:  {}",
+            if self.cpu_features.is_empty() { "-".into() } else { self.cpu_features.join(" ") }
+        )?;
+        match &self.gpu {
+            Some(g) => {
+                let cc = g.compute_capability.as_deref().map_or(String::new(), |c| format!(", compute {c}"));
+                writeln!(f, "gpu:       {} ({:?}{cc})", g.name, g.kind)?;
+            }
+            None => writeln!(f, "gpu:       none")?,
+        }
+        write!(f, "profile:   {}", self.recommended_profile)?;
+        for w in &self.warnings {
+            write!(f, "\nwarning:   {w}")?;
+        }
+        Ok(())
     }
 }
 

@@ -49,7 +49,8 @@ impl<P: OutputPin> BusyIndicator<P> {
     }
 
     /// Runs `work` with the indicator active, and inactive again afterwards (even when `work`
-    /// returns an error value; `work`'s result is passed through).
+    /// returns an error value; `work`'s result is passed through). A panic inside `work` leaves
+    /// the indicator active, which is the honest state for a crashed inference.
     pub fn while_busy<R>(&mut self, work: impl FnOnce() -> R) -> Result<R, P::Error> {
         self.set_busy(true)?;
         let out = work();

@@ -402,6 +402,33 @@ impl Profile {
     }
 }
 
+impl fmt::Display for Profile {
+    /// Multi-line human summary, as `glimpse targets --profile NAME` prints it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn join<T: fmt::Display>(items: &[T]) -> String {
+            items.iter().map(T::to_string).collect::<Vec<_>>().join(", ")
+        }
+        writeln!(f, "{}: {}", self.name, self.description)?;
+        writeln!(f, "  arch:        {}", self.arch)?;
+        writeln!(f, "  backends:    {}", join(&self.backends))?;
+        writeln!(f, "  providers:   {}", join(&self.execution_providers))?;
+        writeln!(f, "  threads:     {}", self.threads)?;
+        for part in ModelPart::ALL {
+            writeln!(f, "  {:<20} {}", format!("{part}:"), join(self.dtypes.for_part(part)))?;
+        }
+        writeln!(f, "  pruning:     {} (keep {})", self.pruning.method, self.pruning.keep_ratio)?;
+        write!(
+            f,
+            "  requires:    {}",
+            if self.required_cpu_features.is_empty() { "-".into() } else { join(&self.required_cpu_features) }
+        )?;
+        if let Some(fb) = &self.fallback {
+            write!(f, "\n  fallback:    {fb}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Every built-in profile, parsed once, in registry order.
 ///
 /// # Panics

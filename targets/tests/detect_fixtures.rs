@@ -35,6 +35,10 @@ fn jetson_orin_nano() {
     assert_eq!(d.recommended_profile, "jetson-orin-nano");
     let p = d.choose_profile();
     assert_eq!(p.execution_providers[0].name(), "TensorRT");
+    let text = d.to_string();
+    assert!(text.contains("L4T 36.4.3") && text.contains("profile:   jetson-orin-nano"), "{text}");
+    let text = p.to_string();
+    assert!(text.contains("TensorRT, CUDA, CPU") && text.contains("q4f16, q4, fp16, fp32"), "{text}");
     assert_eq!(p.choose_dtype(ModelPart::DecoderModelMerged, &["fp32", "q4", "q4f16"]), Some("q4f16"));
 }
 
