@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     xt.add_argument("--signals", action="store_true",
                     help="add pruning-signal outputs to vision_encoder.onnx and write glimpse.json")
 
+    rs = sub.add_parser("realsize", help="real-size random-weight SmolVLM / LLaVA-OneVision export for timing")
+    rs.add_argument("--arch", required=True, choices=["smolvlm-256m", "smolvlm-500m", "llava-onevision-0.5b"])
+    rs.add_argument("--out", type=Path, default=None, help="model folder (default: models/real/ARCH)")
+    rs.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    rs.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+
     args = ap.parse_args(argv)
     try:
         if args.cmd == "train":
@@ -88,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             from .testbed_eval import run_testbed_export
 
             print(json.dumps(run_testbed_export(args.model, args.parity_items, args.signals), indent=2))
+            return 0
+        if args.cmd == "realsize":
+            from .realsize import run_realsize
+
+            print(json.dumps(run_realsize(args.arch, args.out, args.seed, args.threads), indent=2))
             return 0
         if args.cmd == "tiny":
             from .pipeline import run_tiny
