@@ -29,7 +29,7 @@ from .scenes import (
 from .tokenizer import train_tokenizer, wrap_tokenizer
 
 TESTBEDS = ("smolvlm", "llava")
-TRAIN_SEED_BASE = {1: 10_000_000, 2: 20_000_000}  # scene seeds: stage -> base (eval sets use 0 .. 999_999)
+TRAIN_SEED_BASE = {1: 10_000_000, 2: 20_000_000, 3: 30_000_000}  # scene seeds: stage -> base (eval sets use 0 .. 999_999)
 EVAL_SEED_BASE = {"smolvlm": 0, "llava": 500_000}
 TOKENIZER_VOCAB = 640
 TRAIN_DEFAULTS = {
@@ -337,7 +337,7 @@ def _text_model(bundle):
 
 def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_image: int, lr: float,
                  vision_lr: float, unfreeze_at: float, log_every=50, budget_s: float | None = None,
-                 ckpt: Path | None = None) -> dict:
+                 ckpt: Path | None = None, aux_number_views: int = 0) -> dict:
     prep, prompts = Prep(bundle), Prompts(bundle)
     model = bundle.model
     vparams = _vision_params(bundle)
@@ -359,6 +359,7 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
     unfreeze_step = int(unfreeze_at * steps)
     emb_layer = model.get_input_embeddings()
     tm = _text_model(bundle)
+    digit_hist: list[float] = []
     budget_note = None
     step = 0
     while step < steps:
@@ -366,7 +367,8 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
             # size the run to the wall-clock budget once the step time is known (recorded in train_info.json;
             # reproduce with --steps2 N and no budget)
             per = (time.perf_counter() - t0) / 20
-            fit = int(budget_s / (per * (1.35 if unfreeze_at < 1 else 1.0)))
+            # unfrozen-encoder steps cost about 1.8x (measured)
+            fit = int(budget_s / (per * (unfreeze_at + (1 - unfreeze_at) * (1.8 + 0.15 * aux_number_views / batch))))
             if fit < steps:
                 budget_note = f"steps2 {steps} -> {fit} to fit {budget_s:.0f}s at {per:.2f}s/step"
                 log(f"[stage2] {budget_note}")
@@ -426,6 +428,16 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
         if train_vision:
             aloss, _ = aux_loss(heads, hid, pooled, lab, bundle.family)
             loss = loss + 0.3 * aloss
+            if aux_number_views:
+                # extra dense supervision on the view holding the number (digits are rare: one per picture)
+                aseeds = [TRAIN_SEED_BASE[3] + step * aux_number_views + i for i in range(aux_number_views)]
+                pva, laba, sca = scene_batch(bundle, prep, aseeds)
+                nv = len(prep.view_regions())
+                sel = torch.tensor([i * nv + (sc.number_quadrant if nv > 1 else 0) for i, sc in enumerate(sca)])
+                hida, pooleda = vision_hidden(bundle, pva[sel])
+                aloss2, am = aux_loss(heads, hida, pooleda, {k: v[sel] for k, v in laba.items()}, bundle.family)
+                loss = loss + 0.3 * aloss2
+                digit_hist.append(am["digit_acc"])
         for g in opt.param_groups:
             if g["base"] == lr:
                 g["lr"] = _lr(step, steps, lr)
@@ -456,6 +468,7 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
             acc = " ".join(f"{t}:{1 - e:.2f}" for t, e in zip(QTYPES, err))
             log(f"[stage2 {bundle.extra['testbed']}] step {step}/{steps} loss {h[:, 0].mean():.4f} acc "
                 f"{h[:, 1].mean():.3f} | {acc} | vision {'on' if train_vision else 'frozen'} "
+                f"{'aux-digit %.3f ' % np.mean(digit_hist[-log_every:]) if digit_hist else ''}"
                 f"({time.perf_counter() - t0:.0f}s)")
         if ckpt is not None and step % 200 == 199:
             torch.save(model.state_dict(), ckpt)
@@ -466,7 +479,8 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
 
 
 def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batch1: int, batch2: int,
-              qpi: int, threads: int, unfreeze_at: float, budget2: float | None, workdir: Path) -> dict:
+              qpi: int, threads: int, unfreeze_at: float, budget2: float | None, workdir: Path,
+              init_from: Path | None = None, aux_number_views: int = 0) -> dict:
     seed_everything(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)  # the CPU kernels used here are deterministic anyway
@@ -482,10 +496,17 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
     heads = AuxHeads(vdim, cls=bundle.family == "llava")
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    s1 = train_stage1(bundle, heads, steps1, batch1, lr=2e-3)
-    torch.save({"model": model.state_dict(), "heads": heads.state_dict()}, workdir / f"{testbed}-stage1.pt")
+    if init_from is not None:
+        # resume after stage 1 (a {testbed}-stage1.pt written by an earlier run with the same seed)
+        ck = torch.load(init_from)
+        model.load_state_dict(ck["model"])
+        heads.load_state_dict(ck["heads"])
+        s1 = {"resumed_from": str(init_from), **ck.get("stage1", {})}
+    else:
+        s1 = train_stage1(bundle, heads, steps1, batch1, lr=2e-3)
+    torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "stage1": s1}, workdir / f"{testbed}-stage1.pt")
     s2 = train_stage2(bundle, heads, steps2, batch2, qpi, lr=1.5e-3, vision_lr=3e-4, unfreeze_at=unfreeze_at,
-                      budget_s=budget2, ckpt=workdir / f"{testbed}-stage2.pt")
+                      budget_s=budget2, ckpt=workdir / f"{testbed}-stage2.pt", aux_number_views=aux_number_views)
     total = time.perf_counter() - t0
     save_trained(bundle, out)
     info = {"testbed": testbed, "seed": seed, "parameters": n_params, "threads": threads,

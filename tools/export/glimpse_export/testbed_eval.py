@@ -97,22 +97,31 @@ def image_features(bundle: Bundle, inputs) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_from_embeds(bundle: Bundle, embeds: torch.Tensor) -> list[int]:
+def _step(model, embeds, total, cache):
+    out = model(inputs_embeds=embeds, attention_mask=torch.ones(1, total, dtype=torch.long), cache=cache,
+                use_cache=True)
+    return out, (out.cache if hasattr(out, "cache") else out.past_key_values)
+
+
+@torch.no_grad()
+def greedy_after_prefix(bundle: Bundle, prefix_cache, prefix_len: int, suffix_ids: list[int]) -> list[int]:
+    """Greedy answer for prompt = (cached prefix) + suffix_ids. The prefix (BOS, chat header, the image tokens) is
+    identical for every question of one picture, so its KV cache is computed once and copied."""
+    import copy
+
     model = bundle.model
     emb_layer = model.get_input_embeddings()
-    seq = embeds.shape[1]
-    out = model(inputs_embeds=embeds, attention_mask=torch.ones(1, seq, dtype=torch.long), use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = copy.deepcopy(prefix_cache)
+    total = prefix_len + len(suffix_ids)
+    out, cache = _step(model, emb_layer(torch.tensor([suffix_ids])), total, cache)
     gen = []
     for _ in range(MAX_ANSWER_TOKENS):
         tok = int(out.logits[0, -1].argmax())
         gen.append(tok)
         if tok in bundle.eos_token_ids:
             break
-        seq += 1
-        out = model(inputs_embeds=emb_layer(torch.tensor([[tok]])), attention_mask=torch.ones(1, seq, dtype=torch.long),
-                    cache=cache, use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        total += 1
+        out, cache = _step(model, emb_layer(torch.tensor([[tok]])), total, cache)
     return gen
 
 
@@ -130,40 +139,65 @@ def load_image(path: Path):
         return im.convert("RGB")
 
 
+def _groups(rows: list[dict]) -> list[list[dict]]:
+    out: list[list[dict]] = []
+    for r in rows:
+        if out and out[-1][0]["image"] == r["image"]:
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
 @torch.no_grad()
 def predict(bundle: Bundle, eval_dir: Path, rows: list[dict], keep: float | None = None, seed: int = 0,
             progress: bool = True) -> list[str]:
+    """Greedy answers with transformers. Per picture: processor on (picture, first question) -> pixel values and the
+    expanded prompt; image features via get_image_features; the prompt prefix up to the end of the image block is
+    run once (KV cache), each question's suffix (question text + chat tail) continues from a copy of it."""
+    from .testbed import Prompts
+
     proc, tok = bundle.processor, bundle.tokenizer
-    preds = []
-    cache_img, feats, t0 = None, None, time.perf_counter()
-    for i, r in enumerate(rows):
-        img = load_image(eval_dir / r["image"])
-        text = proc.apply_chat_template(messages(r["question"]), add_generation_prompt=True)
+    prompts = Prompts(bundle)
+    model = bundle.model
+    emb_layer = model.get_input_embeddings()
+    preds: dict[int, str] = {}
+    t0, done = time.perf_counter(), 0
+    for grp in _groups(rows):
+        img = load_image(eval_dir / grp[0]["image"])
+        text = proc.apply_chat_template(messages(grp[0]["question"]), add_generation_prompt=True)
         inputs = proc(images=[img], text=[text], return_tensors="pt")
-        if cache_img != r["image"]:
-            feats = image_features(bundle, inputs)
-            cache_img = r["image"]
+        feats = image_features(bundle, inputs)
         ids = inputs["input_ids"][0]
-        is_img = ids == bundle.image_token_id
-        f = feats
+        suf0 = prompts.suffix(grp[0]["question"])
+        P = len(ids) - len(suf0)
+        if ids[P:].tolist() != suf0:
+            raise ExportError("prompt suffix tokenization differs from the processor's")
+        pre = ids[:P]
+        is_img = pre == bundle.image_token_id
+        if int(is_img.sum()) != feats.shape[0]:
+            raise ExportError(f"{int(is_img.sum())} image tokens for {feats.shape[0]} feature rows")
         if keep is not None and keep < 1.0:
-            img_index = int(Path(r["image"]).stem)
-            kept = torch.from_numpy(keep_rows(f.shape[0], keep, seed, img_index))
-            f = f[kept]
+            kept = torch.from_numpy(keep_rows(feats.shape[0], keep, seed, int(Path(grp[0]["image"]).stem)))
             img_pos = torch.nonzero(is_img)[:, 0]
             drop = torch.ones(len(img_pos), dtype=torch.bool)
             drop[kept] = False
-            keep_tok = torch.ones(len(ids), dtype=torch.bool)
+            keep_tok = torch.ones(len(pre), dtype=torch.bool)
             keep_tok[img_pos[drop]] = False
-            ids = ids[keep_tok]
-            is_img = ids == bundle.image_token_id
-        emb = bundle.model.get_input_embeddings()(ids[None]).clone()
-        emb[0, is_img] = f
-        gen = greedy_from_embeds(bundle, emb)
-        preds.append(normalize(tok.decode(gen, skip_special_tokens=True)))
-        if progress and (i + 1) % 200 == 0:
-            log(f"  {i + 1}/{len(rows)} ({time.perf_counter() - t0:.0f}s)")
-    return preds
+            pre = pre[keep_tok]
+            feats = feats[kept]
+            is_img = pre == bundle.image_token_id
+        emb = emb_layer(pre[None]).clone()
+        emb[0, is_img] = feats
+        out = model(inputs_embeds=emb, attention_mask=torch.ones(1, len(pre), dtype=torch.long), use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        for r in grp:
+            gen = greedy_after_prefix(bundle, cache, len(pre), prompts.suffix(r["question"]))
+            preds[r["id"]] = normalize(tok.decode(gen, skip_special_tokens=True))
+            done += 1
+            if progress and done % 200 == 0:
+                log(f"  {done}/{len(rows)} ({time.perf_counter() - t0:.0f}s)")
+    return [preds[r["id"]] for r in rows]
 
 
 def run_hf_eval(model_dir: Path, keep: float | None, seed: int, limit: int | None) -> dict:
@@ -181,19 +215,37 @@ def run_hf_eval(model_dir: Path, keep: float | None, seed: int, limit: int | Non
 
 # ---------------------------------------------------------------------------------------------- testbed export
 def ort_predict(onnx_dir: Path, bundle: Bundle, eval_dir: Path, rows: list[dict]) -> list[str]:
+    """The Rust runtime's loop (ort_loop.OrtModel): full prompt per question, vision once per picture."""
     from .ort_loop import OrtModel
 
     ort_model = OrtModel(onnx_dir)
     proc = bundle.processor
     preds = []
-    for r in rows:
-        img = load_image(eval_dir / r["image"])
-        text = proc.apply_chat_template(messages(r["question"]), add_generation_prompt=True)
-        inputs = proc(images=[img], text=[text], return_tensors="np")
-        pam = inputs.get("pixel_attention_mask")
-        res = ort_model.greedy(inputs["input_ids"][0].tolist(), inputs["pixel_values"], pam, bundle.image_token_id,
-                               bundle.eos_token_ids, MAX_ANSWER_TOKENS)
-        preds.append(normalize(bundle.tokenizer.decode(res.generated_ids, skip_special_tokens=True)))
+    for grp in _groups(rows):
+        img = load_image(eval_dir / grp[0]["image"])
+        feats = None
+        for r in grp:
+            text = proc.apply_chat_template(messages(r["question"]), add_generation_prompt=True)
+            inputs = proc(images=[img], text=[text], return_tensors="np")
+            if feats is None:
+                feats = ort_model.image_features(inputs["pixel_values"], inputs.get("pixel_attention_mask"))
+            ids = inputs["input_ids"].astype(np.int64)
+            embeds = ort_model.splice(ids, bundle.image_token_id, feats)
+            seq = ids.shape[1]
+            attn = np.ones((1, seq), dtype=np.int64)
+            pos = np.arange(seq, dtype=np.int64)[None]
+            past = ort_model.empty_past(1)
+            gen = []
+            for _ in range(MAX_ANSWER_TOKENS):
+                logits, past = ort_model.decode(embeds, attn, pos, past)
+                t = int(logits[0, -1].argmax())
+                gen.append(t)
+                if t in bundle.eos_token_ids:
+                    break
+                embeds = ort_model.embed(np.asarray([[t]], dtype=np.int64))
+                attn = np.ones((1, attn.shape[1] + 1), dtype=np.int64)
+                pos = np.asarray([[attn.shape[1] - 1]], dtype=np.int64)
+            preds.append(normalize(bundle.tokenizer.decode(gen, skip_special_tokens=True)))
     return preds
 
 
