@@ -72,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("--seed", type=int, default=DEFAULT_SEED)
     rs.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
 
+    qz = sub.add_parser("quantize", help="write onnx-community dtype variants (<part>_fp16.onnx, _q4, ...) next to MODEL/onnx/*")
+    qz.add_argument("--model", required=True, type=Path)
+    qz.add_argument("--to", required=True, help="comma-separated: fp16,int8,uint8,quantized,q4,q4f16")
+    qz.add_argument("--parts", default=None, help="comma-separated (default: vision_encoder,embed_tokens,decoder_model_merged)")
+    qz.add_argument("--external-data", choices=["auto", "always"], default="auto",
+                    help="auto: <file>.onnx_data only when a file would reach 2 GB")
+    qz.add_argument("--no-check", action="store_true", help="skip the onnxruntime self-check against the fp32 parts")
+    qz.add_argument("--json", type=Path, default=None, help="write the JSON report here instead of stdout")
+
     args = ap.parse_args(argv)
     try:
         if args.cmd == "train":
@@ -105,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(run_realsize(args.arch, args.out, args.seed, args.threads), indent=2))
             return 0
+        if args.cmd == "quantize":
+            from .quantize import MODES
+            from .quantize import main as quantize_main
+
+            modes = [m for m in args.to.split(",") if m]
+            bad = [m for m in modes if m not in MODES]
+            if bad:
+                ap.error(f"--to: unknown {bad}; choose from {','.join(MODES)}")
+            parts = [p for p in args.parts.split(",") if p] if args.parts else None
+            return quantize_main(args.model, modes, parts, args.external_data, not args.no_check, args.json)
         if args.cmd == "tiny":
             from .pipeline import run_tiny
 
