@@ -99,3 +99,62 @@ fn errors_are_reported_not_panics() {
     assert!(stderr.contains("error:") && stderr.contains("does-not-exist"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_missing_onnx_runtime_library_is_an_error_not_a_panic() {
+    let out = glimpse()
+        .args(["ask", "--backend", "ort", "--ort-lib", "/nonexistent/libonnxruntime.so", "--prompt", "hi"])
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .expect("run glimpse");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("libonnxruntime not found") && stderr.contains("/nonexistent"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn profile_json_accounts_for_every_stage() {
+    let out = glimpse()
+        .args(["profile", "--json", "--runs", "2", "--warmup", "1", "--new-tokens", "4", "--prune", "none,dart"])
+        .args(["--keep", "1.0,0.5", "--model", "models/tiny-smolvlm", "--image", "models/images/wide.png"])
+        .output()
+        .expect("run glimpse");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 4, "2 methods x 2 keep ratios");
+    assert!(v["model_bytes"].as_u64().unwrap_or(0) > 0);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap_or(0) > 0);
+    for r in rows {
+        let stages = &r["stages"];
+        for s in [
+            "image_decode",
+            "preprocess",
+            "encode",
+            "encode_per_view",
+            "select",
+            "splice",
+            "prefill",
+            "ttft",
+            "decode",
+            "stage_sum",
+            "end_to_end",
+        ] {
+            for k in ["median_ms", "min_ms", "max_ms"] {
+                assert!(stages[s][k].as_f64().is_some(), "stage {s} lacks {k}");
+            }
+            assert!(stages[s]["min_ms"].as_f64() <= stages[s]["max_ms"].as_f64());
+        }
+        // Stage times add up to the end-to-end time (the rest is prompt rendering and
+        // detokenisation) within 5%.
+        let gap = r["accounting_gap"].as_f64().expect("gap");
+        assert!(gap < 0.05, "stages miss {:.1}% of end to end", gap * 100.0);
+        assert_eq!(r["new_tokens"].as_u64(), Some(4), "EOS is ignored while profiling");
+        let kept = r["visual_tokens_kept"].as_u64().unwrap();
+        let total = r["visual_tokens"].as_u64().unwrap();
+        let want = if r["method"] == "dart" && r["keep"] == "0.5" { total / 2 } else { total };
+        assert_eq!(kept, want, "{r}");
+        assert!(r["efficiency"]["prefill_flops"].as_f64().unwrap_or(0.0) > 0.0);
+    }
+}

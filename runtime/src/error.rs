@@ -49,6 +49,10 @@ pub enum Error {
     #[error("{path}: cannot load ONNX model with {backend}: {message}")]
     OnnxLoad { path: PathBuf, backend: String, message: String },
 
+    /// A backend could not be initialised (e.g. its native library is missing).
+    #[error("backend {backend}: {message}")]
+    Backend { backend: String, message: String },
+
     /// Running a model part failed.
     #[error("{part}: inference failed with {backend}: {message}")]
     Inference { part: String, backend: String, message: String },

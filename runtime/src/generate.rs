@@ -49,11 +49,13 @@ pub struct GenerationOptions {
     pub max_new_tokens: usize,
     /// Sampling settings.
     pub sampling: SamplingOptions,
+    /// Keep generating past end-of-sequence tokens (profiling a fixed number of decode steps).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerationOptions {
     fn default() -> Self {
-        GenerationOptions { max_new_tokens: 64, sampling: SamplingOptions::default() }
+        GenerationOptions { max_new_tokens: 64, sampling: SamplingOptions::default(), ignore_eos: false }
     }
 }
 

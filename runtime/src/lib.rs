@@ -7,6 +7,8 @@
 //! methods ([`select`]) each sit behind one small trait.
 
 pub mod backend;
+pub mod calibrate;
+pub mod cost;
 pub mod error;
 pub mod eval;
 pub mod family;
@@ -15,6 +17,7 @@ pub mod generate;
 pub mod onnx_info;
 pub mod pipeline;
 pub mod preprocess;
+pub mod profile;
 pub mod select;
 pub mod text;
 

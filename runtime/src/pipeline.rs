@@ -22,8 +22,10 @@ use crate::text::TextTokenizer;
 pub struct PipelineOptions {
     /// Dtype variant of every part.
     pub dtype: Dtype,
-    /// Backend name (`tract`).
+    /// Backend name (`tract`, `ort`).
     pub backend: String,
+    /// Backend settings (ONNX Runtime library, threads).
+    pub backend_options: backend::BackendOptions,
     /// Token selection (method, budget, scope); the default keeps every token.
     pub select: SelectConfig,
     /// Position ids of the tokens after pruned image tokens.
@@ -37,6 +39,7 @@ impl Default for PipelineOptions {
         PipelineOptions {
             dtype: Dtype::Fp32,
             backend: "tract".into(),
+            backend_options: backend::BackendOptions::default(),
             select: SelectConfig::default(),
             positions: Positions::Contiguous,
             image_limits: ImageLimits::default(),
@@ -124,6 +127,8 @@ pub struct GenerationStats {
     pub visual_tokens: usize,
     /// Visual tokens that reached the language model.
     pub visual_tokens_kept: usize,
+    /// Encoder views (tiles + global view) of the image.
+    pub views: usize,
     /// Tokens generated.
     pub new_tokens: usize,
     /// Decode speed over the tokens after the first.
@@ -151,6 +156,8 @@ pub struct Prepared {
     pub visual_tokens: usize,
     /// Visual rows spliced in.
     pub visual_tokens_kept: usize,
+    /// Encoder views of the image (0 without one).
+    pub views: usize,
 }
 
 /// A loaded model ready to answer.
@@ -165,6 +172,7 @@ pub struct Pipeline {
     decoder_io: DecoderIo,
     selector: Selector,
     positions: Positions,
+    dtype: Dtype,
     signal_outputs: Vec<(String, String)>,
     eos: Vec<i64>,
     context: (usize, String),
@@ -189,7 +197,7 @@ impl Pipeline {
         let family = family::for_folder(&folder, &tokenizer)?;
         let selector = Selector::new(opts.select.clone())?;
         let signal_outputs = read_signal_names(&folder)?;
-        let backend = backend::by_name(&opts.backend)?;
+        let backend = backend::by_name(&opts.backend, &opts.backend_options)?;
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = folder.part_path(part, opts.dtype)?;
             backend.load(&path, &folder.root, part.stem())
@@ -211,11 +219,17 @@ impl Pipeline {
             decoder_io,
             selector,
             positions: opts.positions,
+            dtype: opts.dtype,
             signal_outputs,
             eos,
             context,
             image_limits: opts.image_limits,
         })
+    }
+
+    /// The dtype variant loaded.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
     }
 
     /// The backend running the parts.
@@ -445,42 +459,38 @@ impl Pipeline {
         if positions.len() != seq {
             return Err(Error::interface("splice", format!("{} positions for {seq} tokens", positions.len())));
         }
-        Ok(Prepared { input_ids, embeds, positions, visual_tokens, visual_tokens_kept: rows })
+        Ok(Prepared { input_ids, embeds, positions, visual_tokens, visual_tokens_kept: rows, views: 0 })
     }
 
-    /// Stages 1-4 for one prompt and optional image, timing each.
+    /// Stages 1-4 for one prompt and optional image, timing each. Times are laps of one clock,
+    /// so everything between two stage boundaries is counted (prompt rendering goes to splice).
     pub fn prepare(&self, image: Option<&RgbImage>, prompt: &str, times: &mut StageTimes) -> Result<Prepared> {
+        let mut lap = Lap::start();
         let rendered = self.render_prompt(prompt, image.is_some())?;
-        match image {
-            Some(img) => {
-                let t = Instant::now();
-                let input = self.preprocess(img)?;
-                times.preprocess = t.elapsed();
-                let t = Instant::now();
-                let encoded = self.encode(&input)?;
-                times.encode = t.elapsed();
-                let t = Instant::now();
-                let sel = self.select(&encoded, &input, prompt)?;
-                let kept_rows = sel.gather(&encoded.features, &input.views);
-                times.select = t.elapsed();
-                let t = Instant::now();
-                let ids = self.expand_and_tokenize(&rendered, Some((&input, &sel.counts())))?;
-                let positions = match self.positions {
-                    Positions::Contiguous => None,
-                    Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), &input, &sel)?),
-                };
-                let prepared = self.splice(ids, Some(&kept_rows), encoded.features.nrows(), positions)?;
-                times.splice = t.elapsed();
-                Ok(prepared)
-            }
-            None => {
-                let t = Instant::now();
-                let ids = self.expand_and_tokenize(&rendered, None)?;
-                let prepared = self.splice(ids, None, 0, None)?;
-                times.splice = t.elapsed();
-                Ok(prepared)
-            }
-        }
+        let render_time = lap.take();
+        let Some(img) = image else {
+            let ids = self.expand_and_tokenize(&rendered, None)?;
+            let prepared = self.splice(ids, None, 0, None)?;
+            times.splice = render_time + lap.take();
+            return Ok(prepared);
+        };
+        let input = self.preprocess(img)?;
+        times.preprocess = lap.take();
+        let encoded = self.encode(&input)?;
+        times.encode = lap.take();
+        let sel = self.select(&encoded, &input, prompt)?;
+        let kept_rows = sel.gather(&encoded.features, &input.views);
+        times.select = lap.take();
+        let ids = self.expand_and_tokenize(&rendered, Some((&input, &sel.counts())))?;
+        let positions = match self.positions {
+            Positions::Contiguous => None,
+            Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), &input, &sel)?),
+        };
+        let mut prepared = self.splice(ids, Some(&kept_rows), encoded.features.nrows(), positions)?;
+        prepared.views = input.views.len();
+        drop((input, encoded, sel, kept_rows));
+        times.splice = render_time + lap.take();
+        Ok(prepared)
     }
 
     /// Runs the prefill alone and returns the last position's logits (used by parity tests and
@@ -498,6 +508,7 @@ impl Pipeline {
         times: &mut StageTimes,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Vec<i64>> {
+        let mut lap = Lap::start();
         opts.sampling.validate()?;
         let budget = opts.max_new_tokens.min(self.context.0.saturating_sub(prepared.input_ids.len()));
         let mut sampler = Sampler::new(opts.sampling);
@@ -508,13 +519,11 @@ impl Pipeline {
         if budget == 0 {
             return Ok(ids);
         }
-        let t = Instant::now();
         let logits = self.decoder_io.step(self.decoder.as_ref(), prepared.embeds, &prepared.positions, &mut cache)?;
         let mut token = sampler.sample(logits.as_slice().unwrap_or(&logits.to_vec()));
-        times.prefill = t.elapsed();
-        let t = Instant::now();
+        times.prefill = lap.take();
         loop {
-            if self.eos.contains(&token) {
+            if !opts.ignore_eos && self.eos.contains(&token) {
                 break;
             }
             ids.push(token);
@@ -538,7 +547,8 @@ impl Pipeline {
             token = sampler.sample(logits.as_slice().unwrap_or(&logits.to_vec()));
         }
         streamer.finish(&self.tokenizer, &ids, on_text)?;
-        times.decode = t.elapsed();
+        drop(cache);
+        times.decode = lap.take();
         Ok(ids)
     }
 
@@ -573,10 +583,12 @@ impl Pipeline {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer> {
         let prepared = self.prepare(image, prompt, &mut times)?;
-        let (prompt_tokens, visual, kept) =
-            (prepared.input_ids.len(), prepared.visual_tokens, prepared.visual_tokens_kept);
+        let (prompt_tokens, visual, kept, views) =
+            (prepared.input_ids.len(), prepared.visual_tokens, prepared.visual_tokens_kept, prepared.views);
         let ids = self.generate(prepared, opts, &mut times, on_text)?;
+        let t = Instant::now();
         let text = self.tokenizer.decode(&ids)?;
+        times.decode += t.elapsed();
         let decode_s = times.decode.as_secs_f64();
         let stats = GenerationStats {
             times,
@@ -584,6 +596,7 @@ impl Pipeline {
             prompt_tokens,
             visual_tokens: visual,
             visual_tokens_kept: kept,
+            views,
             new_tokens: ids.len(),
             decode_tokens_per_s: if ids.len() > 1 && decode_s > 0.0 { (ids.len() - 1) as f64 / decode_s } else { 0.0 },
         };
@@ -670,6 +683,23 @@ mod tests {
         let all = Selection::all(&input.views);
         let ids = vec![0, I, I, I, I, 5, I, I, I, 42];
         assert_eq!(original_positions(&ids, I, &input, &all).unwrap(), (0..10).collect::<Vec<i64>>());
+    }
+}
+
+/// A stopwatch whose laps tile time with no gaps.
+struct Lap(Instant);
+
+impl Lap {
+    fn start() -> Self {
+        Lap(Instant::now())
+    }
+
+    /// Time since the previous lap (or the start), and starts the next lap.
+    fn take(&mut self) -> Duration {
+        let now = Instant::now();
+        let d = now - self.0;
+        self.0 = now;
+        d
     }
 }
 

@@ -20,6 +20,8 @@ enum Command {
     Ask(cmd::ask::Args),
     /// Measure accuracy on an eval set (exact match, per question type, 95% CI).
     Eval(cmd::eval::Args),
+    /// Time every stage on this device, sweeping keep ratios, methods and backends.
+    Profile(cmd::profile::Args),
     /// Describe a model folder: family, parts, dtype variants, inputs and outputs.
     Inspect(cmd::inspect::Args),
 }
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Ask(a) => cmd::ask::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Profile(a) => cmd::profile::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

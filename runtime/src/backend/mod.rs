@@ -9,6 +9,8 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
 
+#[cfg(feature = "ort")]
+pub mod ort;
 pub mod tract;
 
 /// Element type of a model input or output.
@@ -149,16 +151,41 @@ pub trait Backend: Send + Sync {
     fn load(&self, onnx_file: &Path, root: &Path, part: &str) -> Result<Box<dyn Session>>;
 }
 
+/// Options that select and configure a backend.
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// ONNX Runtime library path (`--ort-lib`); `ORT_DYLIB_PATH` otherwise.
+    pub ort_library: Option<std::path::PathBuf>,
+    /// Intra-op threads for backends that take a count (0 = backend default).
+    pub threads: usize,
+}
+
 /// Backend names this build can run.
 pub fn available() -> Vec<&'static str> {
-    vec!["tract"]
+    let mut v = vec!["tract"];
+    if cfg!(feature = "ort") {
+        v.push("ort");
+    }
+    v
 }
 
 /// The backend registered under `name`.
-pub fn by_name(name: &str) -> Result<Box<dyn Backend>> {
+pub fn by_name(name: &str, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
     match name {
         "tract" => Ok(Box::new(tract::TractBackend)),
-        other => Err(Error::invalid("backend", other, format!("available backends: {}", available().join(", ")))),
+        #[cfg(feature = "ort")]
+        "ort" => Ok(Box::new(ort::OrtBackend::new(&ort::OrtOptions {
+            library: opts.ort_library.clone(),
+            threads: opts.threads,
+        })?)),
+        other => {
+            let _ = opts;
+            Err(Error::invalid(
+                "backend",
+                other,
+                format!("available backends in this build: {}", available().join(", ")),
+            ))
+        }
     }
 }
 

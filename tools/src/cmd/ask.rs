@@ -51,6 +51,7 @@ pub fn run(args: Args) -> Result<()> {
             top_p: args.top_p,
             seed: args.seed,
         },
+        ignore_eos: false,
     };
     let mut stdout = std::io::stdout().lock();
     let stream = !args.json;

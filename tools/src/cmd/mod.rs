@@ -3,6 +3,8 @@
 pub mod ask;
 pub mod eval;
 pub mod inspect;
+pub mod plot;
+pub mod profile;
 
 use std::path::PathBuf;
 
@@ -24,6 +26,12 @@ pub struct ModelArgs {
     /// Inference backend.
     #[arg(long, default_value = "tract")]
     pub backend: String,
+    /// ONNX Runtime library for `--backend ort` (else ORT_DYLIB_PATH, else next to the binary).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// Intra-op threads for ONNX Runtime (0 = its default); tract runs single-threaded.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     /// Largest accepted image, in pixels (width × height).
     #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
     pub max_image_pixels: u64,
@@ -38,6 +46,10 @@ impl ModelArgs {
             image_limits: ImageLimits { max_pixels: self.max_image_pixels, ..ImageLimits::default() },
             select: select.config(),
             positions: select.positions,
+            backend_options: glimpse_runtime::backend::BackendOptions {
+                ort_library: self.ort_lib.clone(),
+                threads: self.threads,
+            },
         }
     }
 }
@@ -66,6 +78,18 @@ pub struct SelectArgs {
 }
 
 impl SelectArgs {
+    /// No pruning (profile sets its own sweep).
+    pub fn default_none() -> Self {
+        SelectArgs {
+            prune: "none".into(),
+            keep: Budget::Ratio(1.0),
+            keep_scope: Scope::Global,
+            positions: Positions::Contiguous,
+            prune_seed: 0,
+            lambda: 0.5,
+        }
+    }
+
     /// The selection configuration.
     pub fn config(&self) -> SelectConfig {
         SelectConfig {

@@ -1,0 +1,176 @@
+//! ONNX Runtime backend (cargo feature `ort`). The library is loaded at run time from
+//! `ORT_DYLIB_PATH`, an explicit path, or a `libonnxruntime` next to the executable; a missing or
+//! mismatched library is an error, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ndarray::ArrayD;
+use ort::session::Session as OrtSession;
+use ort::value::{DynValue, Tensor as OrtTensor};
+
+use super::{order_inputs, Backend, Session, Tensor, TensorInfo};
+use crate::error::{Error, Result};
+use crate::onnx_info::{graph_io, read_proto};
+
+const NAME: &str = "ort";
+
+/// How to find and configure ONNX Runtime.
+#[derive(Debug, Clone, Default)]
+pub struct OrtOptions {
+    /// Path of `libonnxruntime.so*` (overrides `ORT_DYLIB_PATH`).
+    pub library: Option<PathBuf>,
+    /// Intra-op threads (0 = ONNX Runtime's default).
+    pub threads: usize,
+}
+
+/// The ONNX Runtime backend.
+#[derive(Debug)]
+pub struct OrtBackend {
+    threads: usize,
+}
+
+static ENVIRONMENT: OnceLock<std::result::Result<(ort::environment::Environment, PathBuf), String>> = OnceLock::new();
+
+/// Where the library is looked for, in order.
+pub fn library_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = explicit {
+        out.push(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        out.push(PathBuf::from(p));
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        for name in ["libonnxruntime.so", "libonnxruntime.so.1", "libonnxruntime.dylib", "onnxruntime.dll"] {
+            out.push(dir.join(name));
+        }
+    }
+    out
+}
+
+impl OrtBackend {
+    /// Loads ONNX Runtime (once per process) and returns the backend.
+    pub fn new(opts: &OrtOptions) -> Result<Self> {
+        let env = ENVIRONMENT.get_or_init(|| {
+            let candidates = library_candidates(opts.library.as_deref());
+            let Some(lib) = candidates.iter().find(|p| p.is_file()).cloned() else {
+                return Err(format!(
+                    "libonnxruntime not found (looked at: {}); set ORT_DYLIB_PATH or --ort-lib, e.g. to the onnxruntime==1.31.1 wheel's onnxruntime/capi/libonnxruntime.so.1.31.1",
+                    candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                ));
+            };
+            // ort panics on some load failures; keep a panic from escaping as one.
+            let built = std::panic::catch_unwind(|| ort::init_from(&lib).map(|b| b.with_name("glimpse").build()));
+            match built {
+                Ok(Ok(Ok(env))) => Ok((env, lib)),
+                Ok(Ok(Err(e))) => Err(format!("{}: {e}", lib.display())),
+                Ok(Err(e)) => Err(format!("{}: {e}", lib.display())),
+                Err(_) => Err(format!("{}: ONNX Runtime failed to load (wrong version? need API 31, onnxruntime >= 1.23)", lib.display())),
+            }
+        });
+        match env {
+            Ok(_) => Ok(OrtBackend { threads: opts.threads }),
+            Err(message) => Err(Error::Backend { backend: NAME.into(), message: message.clone() }),
+        }
+    }
+
+    /// The library in use, once loaded.
+    pub fn library() -> Option<PathBuf> {
+        ENVIRONMENT.get().and_then(|e| e.as_ref().ok()).map(|(_, p)| p.clone())
+    }
+}
+
+impl Backend for OrtBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn load(&self, onnx_file: &Path, root: &Path, part: &str) -> Result<Box<dyn Session>> {
+        let proto = read_proto(onnx_file, root)?;
+        let graph = proto.graph.as_ref().ok_or_else(|| Error::OnnxLoad {
+            path: onnx_file.to_path_buf(),
+            backend: NAME.into(),
+            message: "the file has no graph".into(),
+        })?;
+        let (inputs, outputs) = graph_io(graph);
+        drop(proto);
+        let load_err = |e: ort::Error| Error::OnnxLoad {
+            path: onnx_file.to_path_buf(),
+            backend: NAME.into(),
+            message: e.to_string(),
+        };
+        let Some(Ok((env, _))) = ENVIRONMENT.get() else {
+            return Err(Error::Backend { backend: NAME.into(), message: "ONNX Runtime is not initialised".into() });
+        };
+        let mut builder = OrtSession::builder(env).map_err(load_err)?;
+        if self.threads > 0 {
+            builder = builder.with_intra_threads(self.threads).map_err(|e| load_err(e.into()))?;
+        }
+        let session = builder.commit_from_file(onnx_file).map_err(load_err)?;
+        Ok(Box::new(OrtPart { part: part.to_string(), session: Mutex::new(session), inputs, outputs }))
+    }
+}
+
+struct OrtPart {
+    part: String,
+    session: Mutex<OrtSession>,
+    inputs: Vec<TensorInfo>,
+    outputs: Vec<TensorInfo>,
+}
+
+fn to_value(t: Tensor) -> std::result::Result<DynValue, ort::Error> {
+    Ok(match t {
+        Tensor::F32(a) => OrtTensor::from_array(a)?.into_dyn(),
+        Tensor::I64(a) => OrtTensor::from_array(a)?.into_dyn(),
+        Tensor::Bool(a) => OrtTensor::from_array(a)?.into_dyn(),
+        Tensor::F16(a) => OrtTensor::from_array(a.mapv(f32::from))?.into_dyn(),
+    })
+}
+
+fn from_value(v: &DynValue) -> std::result::Result<Tensor, String> {
+    use ort::value::TensorElementType as T;
+    let ty = v.dtype().tensor_type().ok_or("not a tensor")?;
+    let e = |e: ort::Error| e.to_string();
+    Ok(match ty {
+        T::Float32 => Tensor::F32(v.try_extract_array::<f32>().map_err(e)?.to_owned()),
+        T::Int64 => Tensor::I64(v.try_extract_array::<i64>().map_err(e)?.to_owned()),
+        T::Bool => Tensor::Bool(v.try_extract_array::<bool>().map_err(e)?.to_owned()),
+        T::Int32 => Tensor::I64(v.try_extract_array::<i32>().map_err(e)?.mapv(i64::from)),
+        other => return Err(format!("unsupported output type {other:?}")),
+    })
+}
+
+impl Session for OrtPart {
+    fn inputs(&self) -> &[TensorInfo] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[TensorInfo] {
+        &self.outputs
+    }
+
+    fn run(&self, inputs: Vec<(&str, Tensor)>) -> Result<Vec<Tensor>> {
+        let ordered = order_inputs(&self.part, &self.inputs, inputs)?;
+        let err = |message: String| Error::Inference { part: self.part.clone(), backend: NAME.into(), message };
+        let mut values = Vec::with_capacity(ordered.len());
+        for (info, t) in self.inputs.iter().zip(ordered) {
+            let v = to_value(t).map_err(|e| err(format!("input `{}`: {e}", info.name)))?;
+            values.push((info.name.clone(), v));
+        }
+        let mut session = self.session.lock().map_err(|_| err("session lock poisoned".into()))?;
+        let outputs = session.run(values).map_err(|e| err(e.to_string()))?;
+        self.outputs
+            .iter()
+            .map(|info| {
+                let v = outputs.get(&info.name).ok_or_else(|| err(format!("missing output `{}`", info.name)))?;
+                from_value(v).map_err(|m| err(format!("output `{}`: {m}", info.name)))
+            })
+            .collect()
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_ndarray_compat(a: ArrayD<f32>) -> std::result::Result<OrtTensor<f32>, ort::Error> {
+    OrtTensor::from_array(a)
+}

@@ -1,0 +1,234 @@
+//! On-device profiling: every stage of the pipeline timed over repeated runs (median, min,
+//! max), token counts, peak memory, and efficiency against counted work and calibrated limits.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::calibrate::Calibration;
+use crate::cost::{TextShape, VisionShape};
+use crate::error::Result;
+use crate::folder::Part;
+use crate::generate::GenerationOptions;
+use crate::pipeline::{Pipeline, StageTimes};
+
+/// Stage names in pipeline order, as they appear in reports.
+pub const STAGES: [&str; 7] = ["image_decode", "preprocess", "encode", "select", "splice", "prefill", "decode"];
+
+/// Median, minimum and maximum of one measurement over the runs, ms.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Spread {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Spread {
+    /// From samples in ms.
+    pub fn of(mut v: Vec<f64>) -> Spread {
+        if v.is_empty() {
+            return Spread { median_ms: 0.0, min_ms: 0.0, max_ms: 0.0 };
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Spread { median_ms: median, min_ms: v[0], max_ms: v[n - 1] }
+    }
+}
+
+/// Work and efficiency of one configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Efficiency {
+    /// FLOPs of the vision encoder over all views.
+    pub encode_flops: f64,
+    /// FLOPs of the prefill over the prompt.
+    pub prefill_flops: f64,
+    /// Achieved GFLOP/s in encode and prefill (median times).
+    pub encode_gflops: f64,
+    pub prefill_gflops: f64,
+    /// Bytes a decode step reads (decoder weights + KV cache at the final context).
+    pub decode_bytes_per_token: f64,
+    /// Achieved GB/s in decode.
+    pub decode_gb_s: f64,
+    /// Fractions of the calibrated peaks, when calibrated.
+    pub prefill_efficiency: Option<f64>,
+    pub encode_efficiency: Option<f64>,
+    pub decode_efficiency: Option<f64>,
+}
+
+/// One profiled configuration (backend × method × keep).
+#[derive(Debug, Clone, Serialize)]
+pub struct ProfileRow {
+    pub backend: String,
+    pub method: String,
+    pub keep: String,
+    pub views: usize,
+    pub visual_tokens: usize,
+    pub visual_tokens_kept: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Per-stage spread, plus `encode_per_view`, `ttft`, `stage_sum` and `end_to_end`.
+    pub stages: BTreeMap<String, Spread>,
+    /// Decode speed from the median decode time, tokens/s (tokens after the first).
+    pub decode_tokens_per_s: f64,
+    /// Median over runs of |stage sum − end to end| / end to end.
+    pub accounting_gap: f64,
+    pub efficiency: Efficiency,
+}
+
+/// How to profile.
+#[derive(Debug, Clone)]
+pub struct ProfileOptions {
+    pub warmup: usize,
+    pub runs: usize,
+    /// Decode length: generation ignores EOS so every run decodes the same number of tokens.
+    pub new_tokens: usize,
+}
+
+impl Default for ProfileOptions {
+    fn default() -> Self {
+        ProfileOptions { warmup: 1, runs: 3, new_tokens: 8 }
+    }
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Bytes of a model part on disk, external data included.
+pub fn part_bytes(pipeline: &Pipeline, part: Part, dtype: crate::folder::Dtype) -> u64 {
+    let path = pipeline.folder.part_file(part, dtype);
+    let mut total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let f = e.file_name();
+                let f = f.to_string_lossy();
+                if f.starts_with(&format!("{name}_data")) || f.starts_with(&format!("{name}.data")) {
+                    total += e.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Profiles the pipeline's current selection setup: `warmup` untimed runs, then `runs` timed.
+pub fn profile(
+    pipeline: &Pipeline,
+    image: &Path,
+    prompt: &str,
+    opts: &ProfileOptions,
+    calibration: Option<&Calibration>,
+    progress: &mut dyn FnMut(),
+) -> Result<ProfileRow> {
+    let gen = GenerationOptions { max_new_tokens: opts.new_tokens, ignore_eos: true, ..Default::default() };
+    let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut gaps = Vec::new();
+    let mut last = None;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for run in 0..opts.warmup + opts.runs {
+        let start = Instant::now();
+        let t = Instant::now();
+        let img = pipeline.load_image(image)?;
+        let times = StageTimes { image_decode: t.elapsed(), ..Default::default() };
+        let answer = pipeline.ask_image(Some(&img), prompt, &gen, times, &mut |_| {})?;
+        let e2e = start.elapsed();
+        progress();
+        if run < opts.warmup {
+            continue;
+        }
+        let t = answer.stats.times;
+        let views = last_views(&answer.stats);
+        for (name, d) in
+            STAGES.iter().zip([t.image_decode, t.preprocess, t.encode, t.select, t.splice, t.prefill, t.decode])
+        {
+            samples.entry(name).or_default().push(ms(d));
+        }
+        samples.entry("encode_per_view").or_default().push(ms(t.encode) / views.max(1) as f64);
+        samples.entry("ttft").or_default().push(ms(t.ttft()));
+        samples.entry("stage_sum").or_default().push(ms(t.total()));
+        samples.entry("end_to_end").or_default().push(ms(e2e));
+        gaps.push((ms(e2e) - ms(t.total())).abs() / ms(e2e).max(1e-9));
+        last = Some(answer.stats);
+    }
+    let stats = last.unwrap_or_default();
+    let stages: BTreeMap<String, Spread> = samples.into_iter().map(|(k, v)| (k.to_string(), Spread::of(v))).collect();
+    let med = |k: &str| stages.get(k).map_or(0.0, |s| s.median_ms);
+    let decode_tokens_per_s = if stats.new_tokens > 1 && med("decode") > 0.0 {
+        (stats.new_tokens - 1) as f64 / (med("decode") / 1e3)
+    } else {
+        0.0
+    };
+    let views = last_views(&stats);
+    let efficiency = efficiency(pipeline, &stats, views, &stages, calibration)?;
+    Ok(ProfileRow {
+        backend: pipeline.backend_name().into(),
+        method: pipeline.selection().method.clone(),
+        keep: pipeline.selection().budget.to_string(),
+        views,
+        visual_tokens: stats.visual_tokens,
+        visual_tokens_kept: stats.visual_tokens_kept,
+        prompt_tokens: stats.prompt_tokens,
+        new_tokens: stats.new_tokens,
+        stages,
+        decode_tokens_per_s,
+        accounting_gap: Spread::of(gaps).median_ms,
+        efficiency,
+    })
+}
+
+fn last_views(stats: &crate::pipeline::GenerationStats) -> usize {
+    stats.views
+}
+
+fn efficiency(
+    pipeline: &Pipeline,
+    stats: &crate::pipeline::GenerationStats,
+    views: usize,
+    stages: &BTreeMap<String, Spread>,
+    cal: Option<&Calibration>,
+) -> Result<Efficiency> {
+    let text = TextShape::from_folder(&pipeline.folder)?;
+    let vision = VisionShape::from_folder(&pipeline.folder, pipeline.family.name())?;
+    let med = |k: &str| stages.get(k).map_or(0.0, |s| s.median_ms / 1e3);
+    let encode_flops = vision.flops_per_view() * views as f64;
+    let prefill_flops = text.prefill_flops(stats.prompt_tokens, 0);
+    let dtype = pipeline.dtype();
+    let weights = part_bytes(pipeline, Part::Decoder, dtype) as f64;
+    let ctx = stats.prompt_tokens + stats.new_tokens;
+    let decode_bytes_per_token = weights + text.kv_bytes(ctx, 4);
+    let rate = |work: f64, secs: f64| if secs > 0.0 { work / secs } else { 0.0 };
+    let encode_gflops = rate(encode_flops, med("encode")) / 1e9;
+    let prefill_gflops = rate(prefill_flops, med("prefill")) / 1e9;
+    let per_token = if stats.new_tokens > 1 { med("decode") / (stats.new_tokens - 1) as f64 } else { 0.0 };
+    let decode_gb_s = rate(decode_bytes_per_token, per_token) / 1e9;
+    Ok(Efficiency {
+        encode_flops,
+        prefill_flops,
+        encode_gflops,
+        prefill_gflops,
+        decode_bytes_per_token,
+        decode_gb_s,
+        prefill_efficiency: cal.map(|c| prefill_gflops / c.gemm_gflops),
+        encode_efficiency: cal.map(|c| encode_gflops / c.gemm_gflops),
+        decode_efficiency: cal.map(|c| decode_gb_s / c.bandwidth_gb_s),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_takes_median_min_max() {
+        assert_eq!(Spread::of(vec![3.0, 1.0, 2.0]), Spread { median_ms: 2.0, min_ms: 1.0, max_ms: 3.0 });
+        assert_eq!(Spread::of(vec![4.0, 1.0, 2.0, 3.0]).median_ms, 2.5);
+    }
+}

@@ -1,0 +1,252 @@
+//! `glimpse profile`: every stage timed on this device, over keep ratios, methods and backends.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use glimpse_runtime::backend::{self, BackendOptions};
+use glimpse_runtime::calibrate::{calibrate, Calibration};
+use glimpse_runtime::folder::Part;
+use glimpse_runtime::profile::{peak_rss_bytes, profile, ProfileOptions, ProfileRow};
+use glimpse_runtime::{Budget, Pipeline, Positions, Scope, SelectConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image to answer about.
+    #[arg(long, default_value = "models/images/wide.png")]
+    pub image: PathBuf,
+    /// Prompt.
+    #[arg(long, default_value = "What is in the image?")]
+    pub prompt: String,
+    /// Comma-separated backends to run side by side (e.g. tract,ort).
+    #[arg(long = "backends", default_value = "")]
+    pub backends: String,
+    /// Comma-separated pruning methods to sweep.
+    #[arg(long, default_value = "none")]
+    pub prune: String,
+    /// Comma-separated keep budgets to sweep (ratios or counts), e.g. 1.0,0.5,0.25.
+    #[arg(long, default_value = "1.0")]
+    pub keep: String,
+    /// Budget scope: global or per-view.
+    #[arg(long, default_value = "global")]
+    pub keep_scope: Scope,
+    /// Position ids after pruning.
+    #[arg(long, default_value = "contiguous")]
+    pub positions: Positions,
+    /// Untimed runs before measuring each configuration.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs per configuration.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Tokens decoded per run (EOS ignored so every run decodes the same count).
+    #[arg(long, default_value_t = 8)]
+    pub new_tokens: usize,
+    /// Measure GEMM throughput and memory bandwidth first, and report efficiency against them.
+    #[arg(long)]
+    pub calibrate: bool,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the rows as CSV.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Draw latency by stage against keep ratio (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect()
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let backends = if args.backends.is_empty() { vec![args.model.backend.clone()] } else { list(&args.backends) };
+    let methods = list(&args.prune);
+    let keeps: Vec<Budget> = list(&args.keep).iter().map(|k| k.parse()).collect::<Result<_, _>>()?;
+    if methods.is_empty() || keeps.is_empty() {
+        bail!("--prune and --keep need at least one value each");
+    }
+    let opts = ProfileOptions { warmup: args.warmup, runs: args.runs.max(1), new_tokens: args.new_tokens };
+    let backend_opts = BackendOptions { ort_library: args.model.ort_lib.clone(), threads: args.model.threads };
+    let total = backends.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} runs {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::new();
+    let mut calibrations: Vec<Calibration> = Vec::new();
+    let mut model_bytes = 0;
+    let mut realsize = false;
+    for b in &backends {
+        let mut po = args.model.pipeline_options(&super::SelectArgs::default_none());
+        po.backend = b.clone();
+        let mut pipeline = Pipeline::load(&args.model.model, &po)
+            .with_context(|| format!("loading {} with backend {b}", args.model.model.display()))?;
+        realsize = pipeline.folder.path("glimpse.json").is_file()
+            && std::fs::read_to_string(pipeline.folder.path("glimpse.json"))
+                .is_ok_and(|s| s.contains("\"realsize\": true"));
+        model_bytes =
+            Part::ALL.iter().map(|&p| glimpse_runtime::profile::part_bytes(&pipeline, p, args.model.dtype)).sum();
+        let cal = if args.calibrate {
+            bar.set_message(format!("calibrating {b}"));
+            let be = backend::by_name(b, &backend_opts)?;
+            let c = calibrate(be.as_ref()).context("calibration")?;
+            calibrations.push(c.clone());
+            Some(c)
+        } else {
+            None
+        };
+        for m in &methods {
+            for &keep in &keeps {
+                bar.set_message(format!("{b} {m} {keep}"));
+                let cfg =
+                    SelectConfig { method: m.clone(), budget: keep, scope: args.keep_scope, ..Default::default() };
+                pipeline.set_selection(cfg, args.positions)?;
+                let row = profile(&pipeline, &args.image, &args.prompt, &opts, cal.as_ref(), &mut || bar.inc(1))
+                    .with_context(|| format!("profiling {b} {m} keep {keep}"))?;
+                rows.push(row);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let peak = peak_rss_bytes();
+    if let Some(path) = &args.csv {
+        write_csv(path, &rows).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        super::plot::latency_vs_keep(path, &rows).with_context(|| format!("plotting {}", path.display()))?;
+    }
+    let note = if realsize {
+        "random-weight real-size model: timings are real, answers and accuracy are meaningless"
+    } else {
+        "timings only; use glimpse eval for accuracy"
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "model": args.model.model,
+            "dtype": args.model.dtype.name(),
+            "image": args.image,
+            "prompt": args.prompt,
+            "warmup": opts.warmup,
+            "runs": opts.runs,
+            "new_tokens": opts.new_tokens,
+            "model_bytes": model_bytes,
+            "peak_rss_bytes": peak,
+            "note": note,
+            "calibration": calibrations,
+            "rows": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    print_table(&rows);
+    println!(
+        "model {:.1} MB on disk; peak RSS {:.1} MB; {} timed runs after {} warm-up; {note}",
+        model_bytes as f64 / 1e6,
+        peak.unwrap_or(0) as f64 / 1e6,
+        opts.runs,
+        opts.warmup
+    );
+    for c in &calibrations {
+        println!(
+            "calibration {}: GEMM {:.1} GFLOP/s ({}x{}x{}), memory read {:.1} GB/s ({} threads)",
+            c.backend,
+            c.gemm_gflops,
+            c.gemm_shape[0],
+            c.gemm_shape[1],
+            c.gemm_shape[2],
+            c.bandwidth_gb_s,
+            c.bandwidth_threads
+        );
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[ProfileRow]) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<7} {:<10} {:>5} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "backend",
+        "method",
+        "keep",
+        "tokens",
+        "preproc",
+        "encode",
+        "select",
+        "splice",
+        "prefill",
+        "TTFT",
+        "decode/s",
+        "e2e",
+        "gap%"
+    );
+    for r in rows {
+        let m = |k: &str| r.stages.get(k).map_or(0.0, |s| s.median_ms);
+        let _ = writeln!(
+            out,
+            "{:<7} {:<10} {:>5} {:>9} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6.2}",
+            r.backend,
+            r.method,
+            r.keep,
+            format!("{}/{}", r.visual_tokens_kept, r.visual_tokens),
+            m("preprocess"),
+            m("encode"),
+            m("select"),
+            m("splice"),
+            m("prefill"),
+            m("ttft"),
+            r.decode_tokens_per_s,
+            m("end_to_end"),
+            r.accounting_gap * 100.0
+        );
+    }
+    let _ = writeln!(out, "(median ms over the timed runs; min/max in --json)");
+}
+
+fn write_csv(path: &std::path::Path, rows: &[ProfileRow]) -> Result<()> {
+    let stages = [
+        "image_decode",
+        "preprocess",
+        "encode",
+        "encode_per_view",
+        "select",
+        "splice",
+        "prefill",
+        "ttft",
+        "decode",
+        "end_to_end",
+    ];
+    let mut s = String::from("backend,method,keep,views,visual_tokens,visual_tokens_kept,prompt_tokens,new_tokens");
+    for st in stages {
+        s.push_str(&format!(",{st}_median_ms,{st}_min_ms,{st}_max_ms"));
+    }
+    s.push_str(",decode_tokens_per_s,prefill_gflops,encode_gflops,decode_gb_s\n");
+    for r in rows {
+        s.push_str(&format!(
+            "{},{},{},{},{},{},{},{}",
+            r.backend, r.method, r.keep, r.views, r.visual_tokens, r.visual_tokens_kept, r.prompt_tokens, r.new_tokens
+        ));
+        for st in stages {
+            let sp = r.stages.get(st).copied().unwrap_or(glimpse_runtime::profile::Spread {
+                median_ms: 0.0,
+                min_ms: 0.0,
+                max_ms: 0.0,
+            });
+            s.push_str(&format!(",{:.4},{:.4},{:.4}", sp.median_ms, sp.min_ms, sp.max_ms));
+        }
+        s.push_str(&format!(
+            ",{:.3},{:.3},{:.3},{:.3}\n",
+            r.decode_tokens_per_s, r.efficiency.prefill_gflops, r.efficiency.encode_gflops, r.efficiency.decode_gb_s
+        ));
+    }
+    std::fs::write(path, s)?;
+    Ok(())
+}
