@@ -20,8 +20,10 @@ use crate::text::TextTokenizer;
 /// How a pipeline is built.
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
-    /// Dtype variant of every part.
+    /// Dtype variant of every part not listed in `part_dtypes`.
     pub dtype: Dtype,
+    /// Per-part overrides (e.g. chosen by a target profile for `--dtype auto`).
+    pub part_dtypes: Vec<(Part, Dtype)>,
     /// Backend name (`tract`, `ort`).
     pub backend: String,
     /// Backend settings (ONNX Runtime library, threads).
@@ -38,6 +40,7 @@ impl Default for PipelineOptions {
     fn default() -> Self {
         PipelineOptions {
             dtype: Dtype::Fp32,
+            part_dtypes: Vec::new(),
             backend: "tract".into(),
             backend_options: backend::BackendOptions::default(),
             select: SelectConfig::default(),
@@ -172,7 +175,7 @@ pub struct Pipeline {
     decoder_io: DecoderIo,
     selector: Selector,
     positions: Positions,
-    dtype: Dtype,
+    dtypes: [Dtype; 3],
     signal_outputs: Vec<(String, String)>,
     eos: Vec<i64>,
     context: (usize, String),
@@ -198,8 +201,10 @@ impl Pipeline {
         let selector = Selector::new(opts.select.clone())?;
         let signal_outputs = read_signal_names(&folder)?;
         let backend = backend::by_name(&opts.backend, &opts.backend_options)?;
+        let dtype_of = |part: Part| opts.part_dtypes.iter().find(|(p, _)| *p == part).map_or(opts.dtype, |(_, d)| *d);
+        let dtypes = Part::ALL.map(dtype_of);
         let load = |part: Part| -> Result<Box<dyn Session>> {
-            let path = folder.part_path(part, opts.dtype)?;
+            let path = folder.part_path(part, dtype_of(part))?;
             backend.load(&path, &folder.root, part.stem())
         };
         let vision = load(Part::VisionEncoder)?;
@@ -219,7 +224,7 @@ impl Pipeline {
             decoder_io,
             selector,
             positions: opts.positions,
-            dtype: opts.dtype,
+            dtypes,
             signal_outputs,
             eos,
             context,
@@ -227,9 +232,9 @@ impl Pipeline {
         })
     }
 
-    /// The dtype variant loaded.
-    pub fn dtype(&self) -> Dtype {
-        self.dtype
+    /// The dtype variant loaded for a part.
+    pub fn part_dtype(&self, part: Part) -> Dtype {
+        self.dtypes[Part::ALL.iter().position(|p| *p == part).unwrap_or(0)]
     }
 
     /// The backend running the parts.

@@ -200,8 +200,7 @@ fn efficiency(
     let med = |k: &str| stages.get(k).map_or(0.0, |s| s.median_ms / 1e3);
     let encode_flops = vision.flops_per_view() * views as f64;
     let prefill_flops = text.prefill_flops(stats.prompt_tokens, 0);
-    let dtype = pipeline.dtype();
-    let weights = part_bytes(pipeline, Part::Decoder, dtype) as f64;
+    let weights = part_bytes(pipeline, Part::Decoder, pipeline.part_dtype(Part::Decoder)) as f64;
     let ctx = stats.prompt_tokens + stats.new_tokens;
     let decode_bytes_per_token = weights + text.kv_bytes(ctx, 4);
     let rate = |work: f64, secs: f64| if secs > 0.0 { work / secs } else { 0.0 };

@@ -22,6 +22,10 @@ enum Command {
     Eval(cmd::eval::Args),
     /// Time every stage on this device, sweeping keep ratios, methods and backends.
     Profile(cmd::profile::Args),
+    /// Write quantized dtype variants (fp16, int8, q4, ...) next to a model's fp32 parts.
+    Quantize(cmd::quantize::Args),
+    /// Show the detected device, the target profile in use, and what each profile picks.
+    Targets(cmd::targets::Args),
     /// Describe a model folder: family, parts, dtype variants, inputs and outputs.
     Inspect(cmd::inspect::Args),
 }
@@ -37,6 +41,8 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Profile(a) => cmd::profile::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Targets(a) => cmd::targets::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -26,7 +26,10 @@ impl Backend for TractBackend {
         let proto = read_proto(onnx_file, root)?;
         let graph = proto.graph.as_ref().ok_or_else(|| load_err("the file has no graph".into()))?;
         let (inputs, outputs) = graph_io(graph);
-        let framework = tract_onnx::onnx();
+        // Intermediate value_info written by other tools (e.g. ORT shape inference during
+        // quantization) can name the same length with unrelated symbols (`total_sequence_length`
+        // vs `sequence_length + past_sequence_length`); tract infers those shapes itself.
+        let framework = tract_onnx::onnx().with_ignore_value_info(true);
         let dir = onnx_file.parent().and_then(Path::to_str);
         let parsed = framework.parse(&proto, dir).map_err(|e| load_err(format!("{e:#}")))?;
         if !parsed.unresolved_inputs.is_empty() {

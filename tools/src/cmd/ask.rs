@@ -41,7 +41,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let pipeline = Pipeline::load(&args.model.model, &args.model.pipeline_options(&args.select))
+    let pipeline = Pipeline::load(&args.model.model, &args.model.pipeline_options(&args.select)?)
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
     let opts = GenerationOptions {
         max_new_tokens: args.max_new_tokens,

@@ -32,7 +32,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let set_dir = args.set.clone().unwrap_or_else(|| args.model.model.join("eval"));
     let set = EvalSet::load(&set_dir).with_context(|| format!("loading eval set {}", set_dir.display()))?;
-    let pipeline = Pipeline::load(&args.model.model, &args.model.pipeline_options(&args.select))
+    let pipeline = Pipeline::load(&args.model.model, &args.model.pipeline_options(&args.select)?)
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
     let opts = EvalOptions { max_new_tokens: args.max_new_tokens, limit: args.limit, keep_predictions: args.json };
     let n = args.limit.map_or(set.questions.len(), |l| l.min(set.questions.len()));
@@ -49,7 +49,7 @@ pub fn run(args: Args) -> Result<()> {
         let v = serde_json::json!({
             "model": pipeline.folder.root,
             "set": set_dir,
-            "dtype": args.model.dtype.name(),
+            "dtype": args.model.dtype_label(),
             "prune": cfg.method,
             "keep": cfg.budget.to_string(),
             "keep_scope": format!("{:?}", cfg.scope),
@@ -74,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         cfg.method,
         cfg.budget,
         cfg.scope,
-        args.model.dtype
+        args.model.dtype_label()
     );
     println!("overall        {}", pct(&report.overall));
     for (kind, acc) in &report.by_type {

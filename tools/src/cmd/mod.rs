@@ -5,6 +5,8 @@ pub mod eval;
 pub mod inspect;
 pub mod plot;
 pub mod profile;
+pub mod quantize;
+pub mod targets;
 
 use std::path::PathBuf;
 
@@ -20,9 +22,13 @@ pub struct ModelArgs {
     /// Model folder in the Hugging Face / onnx-community layout.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
-    /// Dtype variant of the ONNX parts (fp32, fp16, int8, uint8, quantized, q4, q4f16).
+    /// Dtype variant of the ONNX parts (fp32, fp16, int8, uint8, quantized, q4, q4f16), or
+    /// `auto` to pick per part from the target profile among the files present.
     #[arg(long, default_value = "fp32")]
-    pub dtype: Dtype,
+    pub dtype: DtypeArg,
+    /// Target profile for `--dtype auto` (default: detected; see `glimpse targets`).
+    #[arg(long)]
+    pub target: Option<String>,
     /// Inference backend.
     #[arg(long, default_value = "tract")]
     pub backend: String,
@@ -37,11 +43,75 @@ pub struct ModelArgs {
     pub max_image_pixels: u64,
 }
 
+/// `--dtype`: one variant for every part, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtypeArg {
+    Auto,
+    Fixed(Dtype),
+}
+
+impl std::str::FromStr for DtypeArg {
+    type Err = glimpse_runtime::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            return Ok(DtypeArg::Auto);
+        }
+        s.parse().map(DtypeArg::Fixed)
+    }
+}
+
+/// The target profile named by `--target`, or the detected one.
+pub fn target_profile(name: Option<&str>) -> anyhow::Result<&'static glimpse_targets::Profile> {
+    Ok(match name {
+        Some(n) => glimpse_targets::Profile::by_name(n)?,
+        None => glimpse_targets::detect().choose_profile(),
+    })
+}
+
+/// Per-part dtypes a profile picks among the variants present in a model folder.
+pub fn auto_dtypes(
+    folder: &glimpse_runtime::ModelFolder,
+    profile: &glimpse_targets::Profile,
+) -> anyhow::Result<Vec<(glimpse_runtime::Part, Dtype)>> {
+    let mut out = Vec::new();
+    for part in glimpse_runtime::Part::ALL {
+        let present: Vec<&str> = folder.variants(part).iter().map(|d| d.name()).collect();
+        let tpart: glimpse_targets::ModelPart = part.stem().parse().map_err(anyhow::Error::msg)?;
+        let chosen = profile.choose_dtype(tpart, &present).ok_or_else(|| {
+            anyhow::anyhow!(
+                "target {} prefers {:?} for {part} but the folder has only {:?}",
+                profile.name,
+                profile.dtypes.for_part(tpart),
+                present
+            )
+        })?;
+        out.push((part, chosen.parse()?));
+    }
+    Ok(out)
+}
+
 impl ModelArgs {
+    /// A short description of the dtype choice for reports.
+    pub fn dtype_label(&self) -> String {
+        match self.dtype {
+            DtypeArg::Auto => "auto".into(),
+            DtypeArg::Fixed(d) => d.name().into(),
+        }
+    }
+
     /// The pipeline options these arguments describe, with a token-selection setup.
-    pub fn pipeline_options(&self, select: &SelectArgs) -> PipelineOptions {
-        PipelineOptions {
-            dtype: self.dtype,
+    pub fn pipeline_options(&self, select: &SelectArgs) -> anyhow::Result<PipelineOptions> {
+        let (dtype, part_dtypes) = match self.dtype {
+            DtypeArg::Fixed(d) => (d, Vec::new()),
+            DtypeArg::Auto => {
+                let folder = glimpse_runtime::ModelFolder::open(&self.model)?;
+                let profile = target_profile(self.target.as_deref())?;
+                (Dtype::Fp32, auto_dtypes(&folder, profile)?)
+            }
+        };
+        Ok(PipelineOptions {
+            dtype,
+            part_dtypes,
             backend: self.backend.clone(),
             image_limits: ImageLimits { max_pixels: self.max_image_pixels, ..ImageLimits::default() },
             select: select.config(),
@@ -50,7 +120,7 @@ impl ModelArgs {
                 ort_library: self.ort_lib.clone(),
                 threads: self.threads,
             },
-        }
+        })
     }
 }
 

@@ -85,7 +85,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut model_bytes = 0;
     let mut realsize = false;
     for b in &backends {
-        let mut po = args.model.pipeline_options(&super::SelectArgs::default_none());
+        let mut po = args.model.pipeline_options(&super::SelectArgs::default_none())?;
         po.backend = b.clone();
         let mut pipeline = Pipeline::load(&args.model.model, &po)
             .with_context(|| format!("loading {} with backend {b}", args.model.model.display()))?;
@@ -93,7 +93,7 @@ pub fn run(args: Args) -> Result<()> {
             && std::fs::read_to_string(pipeline.folder.path("glimpse.json"))
                 .is_ok_and(|s| s.contains("\"realsize\": true"));
         model_bytes =
-            Part::ALL.iter().map(|&p| glimpse_runtime::profile::part_bytes(&pipeline, p, args.model.dtype)).sum();
+            Part::ALL.iter().map(|&p| glimpse_runtime::profile::part_bytes(&pipeline, p, pipeline.part_dtype(p))).sum();
         let cal = if args.calibrate {
             bar.set_message(format!("calibrating {b}"));
             let be = backend::by_name(b, &backend_opts)?;
@@ -131,7 +131,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         let v = serde_json::json!({
             "model": args.model.model,
-            "dtype": args.model.dtype.name(),
+            "dtype": args.model.dtype_label(),
             "image": args.image,
             "prompt": args.prompt,
             "warmup": opts.warmup,
