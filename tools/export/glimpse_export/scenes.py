@@ -241,30 +241,33 @@ def question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | None:
         if not cands:
             return None
         o = pick(cands)
-        return dict(question=f"What colour is the {o.shape}?", answer=o.colour)
+        return dict(question=f"What colour is the {o.shape}?", answer=o.colour, objs=[objs.index(o)])
     if qtype == "shape":
         cands = [o for o in objs if colours.count(o.colour) == 1]
         if not cands:
             return None
         o = pick(cands)
-        return dict(question=f"What shape is the {o.colour} object?", answer=o.shape)
+        return dict(question=f"What shape is the {o.colour} object?", answer=o.shape, objs=[objs.index(o)])
     if qtype == "count":
         # balance answers: pick the wanted count first, then a shape with that count if any
         want = int(rng.integers(0, 4))
         cands = [s for s in SHAPES if shapes.count(s) == want] or SHAPES
         s = pick(cands)
-        return dict(question=f"How many {PLURAL[s]} are there?", answer=COUNT_WORDS[shapes.count(s)])
+        return dict(question=f"How many {PLURAL[s]} are there?", answer=COUNT_WORDS[shapes.count(s)],
+                    objs=[i for i, o in enumerate(objs) if o.shape == s])
     if qtype in ("leftright", "abovebelow"):
         pairs = _rel_pairs(scene, "x" if qtype == "leftright" else "y")
         if not pairs:
             return None
         a, b, dv = pick(pairs)
         if qtype == "leftright":
-            return dict(question=f"Is the {a.name} left or right of the {b.name}?", answer="left" if dv < 0 else "right")
-        return dict(question=f"Is the {a.name} above or below the {b.name}?", answer="above" if dv < 0 else "below")
+            return dict(question=f"Is the {a.name} left or right of the {b.name}?", answer="left" if dv < 0 else "right",
+                        objs=[objs.index(a), objs.index(b)])
+        return dict(question=f"Is the {a.name} above or below the {b.name}?", answer="above" if dv < 0 else "below",
+                    objs=[objs.index(a), objs.index(b)])
     if qtype == "quadrant":
         o = pick(objs)
-        return dict(question=f"Where is the {o.name}?", answer=QUADRANTS[o.quadrant])
+        return dict(question=f"Where is the {o.name}?", answer=QUADRANTS[o.quadrant], objs=[objs.index(o)])
     if qtype == "exist":
         present = {(o.colour, o.shape) for o in objs}
         if rng.random() < 0.5:
@@ -276,9 +279,10 @@ def question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | None:
             near = [(c, s) for c, s in cands if c in colours or s in shapes]
             c, s = pick(near or cands)
             ans = "no"
-        return dict(question=f"Is there a {c} {s}?", answer=ans)
+        return dict(question=f"Is there a {c} {s}?", answer=ans,
+                    objs=[i for i, o in enumerate(objs) if (o.colour, o.shape) == (c, s)])
     if qtype == "ocr":
-        return dict(question="What number is written?", answer=scene.number)
+        return dict(question="What number is written?", answer=scene.number, objs=[-1])
     raise ValueError(qtype)
 
 
@@ -361,3 +365,20 @@ def vocabulary_corpus() -> list[str]:
     lines += [f" {a}" for a in answers] * 4
     lines += ["User: Assistant:", "USER: ASSISTANT:"] * 4
     return lines
+
+
+def token_objects(scene: Scene, idmap: np.ndarray, regions: list[tuple[int, int, int, int]], merge: int) -> np.ndarray:
+    """bool [n_objects + 1, n_tokens]: which LLM image tokens show each object (last row: the number's digits).
+
+    ``regions`` are the views' (x0, y0, side, patch_grid) in order; a token covers ``merge`` x ``merge`` patches
+    (the pixel shuffle's scale factor; 1 for LLaVA) in raster order within its view.
+    """
+    n = len(scene.objects)
+    rows = []
+    for (x0, y0, side, grid) in regions:
+        tg = grid // merge
+        cell = side // tg
+        sub = idmap[y0:y0 + side, x0:x0 + side].reshape(tg, cell, tg, cell).transpose(0, 2, 1, 3).reshape(tg * tg, -1)
+        m = np.stack([(sub == k + 1).any(-1) for k in range(n)] + [(sub >= DIGIT_BASE).any(-1)])
+        rows.append(m)
+    return np.concatenate(rows, axis=1)

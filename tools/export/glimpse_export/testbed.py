@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from .common import ExportError, log, seed_everything
 from .families import LLAVA_CHAT_TEMPLATE, SMOLVLM_CHAT_TEMPLATE, Bundle
 from .scenes import (
+    token_objects,
     LLAVA_SCENE, N_COLOUR_CLS, N_DIGIT_CLS, N_SHAPE_CLS, QTYPES, SMOL_SCENE, make_scene, patch_labels,
     presence_vector, question, render, vocabulary_corpus,
 )
@@ -273,6 +274,7 @@ def scene_batch(bundle: Bundle, prep: Prep, seeds: list[int]):
     for s in seeds:
         sc = make_scene(spec, s)
         img, ids = render(sc)
+        sc.extras["idmap"] = ids
         pvs.append(prep.views(img.convert("RGB")))
         centre_map = np.zeros_like(ids)
         for o in sc.objects:
@@ -337,7 +339,7 @@ def _text_model(bundle):
 
 def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_image: int, lr: float,
                  vision_lr: float, unfreeze_at: float, log_every=50, budget_s: float | None = None,
-                 ckpt: Path | None = None, aux_number_views: int = 0) -> dict:
+                 ckpt: Path | None = None, aux_number_views: int = 0, attn_sup: float = 0.0) -> dict:
     prep, prompts = Prep(bundle), Prompts(bundle)
     model = bundle.model
     vparams = _vision_params(bundle)
@@ -385,9 +387,11 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
         feats = project(bundle, hid).reshape(batch, -1, model.config.text_config.hidden_size)
         # packed sequences: prefix + q_per_image segments (each sees the prefix and itself only)
         p = weights / weights.sum()
-        seg_ids, seg_tgt, seg_types = [], [], []
+        seg_ids, seg_tgt, seg_types, seg_rel = [], [], [], []
+        merge = SMOL_SCALE if bundle.family == "idefics3" else 1
         for sc in scenes:
-            ids_i, tgt_i, ty_i = [], [], []
+            tok_obj = token_objects(sc, sc.extras["idmap"], prep.view_regions(), merge) if attn_sup else None
+            ids_i, tgt_i, ty_i, rel_i = [], [], [], []
             tries = 0
             while len(ids_i) < q_per_image and tries < 50:
                 tries += 1
@@ -405,6 +409,9 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
                 ids_i.append(seq + [prompts.pad] * (L - len(seq)))
                 tgt_i.append(tgt)
                 ty_i.append((ti, len(s) - 1))
+                if attn_sup:
+                    rel_i.append(tok_obj[q["objs"]].any(0) if q["objs"] else np.zeros(tok_obj.shape[1], bool))
+            seg_rel.append(rel_i)
             seg_ids.append(ids_i)
             seg_tgt.append(tgt_i)
             seg_types.append(ty_i)
@@ -422,9 +429,27 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
         qi, ki = torch.arange(T)[:, None], torch.arange(T)[None, :]
         allowed = ((seg[None, :] == -1) & (ki <= qi)) | ((seg[:, None] == seg[None, :]) & (ki <= qi))
         bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None].expand(batch, 1, T, T)
-        out = tm(inputs_embeds=emb, attention_mask=bias, position_ids=pos[None].repeat(batch, 1), use_cache=False)
+        out = tm(inputs_embeds=emb, attention_mask=bias, position_ids=pos[None].repeat(batch, 1), use_cache=False,
+                 output_attentions=bool(attn_sup))
         logits = model.lm_head(out.last_hidden_state)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        if attn_sup:
+            # training-only guidance: the last layer's attention (mean over heads) from the position that predicts
+            # the answer should land on the image tokens showing the objects the question is about
+            A = out.attentions[-1]  # [B, heads, T, T]
+            img_idx = torch.nonzero(img_pos)[:, 0]
+            bi, qi_, masks = [], [], []
+            for b in range(batch):
+                for j, (ti, at) in enumerate(seg_types[b]):
+                    if seg_rel[b][j].any():
+                        bi.append(b)
+                        qi_.append(P + j * L + at)
+                        masks.append(seg_rel[b][j])
+            if bi:
+                rows = A[torch.tensor(bi), :, torch.tensor(qi_)]  # [N, heads, T]
+                rows = rows[:, :, img_idx].mean(1)  # [N, n_img]
+                mass = (rows * torch.from_numpy(np.stack(masks)).float()).sum(-1)
+                loss = loss + attn_sup * (-torch.log(mass + 1e-6)).mean()
         if train_vision:
             aloss, _ = aux_loss(heads, hid, pooled, lab, bundle.family)
             loss = loss + 0.3 * aloss
@@ -470,7 +495,7 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
                 f"{h[:, 1].mean():.3f} | {acc} | vision {'on' if train_vision else 'frozen'} "
                 f"{'aux-digit %.3f ' % np.mean(digit_hist[-log_every:]) if digit_hist else ''}"
                 f"({time.perf_counter() - t0:.0f}s)")
-        if ckpt is not None and step % 200 == 199:
+        if ckpt is not None and step % 50 == 49:
             torch.save(model.state_dict(), ckpt)
         step += 1
     return {"steps": steps, "batch_images": batch, "questions_per_image": q_per_image,
@@ -480,7 +505,7 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
 
 def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batch1: int, batch2: int,
               qpi: int, threads: int, unfreeze_at: float, budget2: float | None, workdir: Path,
-              init_from: Path | None = None, aux_number_views: int = 0) -> dict:
+              init_from: Path | None = None, aux_number_views: int = 0, attn_sup: float = 0.0) -> dict:
     seed_everything(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)  # the CPU kernels used here are deterministic anyway
@@ -506,7 +531,8 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
         s1 = train_stage1(bundle, heads, steps1, batch1, lr=2e-3)
     torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "stage1": s1}, workdir / f"{testbed}-stage1.pt")
     s2 = train_stage2(bundle, heads, steps2, batch2, qpi, lr=1.5e-3, vision_lr=3e-4, unfreeze_at=unfreeze_at,
-                      budget_s=budget2, ckpt=workdir / f"{testbed}-stage2.pt", aux_number_views=aux_number_views)
+                      budget_s=budget2, ckpt=workdir / f"{testbed}-stage2.pt", aux_number_views=aux_number_views,
+                      attn_sup=attn_sup)
     total = time.perf_counter() - t0
     save_trained(bundle, out)
     info = {"testbed": testbed, "seed": seed, "parameters": n_params, "threads": threads,
