@@ -174,3 +174,35 @@ fn pruning_end_to_end_keeps_the_budget() {
         assert!(matches!(err, glimpse::runtime::Error::MissingSignal { .. }), "{method}: {err}");
     }
 }
+
+#[test]
+fn tile_skipping_encodes_only_the_chosen_tiles() {
+    use glimpse::runtime::{SkippedTiles, TileBudget, TileSkip};
+    let name = "tiny-smolvlm";
+    let case = cases(&model(name)).1.into_iter().find(|c| c.name() == "wide").expect("wide case");
+    let (rows, cols) = case.layout().expect("tiled");
+    let opts = GenerationOptions { max_new_tokens: 20, ..Default::default() };
+    let with = |budget, skipped| {
+        let po = PipelineOptions { tiles: Some(TileSkip { budget, skipped }), ..Default::default() };
+        let p = Pipeline::load(model(name), &po).expect("load");
+        p.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask")
+    };
+    // Keeping every tile is exactly the unskipped run.
+    let all = with(TileBudget::Count(rows * cols), SkippedTiles::Drop);
+    assert_eq!(all.token_ids, case.ints("generated_ids"));
+    // Two tiles + the global view reach the model; the rest vanish with their markers.
+    let two = with(TileBudget::Count(2), SkippedTiles::Drop);
+    assert_eq!(two.stats.visual_tokens, 16 * (rows * cols + 1));
+    assert_eq!(two.stats.visual_tokens_kept, 16 * 3);
+    assert_eq!(two.stats.views, 3);
+    let layout = two.layout.expect("layout");
+    assert_eq!(layout.skipped_tiles.len(), rows * cols - 2);
+    // Global-share stand-ins keep every tile marker with fewer tokens behind it.
+    let share = with(TileBudget::Count(2), SkippedTiles::Global);
+    assert_eq!(share.stats.views, rows * cols + 1);
+    assert!(share.stats.visual_tokens_kept > two.stats.visual_tokens_kept);
+    assert!(share.stats.visual_tokens_kept < all.stats.visual_tokens_kept);
+    // Only the global view encoded.
+    let none = with(TileBudget::Count(0), SkippedTiles::Drop);
+    assert_eq!(none.stats.visual_tokens_kept, 16);
+}

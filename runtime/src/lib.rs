@@ -24,5 +24,8 @@ pub mod text;
 pub use error::{Error, Result};
 pub use folder::{Dtype, ModelFolder, Part};
 pub use generate::{GenerationOptions, SamplingOptions};
-pub use pipeline::{Answer, Encoded, GenerationStats, Pipeline, PipelineOptions, Positions, StageTimes};
+pub use pipeline::{
+    Answer, Encoded, GenerationStats, Pipeline, PipelineOptions, Positions, SkippedTiles, StageTimes, TileBudget,
+    TileSkip,
+};
 pub use select::{Budget, Scope, SelectConfig};

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::backend::{self, Session, Tensor};
 use crate::error::{Error, Result};
-use crate::family::{self, Family, VisionInput};
+use crate::family::{self, Family, View, ViewKind, VisionInput};
 use crate::folder::{Dtype, ModelFolder, Part};
 use crate::generate::{DecoderIo, GenerationOptions, KvCache, Sampler};
 use crate::preprocess::{self, ImageLimits};
@@ -32,6 +32,8 @@ pub struct PipelineOptions {
     pub select: SelectConfig,
     /// Position ids of the tokens after pruned image tokens.
     pub positions: Positions,
+    /// Skip whole tiles before the encoder (tiled families only).
+    pub tiles: Option<TileSkip>,
     /// Limits on input images.
     pub image_limits: ImageLimits,
 }
@@ -45,6 +47,7 @@ impl Default for PipelineOptions {
             backend_options: backend::BackendOptions::default(),
             select: SelectConfig::default(),
             positions: Positions::Contiguous,
+            tiles: None,
             image_limits: ImageLimits::default(),
         }
     }
@@ -71,6 +74,56 @@ impl std::str::FromStr for Positions {
             _ => Err(Error::invalid("positions", s, "expected original or contiguous")),
         }
     }
+}
+
+/// How many tiles to encode when skipping tiles before the encoder.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TileBudget {
+    /// Encode this many tiles (0 = the global view alone).
+    Count(usize),
+    /// Encode this fraction of the tiles (rounded, at least one).
+    Ratio(f32),
+}
+
+impl std::str::FromStr for TileBudget {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Ok(n) = s.parse::<usize>() {
+            return Ok(TileBudget::Count(n));
+        }
+        match s.parse::<f32>() {
+            Ok(r) if r > 0.0 && r <= 1.0 => Ok(TileBudget::Ratio(r)),
+            _ => Err(Error::invalid("tiles", s, "expected a tile count or a ratio in (0, 1]")),
+        }
+    }
+}
+
+/// What stands in for a skipped tile in the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SkippedTiles {
+    /// Nothing: the tile and its marker disappear.
+    #[default]
+    Drop,
+    /// The global view's tokens over the tile's region, under the tile's marker.
+    Global,
+}
+
+impl std::str::FromStr for SkippedTiles {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "drop" => Ok(SkippedTiles::Drop),
+            "global" => Ok(SkippedTiles::Global),
+            _ => Err(Error::invalid("skipped tiles", s, "expected drop or global")),
+        }
+    }
+}
+
+/// Tile skipping: score tiles from the global view, encode only the best.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TileSkip {
+    pub budget: TileBudget,
+    pub skipped: SkippedTiles,
 }
 
 /// Encoder output: feature rows and any pruning signals the export added.
@@ -144,6 +197,18 @@ pub struct Answer {
     pub text: String,
     pub token_ids: Vec<i64>,
     pub stats: GenerationStats,
+    /// Which image regions reached the language model (for `--show-kept`).
+    #[serde(skip)]
+    pub layout: Option<KeptLayout>,
+}
+
+/// Where the kept visual tokens came from: the views that were encoded (or stood in for skipped
+/// tiles), the rows kept in each, and the tiles that were never encoded.
+#[derive(Debug, Clone, Default)]
+pub struct KeptLayout {
+    pub views: Vec<View>,
+    pub kept: Vec<Vec<usize>>,
+    pub skipped_tiles: Vec<View>,
 }
 
 /// The language-model input after splicing.
@@ -161,6 +226,8 @@ pub struct Prepared {
     pub visual_tokens_kept: usize,
     /// Encoder views of the image (0 without one).
     pub views: usize,
+    /// What was kept where (None without an image).
+    pub layout: Option<KeptLayout>,
 }
 
 /// A loaded model ready to answer.
@@ -175,6 +242,7 @@ pub struct Pipeline {
     decoder_io: DecoderIo,
     selector: Selector,
     positions: Positions,
+    tiles: Option<TileSkip>,
     dtypes: [Dtype; 3],
     signal_outputs: Vec<(String, String)>,
     eos: Vec<i64>,
@@ -224,6 +292,7 @@ impl Pipeline {
             decoder_io,
             selector,
             positions: opts.positions,
+            tiles: opts.tiles,
             dtypes,
             signal_outputs,
             eos,
@@ -310,7 +379,7 @@ impl Pipeline {
         Ok(Encoded { features, signals })
     }
 
-    /// Reshapes the extra encoder outputs named in `glimpse.json` into per-view signals.
+    /// Reshapes the extra encoder outputs named in `glimpse.json` into per-row signals.
     fn read_signals(&self, take: &mut dyn FnMut(&str) -> Option<Tensor>, input: &VisionInput) -> Result<Signals> {
         let total = input.total_tokens();
         let views = input.views.len();
@@ -332,16 +401,138 @@ impl Pipeline {
             let width = t.len().checked_div(total).unwrap_or(0);
             match signal.as_str() {
                 "cls_attention" => {
-                    signals.cls_attention = Some(t.into_shape_with_order((views, width, per)).map_err(bad)?)
+                    // [views, layers, tokens] -> [views * tokens, layers]
+                    let a = t.into_shape_with_order((views, width, per)).map_err(bad)?;
+                    let a = a.permuted_axes([0, 2, 1]).as_standard_layout().to_owned();
+                    signals.cls_attention = Some(a.into_shape_with_order((total, width)).map_err(bad)?);
                 }
-                "attention_received" => {
-                    signals.attention_received = Some(t.into_shape_with_order((views, per)).map_err(bad)?)
-                }
-                "keys" => signals.keys = Some(t.into_shape_with_order((views, per, width)).map_err(bad)?),
+                "attention_received" => signals.attention_received = Some(t.into_shape_with_order(total).map_err(bad)?),
+                "keys" => signals.keys = Some(t.into_shape_with_order((total, width)).map_err(bad)?),
                 _ => {}
             }
         }
         Ok(signals)
+    }
+
+    /// Stage 2 with tile skipping: encodes the global view, scores every tile's region from it
+    /// (relevance of the global tokens to the prompt plus their saliency), encodes only the best
+    /// tiles, and returns the reduced input with its features. Skipped tiles vanish or are
+    /// represented by the global tokens over their region.
+    pub fn encode_skipping_tiles(
+        &self,
+        input: &VisionInput,
+        prompt: &str,
+        skip: TileSkip,
+    ) -> Result<(VisionInput, Encoded)> {
+        let tiles: Vec<usize> = input
+            .views
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| matches!(v.kind, ViewKind::Tile { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        let Some(g) = input.views.iter().position(|v| v.kind == ViewKind::Global) else {
+            return Ok((input.clone(), self.encode(input)?));
+        };
+        if tiles.is_empty() {
+            return Ok((input.clone(), self.encode(input)?));
+        }
+        let global_in = input.subset(&[g]);
+        let global = self.encode(&global_in)?;
+        let gview = &input.views[g];
+        let scores = self.global_token_scores(&global, prompt)?;
+        let covered = |tile: &View| -> Vec<usize> {
+            let (gh, gw) = gview.grid;
+            let [x0, y0, x1, y1] = tile.region;
+            (0..gview.tokens)
+                .filter(|t| {
+                    let cx = ((t % gw) as f32 + 0.5) / gw as f32;
+                    let cy = ((t / gw) as f32 + 0.5) / gh as f32;
+                    cx >= x0 && cx < x1 && cy >= y0 && cy < y1
+                })
+                .collect()
+        };
+        let tile_score: Vec<f32> = tiles
+            .iter()
+            .map(|&v| {
+                let c = covered(&input.views[v]);
+                if c.is_empty() {
+                    f32::MIN
+                } else {
+                    c.iter().map(|&t| scores[t]).sum::<f32>() / c.len() as f32
+                }
+            })
+            .collect();
+        let k = match skip.budget {
+            TileBudget::Count(n) => n.min(tiles.len()),
+            TileBudget::Ratio(r) => ((r * tiles.len() as f32).round() as usize).clamp(1, tiles.len()),
+        };
+        let chosen: Vec<usize> =
+            crate::select::top_k(ndarray::ArrayView1::from(&tile_score), k).into_iter().map(|i| tiles[i]).collect();
+        let encoded_tiles = if chosen.is_empty() { None } else { Some(self.encode(&input.subset(&chosen))?) };
+        // Assemble views in the original order with their feature rows.
+        let mut views = Vec::new();
+        let mut parts: Vec<(&Encoded, Vec<usize>)> = Vec::new();
+        let mut tile_row = 0;
+        for (i, view) in input.views.iter().enumerate() {
+            if i == g {
+                views.push(view.clone());
+                parts.push((&global, (0..gview.tokens).collect()));
+            } else if chosen.contains(&i) {
+                let enc =
+                    encoded_tiles.as_ref().ok_or_else(|| Error::interface("tiles", "chosen tiles not encoded"))?;
+                views.push(view.clone());
+                parts.push((enc, (tile_row..tile_row + view.tokens).collect()));
+                tile_row += view.tokens;
+            } else if skip.skipped == SkippedTiles::Global {
+                let rows = covered(view);
+                let (gh, gw) = gview.grid;
+                let side_w = ((view.region[2] - view.region[0]) * gw as f32).round().max(1.0) as usize;
+                let grid = if rows.len() % side_w == 0 { (rows.len() / side_w, side_w) } else { (1, rows.len()) };
+                let _ = gh;
+                views.push(View { tokens: rows.len(), grid, ..view.clone() });
+                parts.push((&global, rows));
+            }
+        }
+        let mut features = Vec::new();
+        let mut signals: Vec<Signals> = Vec::new();
+        for (enc, rows) in &parts {
+            features.push(enc.features.select(ndarray::Axis(0), rows));
+            signals.push(enc.signals.select_rows(rows));
+        }
+        let views_f: Vec<_> = features.iter().map(|f| f.view()).collect();
+        let features =
+            ndarray::concatenate(ndarray::Axis(0), &views_f).map_err(|e| Error::interface("tiles", e.to_string()))?;
+        let signals = concat_signals(&signals);
+        let mut frames: Vec<usize> = chosen.clone();
+        frames.push(g);
+        let mut reduced = input.subset(&frames);
+        reduced.views = views;
+        Ok((reduced, Encoded { features, signals }))
+    }
+
+    /// Per-token scores of the global view: z-scored relevance to the prompt (cosine with the
+    /// prompt's embeddings) plus z-scored saliency (attention received when exported, else the
+    /// distance from the mean feature).
+    fn global_token_scores(&self, global: &Encoded, prompt: &str) -> Result<Vec<f32>> {
+        let f = &global.features;
+        let z = |v: Vec<f32>| -> Vec<f32> {
+            let n = v.len().max(1) as f32;
+            let mean = v.iter().sum::<f32>() / n;
+            let sd = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt();
+            v.iter().map(|x| if sd > 0.0 { (x - mean) / sd } else { 0.0 }).collect()
+        };
+        let fnorm = crate::select::normalized(f.view());
+        let text = crate::select::normalized(self.text_embeddings(prompt)?.view());
+        let relevance: Vec<f32> = fnorm.dot(&text.t()).rows().into_iter().map(|r| r.mean().unwrap_or(0.0)).collect();
+        let saliency: Vec<f32> = match &global.signals.attention_received {
+            Some(a) if a.len() == f.nrows() => a.to_vec(),
+            _ => {
+                let mean = f.mean_axis(ndarray::Axis(0)).unwrap_or_else(|| ndarray::Array1::zeros(f.ncols()));
+                f.rows().into_iter().map(|r| (&r - &mean).mapv(|x| x * x).sum().sqrt()).collect()
+            }
+        };
+        Ok(z(relevance).into_iter().zip(z(saliency)).map(|(a, b)| a + b).collect())
     }
 
     /// Stage 3: chooses which rows reach the language model; computes the prompt's text
@@ -464,7 +655,7 @@ impl Pipeline {
         if positions.len() != seq {
             return Err(Error::interface("splice", format!("{} positions for {seq} tokens", positions.len())));
         }
-        Ok(Prepared { input_ids, embeds, positions, visual_tokens, visual_tokens_kept: rows, views: 0 })
+        Ok(Prepared { input_ids, embeds, positions, visual_tokens, visual_tokens_kept: rows, views: 0, layout: None })
     }
 
     /// Stages 1-4 for one prompt and optional image, timing each. Times are laps of one clock,
@@ -480,8 +671,16 @@ impl Pipeline {
             return Ok(prepared);
         };
         let input = self.preprocess(img)?;
+        let original_views = input.views.clone();
+        let original_tokens = input.total_tokens();
         times.preprocess = lap.take();
-        let encoded = self.encode(&input)?;
+        let (input, encoded) = match self.tiles {
+            Some(skip) if input.rows * input.cols > 0 => self.encode_skipping_tiles(&input, prompt, skip)?,
+            _ => {
+                let encoded = self.encode(&input)?;
+                (input, encoded)
+            }
+        };
         times.encode = lap.take();
         let sel = self.select(&encoded, &input, prompt)?;
         let kept_rows = sel.gather(&encoded.features, &input.views);
@@ -491,8 +690,16 @@ impl Pipeline {
             Positions::Contiguous => None,
             Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), &input, &sel)?),
         };
-        let mut prepared = self.splice(ids, Some(&kept_rows), encoded.features.nrows(), positions)?;
+        let mut prepared = self.splice(ids, Some(&kept_rows), original_tokens, positions)?;
         prepared.views = input.views.len();
+        let skipped_tiles = original_views
+            .into_iter()
+            .filter(|o| {
+                matches!(o.kind, ViewKind::Tile { .. })
+                    && !input.views.iter().any(|v| v.kind == o.kind && v.tokens == o.tokens)
+            })
+            .collect();
+        prepared.layout = Some(KeptLayout { views: input.views.clone(), kept: sel.kept.clone(), skipped_tiles });
         drop((input, encoded, sel, kept_rows));
         times.splice = render_time + lap.take();
         Ok(prepared)
@@ -590,6 +797,7 @@ impl Pipeline {
         let prepared = self.prepare(image, prompt, &mut times)?;
         let (prompt_tokens, visual, kept, views) =
             (prepared.input_ids.len(), prepared.visual_tokens, prepared.visual_tokens_kept, prepared.views);
+        let layout = prepared.layout.clone();
         let ids = self.generate(prepared, opts, &mut times, on_text)?;
         let t = Instant::now();
         let text = self.tokenizer.decode(&ids)?;
@@ -605,7 +813,22 @@ impl Pipeline {
             new_tokens: ids.len(),
             decode_tokens_per_s: if ids.len() > 1 && decode_s > 0.0 { (ids.len() - 1) as f64 / decode_s } else { 0.0 },
         };
-        Ok(Answer { text, token_ids: ids, stats })
+        Ok(Answer { text, token_ids: ids, stats, layout })
+    }
+}
+
+/// Concatenates per-row signals of consecutive row groups (a signal missing in any is dropped).
+fn concat_signals(parts: &[Signals]) -> Signals {
+    fn cat2(parts: Vec<Option<&Array2<f32>>>) -> Option<Array2<f32>> {
+        let views: Option<Vec<_>> = parts.into_iter().map(|p| p.map(|a| a.view())).collect();
+        views.and_then(|v| ndarray::concatenate(ndarray::Axis(0), &v).ok())
+    }
+    let received: Option<Vec<_>> = parts.iter().map(|p| p.attention_received.as_ref().map(|a| a.view())).collect();
+    Signals {
+        cls_attention: cat2(parts.iter().map(|p| p.cls_attention.as_ref()).collect()),
+        attention_received: received.and_then(|v| ndarray::concatenate(ndarray::Axis(0), &v).ok()),
+        keys: cat2(parts.iter().map(|p| p.keys.as_ref()).collect()),
+        text: None,
     }
 }
 

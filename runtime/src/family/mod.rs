@@ -51,6 +51,34 @@ pub struct VisionInput {
 }
 
 impl VisionInput {
+    /// The encoder input for a subset of the views (frames), e.g. the global view alone or the
+    /// tiles chosen by tile skipping. Tensors with one entry per view on axis 1 are sliced.
+    pub fn subset(&self, frames: &[usize]) -> VisionInput {
+        let n = self.views.len();
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, t)| {
+                let t = match t {
+                    Tensor::F32(a) if a.ndim() > 1 && a.shape()[1] == n => {
+                        Tensor::F32(a.select(ndarray::Axis(1), frames))
+                    }
+                    Tensor::Bool(a) if a.ndim() > 1 && a.shape()[1] == n => {
+                        Tensor::Bool(a.select(ndarray::Axis(1), frames))
+                    }
+                    other => other.clone(),
+                };
+                (name.clone(), t)
+            })
+            .collect();
+        VisionInput {
+            tensors,
+            views: frames.iter().map(|&f| self.views[f].clone()).collect(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
     /// Total feature rows over all views.
     pub fn total_tokens(&self) -> usize {
         self.views.iter().map(|v| v.tokens).sum()

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
 use crate::error::{Error, Result};
 use crate::family::View;
@@ -14,6 +14,7 @@ use crate::family::View;
 pub mod cdpruner;
 pub mod dart;
 pub mod divprune;
+pub mod globalcom2;
 pub mod pool;
 pub mod random;
 pub mod todre;
@@ -21,18 +22,31 @@ pub mod uniform;
 pub mod visionzip;
 pub mod vtc_cls;
 
-/// Optional per-token signals a method may use, aligned row for row with the features.
+/// Optional per-token signals a method may use, aligned row for row with the features
+/// (views concatenated, like the features).
 #[derive(Debug, Clone, Default)]
 pub struct Signals {
-    /// Head-averaged CLS→patch attention of the last layers before the final one,
-    /// `[views, layers, tokens_per_view]` (exported by `tools/export`; CLIP towers only).
-    pub cls_attention: Option<Array3<f32>>,
-    /// Attention received per token (heads and queries averaged), `[views, tokens_per_view]`.
-    pub attention_received: Option<Array2<f32>>,
-    /// Head-averaged keys of the feature layer, `[views, tokens_per_view, dk]`.
-    pub keys: Option<Array3<f32>>,
+    /// Head-averaged CLS→patch attention of the last layers before the final one, `[N, layers]`
+    /// (exported by `tools/export`; CLIP towers only).
+    pub cls_attention: Option<Array2<f32>>,
+    /// Attention received per token (heads and queries averaged), `[N]`.
+    pub attention_received: Option<Array1<f32>>,
+    /// Head-averaged keys of the feature layer, `[N, dk]`.
+    pub keys: Option<Array2<f32>>,
     /// The language model's own embeddings of the instruction tokens, `[m, d]`.
     pub text: Option<Array2<f32>>,
+}
+
+impl Signals {
+    /// The rows `rows` of every per-token signal (text is kept as is).
+    pub fn select_rows(&self, rows: &[usize]) -> Signals {
+        Signals {
+            cls_attention: self.cls_attention.as_ref().map(|a| a.select(Axis(0), rows)),
+            attention_received: self.attention_received.as_ref().map(|a| a.select(Axis(0), rows)),
+            keys: self.keys.as_ref().map(|a| a.select(Axis(0), rows)),
+            text: self.text.clone(),
+        }
+    }
 }
 
 /// The signals a method needs; the pipeline computes the optional ones only when asked.
@@ -187,6 +201,11 @@ pub trait Method: Send + Sync {
     }
     /// Chooses exactly `k` rows (`0 < k < n`).
     fn choose(&self, rows: &Rows<'_>, k: usize) -> Result<Chosen>;
+    /// Methods that allocate the budget across views themselves (GlobalCom2) return a whole
+    /// selection here; the default defers to [`Method::choose`] under the configured scope.
+    fn select_views(&self, _input: &SelectionInput<'_>, _budget: Budget) -> Option<Result<Selection>> {
+        None
+    }
 }
 
 type Constructor = fn() -> Box<dyn Method>;
@@ -202,6 +221,7 @@ pub const METHODS: &[(&str, Constructor)] = &[
     ("cdpruner", || Box::new(cdpruner::CdPruner)),
     ("vtc-cls", || Box::new(vtc_cls::VtcCls)),
     ("visionzip", || Box::new(visionzip::VisionZip)),
+    ("globalcom2", || Box::new(globalcom2::GlobalCom2)),
 ];
 
 /// Every method name, `none` first.
@@ -319,6 +339,9 @@ impl Selector {
         if self.config.budget.is_full() {
             return Ok(Selection::all(input.views));
         }
+        if let Some(sel) = method.select_views(input, self.config.budget) {
+            return sel;
+        }
         let per_view = self.config.scope == Scope::PerView || method.per_view_only();
         let mut sel = Selection { kept: vec![Vec::new(); input.views.len()], replaced: BTreeMap::new() };
         if per_view {
@@ -373,19 +396,11 @@ impl Selector {
         grid: Option<(usize, usize)>,
     ) -> Result<Rows<'a>> {
         let s = input.signals;
-        let flat2 = |a: &Array2<f32>| -> Option<Array1<f32>> {
-            let flat = a.iter().copied().collect::<Array1<f32>>();
-            (flat.len() == input.features.nrows()).then(|| flat.slice(ndarray::s![range.clone()]).to_owned())
-        };
-        let cls = s.cls_attention.as_ref().and_then(|a| flat2(&a.sum_axis(Axis(1))));
-        let cls_last =
-            s.cls_attention.as_ref().and_then(|a| flat2(&a.index_axis(Axis(1), a.shape()[1] - 1).to_owned()));
-        let received = s.attention_received.as_ref().and_then(flat2);
-        let keys = s.keys.as_ref().and_then(|k| {
-            let dk = k.shape()[2];
-            let flat = k.to_shape((k.shape()[0] * k.shape()[1], dk)).ok()?.to_owned();
-            (flat.nrows() == input.features.nrows()).then(|| flat.slice(ndarray::s![range.clone(), ..]).to_owned())
-        });
+        let n = input.features.nrows();
+        let cls = s.cls_attention.as_ref().filter(|a| a.nrows() == n);
+        let last = cls.map(|a| a.ncols().saturating_sub(1));
+        let received = s.attention_received.as_ref().filter(|a| a.len() == n);
+        let keys = s.keys.as_ref().filter(|a| a.nrows() == n);
         if method.needs().text && s.text.is_none() {
             return Err(missing(
                 method.name(),
@@ -394,12 +409,12 @@ impl Selector {
             ));
         }
         Ok(Rows {
-            features: input.features.slice(ndarray::s![range, ..]),
+            features: input.features.slice(ndarray::s![range.clone(), ..]),
             grid,
-            cls,
-            cls_last,
-            received,
-            keys,
+            cls: cls.map(|a| a.slice(ndarray::s![range.clone(), ..]).sum_axis(Axis(1))),
+            cls_last: cls.zip(last).map(|(a, l)| a.slice(ndarray::s![range.clone(), l]).to_owned()),
+            received: received.map(|a| a.slice(ndarray::s![range.clone()]).to_owned()),
+            keys: keys.map(|a| a.slice(ndarray::s![range.clone(), ..]).to_owned()),
             text: s.text.as_ref().map(|t| t.view()),
             seed: self.config.seed,
             lambda: self.config.lambda,
@@ -527,12 +542,10 @@ mod tests {
 
     fn all_signals(views: &[View], d: usize) -> Signals {
         let n: usize = views.iter().map(|v| v.tokens).sum();
-        let per = views[0].tokens;
-        let cls = Array3::from_shape_fn((views.len(), 3, per), |(v, l, j)| ((v * 31 + l * 7 + j * 13) % 17) as f32);
         Signals {
-            cls_attention: Some(cls),
-            attention_received: Some(Array2::from_shape_fn((views.len(), per), |(v, j)| ((v + j * 5) % 11) as f32)),
-            keys: Some(features(n, 8, 3).into_shape_with_order((views.len(), per, 8)).unwrap()),
+            cls_attention: Some(Array2::from_shape_fn((n, 3), |(j, l)| ((l * 7 + j * 13) % 17) as f32)),
+            attention_received: Some(Array1::from_shape_fn(n, |j| ((j * 5) % 11) as f32)),
+            keys: Some(features(n, 8, 3)),
             text: Some(features(5, d, 4)),
         }
     }
@@ -551,6 +564,12 @@ mod tests {
                     let out = sel.select(&SelectionInput { features: &f, views: &views, signals: &signals }).unwrap();
                     let want: usize = match (name, scope) {
                         ("none", _) => 192,
+                        // GlobalCom2 moves budget between views by design: within one token per view.
+                        ("globalcom2", _) => {
+                            let target = budget.of(192);
+                            assert!(out.total().abs_diff(target) <= views.len(), "{name} {budget}: {}", out.total());
+                            out.total()
+                        }
                         (_, Scope::PerView) => views.iter().map(|v| budget.of(v.tokens)).sum(),
                         (_, Scope::Global) => budget.of(192),
                     };
@@ -589,7 +608,9 @@ mod tests {
     fn missing_signals_are_named() {
         let views = vec![view(16)];
         let f = features(16, 8, 2);
-        for (name, signal) in [("vtc-cls", "CLS"), ("cdpruner", "text"), ("visionzip", "attention")] {
+        for (name, signal) in
+            [("vtc-cls", "CLS"), ("cdpruner", "text"), ("visionzip", "attention"), ("globalcom2", "attention")]
+        {
             let cfg = SelectConfig { method: name.into(), budget: Budget::Ratio(0.5), ..Default::default() };
             let err = Selector::new(cfg)
                 .unwrap()

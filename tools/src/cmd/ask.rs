@@ -35,6 +35,9 @@ pub struct Args {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Draw which image regions reached the model (kept tokens, skipped tiles) into this PNG.
+    #[arg(long)]
+    pub show_kept: Option<PathBuf>,
     /// Print one JSON object (answer, token ids, stats) instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -63,6 +66,10 @@ pub fn run(args: Args) -> Result<()> {
             }
         })
         .context("answering")?;
+    if let (Some(out), Some(layout), Some(image)) = (&args.show_kept, &answer.layout, &args.image) {
+        let img = pipeline.load_image(image)?;
+        super::overlay::show_kept(&img, layout, out)?;
+    }
     if args.json {
         let v = serde_json::json!({
             "model": pipeline.folder.root,

@@ -3,6 +3,7 @@
 pub mod ask;
 pub mod eval;
 pub mod inspect;
+pub mod overlay;
 pub mod plot;
 pub mod profile;
 pub mod quantize;
@@ -11,7 +12,9 @@ pub mod targets;
 use std::path::PathBuf;
 
 use glimpse_runtime::preprocess::ImageLimits;
-use glimpse_runtime::{Budget, Dtype, PipelineOptions, Positions, Scope, SelectConfig};
+use glimpse_runtime::{
+    Budget, Dtype, PipelineOptions, Positions, Scope, SelectConfig, SkippedTiles, TileBudget, TileSkip,
+};
 
 /// The model folder used when `--model` is not given.
 pub const DEFAULT_MODEL: &str = "models/tiny-smolvlm";
@@ -116,6 +119,7 @@ impl ModelArgs {
             image_limits: ImageLimits { max_pixels: self.max_image_pixels, ..ImageLimits::default() },
             select: select.config(),
             positions: select.positions,
+            tiles: select.tiles.map(|budget| TileSkip { budget, skipped: select.skipped_tiles }),
             backend_options: glimpse_runtime::backend::BackendOptions {
                 ort_library: self.ort_lib.clone(),
                 threads: self.threads,
@@ -145,6 +149,13 @@ pub struct SelectArgs {
     /// CDPruner relevance weight λ.
     #[arg(long, default_value_t = 0.5)]
     pub lambda: f32,
+    /// Skip tiles before the encoder: encode only this many (or this fraction) of the tiles, chosen
+    /// from the global view (tiled models such as SmolVLM).
+    #[arg(long)]
+    pub tiles: Option<TileBudget>,
+    /// What replaces a skipped tile: drop (nothing) or global (its share of the global view).
+    #[arg(long, default_value = "drop")]
+    pub skipped_tiles: SkippedTiles,
 }
 
 impl SelectArgs {
@@ -157,6 +168,8 @@ impl SelectArgs {
             positions: Positions::Contiguous,
             prune_seed: 0,
             lambda: 0.5,
+            tiles: None,
+            skipped_tiles: SkippedTiles::Drop,
         }
     }
 
