@@ -505,7 +505,8 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
 
 def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batch1: int, batch2: int,
               qpi: int, threads: int, unfreeze_at: float, budget2: float | None, workdir: Path,
-              init_from: Path | None = None, aux_number_views: int = 0, attn_sup: float = 0.0) -> dict:
+              init_from: Path | None = None, aux_number_views: int = 0, attn_sup: float = 0.0,
+              center_projector: bool = False, lr2: float = 1.5e-3) -> dict:
     seed_everything(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)  # the CPU kernels used here are deterministic anyway
@@ -529,8 +530,10 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
         s1 = {"resumed_from": str(init_from), **ck.get("stage1", {})}
     else:
         s1 = train_stage1(bundle, heads, steps1, batch1, lr=2e-3)
+    if center_projector:
+        _center_projector(bundle, prep)
     torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "stage1": s1}, workdir / f"{testbed}-stage1.pt")
-    s2 = train_stage2(bundle, heads, steps2, batch2, qpi, lr=1.5e-3, vision_lr=3e-4, unfreeze_at=unfreeze_at,
+    s2 = train_stage2(bundle, heads, steps2, batch2, qpi, lr=lr2, vision_lr=3e-4, unfreeze_at=unfreeze_at,
                       budget_s=budget2, ckpt=workdir / f"{testbed}-stage2.pt", aux_number_views=aux_number_views,
                       attn_sup=attn_sup)
     total = time.perf_counter() - t0
@@ -557,3 +560,25 @@ def save_trained(bundle: Bundle, out: Path) -> None:
     model.to(torch.float16).save_pretrained(str(out))
     model.to(torch.float32)
     bundle.model.config.save_pretrained(str(out))  # keep config.json's dtype float32 (the ONNX files are f32)
+
+
+@torch.no_grad()
+def _center_projector(bundle: Bundle, prep: Prep, n: int = 16) -> None:
+    """Re-initialise the connector so that its output has zero mean over image tokens.
+
+    The stage-1 encoder's features share a large common vector (its norm is about 3x the per-token deviation), which
+    drowns the per-object part once the decoder normalises each token. LLaVA: subtract the mean output from the
+    projector's last bias. Idefics3 (connector without bias): remove the mean input direction from the weight."""
+    pv, _, _ = scene_batch(bundle, prep, [TRAIN_SEED_BASE[3] + 10_000_000 + i for i in range(n)])
+    hid, _ = vision_hidden(bundle, pv)
+    m = bundle.model.model
+    if bundle.family == "idefics3":
+        x = m.connector.pixel_shuffle(hid, m.connector.scale_factor).reshape(-1, hid.shape[-1] * SMOL_SCALE**2)
+        mu = x.mean(0)
+        w = m.connector.modality_projection.proj.weight  # [out, in]
+        w -= torch.outer(w @ mu, mu) / mu.dot(mu)
+    else:
+        out = m.multi_modal_projector(hid[:, 1:]).reshape(-1, m.multi_modal_projector.linear_2.out_features)
+        m.multi_modal_projector.linear_2.bias -= out.mean(0)
+    f = project(bundle, hid).reshape(-1, bundle.model.config.text_config.hidden_size)
+    log(f"[train] centred connector: mean norm {f.mean(0).norm():.3f}, deviation {(f - f.mean(0)).norm(dim=1).mean():.3f}")
