@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--center-projector", action="store_true",
                     help="before stage 2, re-initialise the connector so image tokens have zero mean")
     tr.add_argument("--lr2", type=float, default=1.5e-3, help="stage-2 learning rate")
+    tr.add_argument("--text-init", type=float, default=None,
+                    help="with --init-from: load only the vision encoder and re-initialise the rest with this std")
     tr.add_argument("--init-from", type=Path, default=None,
                     help="skip stage 1: load a WORKDIR/<testbed>-stage1.pt checkpoint of an earlier run")
     tr.add_argument("--workdir", type=Path, default=Path("/tmp/glimpse-testbed"),
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             info = run_train(args.testbed, args.out, args.seed, pick(args.steps1, "steps1"), pick(args.steps2, "steps2"),
                              pick(args.batch1, "batch1"), pick(args.batch2, "batch2"), args.questions_per_image,
                              args.threads, pick(args.unfreeze_at, "unfreeze_at"), args.budget2, args.workdir, args.init_from,
-                             args.aux_number_views, args.attn_sup, args.center_projector, args.lr2)
+                             args.aux_number_views, args.attn_sup, args.center_projector, args.lr2,
+                             args.text_init)
             print(json.dumps(info, indent=2, default=str))
             return 0
         if args.cmd == "evalset":

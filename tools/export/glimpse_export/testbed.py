@@ -506,7 +506,7 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
 def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batch1: int, batch2: int,
               qpi: int, threads: int, unfreeze_at: float, budget2: float | None, workdir: Path,
               init_from: Path | None = None, aux_number_views: int = 0, attn_sup: float = 0.0,
-              center_projector: bool = False, lr2: float = 1.5e-3) -> dict:
+              center_projector: bool = False, lr2: float = 1.5e-3, text_init: float | None = None) -> dict:
     seed_everything(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)  # the CPU kernels used here are deterministic anyway
@@ -525,7 +525,15 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
     if init_from is not None:
         # resume after stage 1 (a {testbed}-stage1.pt written by an earlier run with the same seed)
         ck = torch.load(init_from)
-        model.load_state_dict(ck["model"])
+        if text_init is not None:
+            # keep only the stage-1 vision encoder; decoder, embeddings, lm_head and connector start fresh
+            sd = {k: v for k, v in ck["model"].items() if ".vision_model." in k or ".vision_tower." in k}
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if unexpected:
+                raise ExportError(f"unexpected keys {unexpected[:3]}")
+            _reinit_text(bundle, text_init, seed)
+        else:
+            model.load_state_dict(ck["model"])
         heads.load_state_dict(ck["heads"])
         s1 = {"resumed_from": str(init_from), **ck.get("stage1", {})}
     else:
@@ -582,3 +590,17 @@ def _center_projector(bundle: Bundle, prep: Prep, n: int = 16) -> None:
         m.multi_modal_projector.linear_2.bias -= out.mean(0)
     f = project(bundle, hid).reshape(-1, bundle.model.config.text_config.hidden_size)
     log(f"[train] centred connector: mean norm {f.mean(0).norm():.3f}, deviation {(f - f.mean(0)).norm(dim=1).mean():.3f}")
+
+
+@torch.no_grad()
+def _reinit_text(bundle: Bundle, std: float, seed: int) -> None:
+    """Re-initialise every non-vision Linear / Embedding with N(0, std) (biases 0); norms stay at 1."""
+    g = torch.Generator().manual_seed(seed + 17)
+    m = bundle.model
+    vis = {id(p) for p in _vision_params(bundle)}
+    for mod in m.modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and id(mod.weight) not in vis:
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.zero_()
+    log(f"[train] decoder / connector / lm_head re-initialised with std {std}")
