@@ -1,88 +1,185 @@
-//! `glimpse eval`: accuracy on a question set, with a progress bar.
+//! `glimpse eval`: accuracy on a question set, with a progress bar. Comma-separated `--prune`,
+//! `--keep` and `--tiles` values sweep every combination in one run (one model load) and print a
+//! table (`--markdown` for docs).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use glimpse_runtime::eval::{evaluate, EvalOptions, EvalSet};
-use glimpse_runtime::Pipeline;
+use glimpse_runtime::eval::{evaluate, Accuracy, EvalOptions, EvalReport, EvalSet};
+use glimpse_runtime::{Budget, Pipeline, Positions, Scope, SelectConfig, SkippedTiles, TileBudget, TileSkip};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{ModelArgs, SelectArgs};
+use super::ModelArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[command(flatten)]
-    pub select: SelectArgs,
     /// Eval set folder (questions.jsonl + images); default: MODEL/eval.
     #[arg(long)]
     pub set: Option<PathBuf>,
+    /// Pruning methods (comma-separated to sweep).
+    #[arg(long, default_value = "none")]
+    pub prune: String,
+    /// Keep budgets: ratios or counts (comma-separated to sweep).
+    #[arg(long, default_value = "1.0")]
+    pub keep: String,
+    /// Budget scope: global or per-view.
+    #[arg(long, default_value = "global")]
+    pub keep_scope: Scope,
+    /// Position ids after pruning.
+    #[arg(long, default_value = "contiguous")]
+    pub positions: Positions,
+    /// Seed of seeded methods.
+    #[arg(long, default_value_t = 0)]
+    pub prune_seed: u64,
+    /// Tiles to encode (counts or ratios, comma-separated to sweep; `all` = no skipping).
+    #[arg(long, default_value = "all")]
+    pub tiles: String,
+    /// What replaces a skipped tile: drop or global.
+    #[arg(long, default_value = "drop")]
+    pub skipped_tiles: SkippedTiles,
     /// Evaluate only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
     /// Most tokens generated per answer.
     #[arg(long, default_value_t = 8)]
     pub max_new_tokens: usize,
-    /// Print the report as JSON (with per-question predictions).
+    /// Print JSON (with per-question predictions for a single configuration).
     #[arg(long)]
     pub json: bool,
+    /// Print a Markdown table (one row per configuration).
+    #[arg(long)]
+    pub markdown: bool,
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect()
+}
+
+struct Row {
+    method: String,
+    keep: String,
+    tiles: String,
+    report: EvalReport,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let set_dir = args.set.clone().unwrap_or_else(|| args.model.model.join("eval"));
     let set = EvalSet::load(&set_dir).with_context(|| format!("loading eval set {}", set_dir.display()))?;
-    let pipeline = Pipeline::load(&args.model.model, &args.model.pipeline_options(&args.select)?)
-        .with_context(|| format!("loading model {}", args.model.model.display()))?;
-    let opts = EvalOptions { max_new_tokens: args.max_new_tokens, limit: args.limit, keep_predictions: args.json };
+    let methods = list(&args.prune);
+    let keeps: Vec<Budget> = list(&args.keep).iter().map(|k| k.parse()).collect::<Result<_, _>>()?;
+    let tiles: Vec<Option<TileBudget>> = list(&args.tiles)
+        .iter()
+        .map(|t| if t == "all" { Ok(None) } else { t.parse().map(Some) })
+        .collect::<Result<_, _>>()?;
+    let mut po = args.model.pipeline_options(&super::SelectArgs::default_none())?;
     let n = args.limit.map_or(set.questions.len(), |l| l.min(set.questions.len()));
-    let bar = ProgressBar::new(n as u64);
+    let opts = EvalOptions { max_new_tokens: args.max_new_tokens, limit: args.limit, keep_predictions: args.json };
+    let configs = tiles.len() * methods.len() * keeps.len();
+    let bar = ProgressBar::new((n * configs) as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} questions, {per_sec}, eta {eta}")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} answers, {per_sec}, eta {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let report =
-        evaluate(&pipeline, &set, &opts, &mut |done, _| bar.set_position(done as u64)).context("evaluating")?;
+    let mut rows = Vec::new();
+    for tile in &tiles {
+        po.tiles = tile.map(|budget| TileSkip { budget, skipped: args.skipped_tiles });
+        let mut pipeline = Pipeline::load(&args.model.model, &po)
+            .with_context(|| format!("loading model {}", args.model.model.display()))?;
+        for m in &methods {
+            for &keep in &keeps {
+                // `none` ignores the budget, and keeping everything is the same for every method:
+                // evaluate each of those once.
+                if m == "none" && !keep.is_full() {
+                    bar.inc(n as u64);
+                    continue;
+                }
+                if keep.is_full()
+                    && m != &methods[0]
+                    && rows.iter().any(|r: &Row| r.keep == "1" && r.tiles == tile_label(tile))
+                {
+                    bar.inc(n as u64);
+                    continue;
+                }
+                let cfg = SelectConfig {
+                    method: m.clone(),
+                    budget: keep,
+                    scope: args.keep_scope,
+                    seed: args.prune_seed,
+                    ..Default::default()
+                };
+                pipeline.set_selection(cfg, args.positions)?;
+                bar.set_message(format!("{m} keep {keep} tiles {}", tile_label(tile)));
+                let done_before = bar.position();
+                let report =
+                    evaluate(&pipeline, &set, &opts, &mut |done, _| bar.set_position(done_before + done as u64))
+                        .with_context(|| format!("evaluating {m} keep {keep}"))?;
+                rows.push(Row { method: m.clone(), keep: keep.to_string(), tiles: tile_label(tile), report });
+            }
+        }
+    }
     bar.finish_and_clear();
-    let cfg = pipeline.selection();
     if args.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| serde_json::json!({"prune": r.method, "keep": r.keep, "tiles": r.tiles, "report": r.report}))
+            .collect();
         let v = serde_json::json!({
-            "model": pipeline.folder.root,
+            "model": args.model.model,
             "set": set_dir,
             "dtype": args.model.dtype_label(),
-            "prune": cfg.method,
-            "keep": cfg.budget.to_string(),
-            "keep_scope": format!("{:?}", cfg.scope),
-            "report": report,
+            "keep_scope": format!("{:?}", args.keep_scope),
+            "positions": args.positions,
+            "runs": v,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let pct = |a: &glimpse_runtime::eval::Accuracy| {
-        format!(
-            "{:5.1}% [{:.1}, {:.1}] ({}/{})",
-            a.accuracy * 100.0,
-            a.ci95[0] * 100.0,
-            a.ci95[1] * 100.0,
-            a.correct,
-            a.total
-        )
-    };
-    println!(
-        "{}  prune {} keep {} ({:?})  dtype {}",
-        pipeline.folder.root.display(),
-        cfg.method,
-        cfg.budget,
-        cfg.scope,
-        args.model.dtype_label()
-    );
-    println!("overall        {}", pct(&report.overall));
-    for (kind, acc) in &report.by_type {
-        println!("{kind:<14} {}", pct(acc));
+    let types: Vec<String> = rows.first().map(|r| r.report.by_type.keys().cloned().collect()).unwrap_or_default();
+    let pct = |a: &Accuracy| format!("{:.1}", a.accuracy * 100.0);
+    if args.markdown {
+        println!("| method | keep | tiles | tokens | accuracy % [95% CI] | {} | TTFT ms |", types.join(" | "));
+        println!("|---|---|---|---|---|{}---|", "---|".repeat(types.len()));
+    } else {
+        println!("{} ({} questions, dtype {})", args.model.model.display(), n, args.model.dtype_label());
     }
-    println!(
-        "visual tokens  {:.1} kept of {:.1}; mean TTFT {:.1} ms",
-        report.mean_visual_tokens_kept, report.mean_visual_tokens, report.mean_ttft_ms
-    );
+    for r in &rows {
+        let o = &r.report.overall;
+        let per: Vec<String> = types.iter().map(|t| r.report.by_type.get(t).map(pct).unwrap_or_default()).collect();
+        let tokens = format!("{:.0}/{:.0}", r.report.mean_visual_tokens_kept, r.report.mean_visual_tokens);
+        let overall = format!("{:.1} [{:.1}, {:.1}]", o.accuracy * 100.0, o.ci95[0] * 100.0, o.ci95[1] * 100.0);
+        if args.markdown {
+            println!(
+                "| {} | {} | {} | {tokens} | {overall} | {} | {:.1} |",
+                r.method,
+                r.keep,
+                r.tiles,
+                per.join(" | "),
+                r.report.mean_ttft_ms
+            );
+        } else {
+            println!("{:<10} keep {:<5} tiles {:<4} tokens {tokens:<9} overall {overall}", r.method, r.keep, r.tiles);
+            for (t, a) in &r.report.by_type {
+                println!(
+                    "    {t:<12} {:5.1}% [{:.1}, {:.1}] ({}/{})",
+                    a.accuracy * 100.0,
+                    a.ci95[0] * 100.0,
+                    a.ci95[1] * 100.0,
+                    a.correct,
+                    a.total
+                );
+            }
+            println!("    mean TTFT {:.1} ms", r.report.mean_ttft_ms);
+        }
+    }
     Ok(())
+}
+
+fn tile_label(t: &Option<TileBudget>) -> String {
+    match t {
+        None => "all".into(),
+        Some(TileBudget::Count(n)) => n.to_string(),
+        Some(TileBudget::Ratio(r)) => r.to_string(),
+    }
 }
