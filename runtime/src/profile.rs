@@ -64,6 +64,8 @@ pub struct ProfileRow {
     pub backend: String,
     pub method: String,
     pub keep: String,
+    /// Tile budget (`all` without tile skipping).
+    pub tiles: String,
     pub views: usize,
     pub visual_tokens: usize,
     pub visual_tokens_kept: usize,
@@ -172,6 +174,7 @@ pub fn profile(
         backend: pipeline.backend_name().into(),
         method: pipeline.selection().method.clone(),
         keep: pipeline.selection().budget.to_string(),
+        tiles: "all".into(),
         views,
         visual_tokens: stats.visual_tokens,
         visual_tokens_kept: stats.visual_tokens_kept,

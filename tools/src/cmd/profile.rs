@@ -38,6 +38,12 @@ pub struct Args {
     /// Position ids after pruning.
     #[arg(long, default_value = "contiguous")]
     pub positions: Positions,
+    /// Tile budgets to sweep (counts or ratios, comma-separated; `all` = no skipping).
+    #[arg(long, default_value = "all")]
+    pub tiles: String,
+    /// What replaces a skipped tile: drop or global.
+    #[arg(long, default_value = "drop")]
+    pub skipped_tiles: glimpse_runtime::SkippedTiles,
     /// Untimed runs before measuring each configuration.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -74,7 +80,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     let opts = ProfileOptions { warmup: args.warmup, runs: args.runs.max(1), new_tokens: args.new_tokens };
     let backend_opts = BackendOptions { ort_library: args.model.ort_lib.clone(), threads: args.model.threads };
-    let total = backends.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
+    let tiles: Vec<Option<glimpse_runtime::TileBudget>> = list(&args.tiles)
+        .iter()
+        .map(|t| if t == "all" { Ok(None) } else { t.parse().map(Some) })
+        .collect::<Result<_, _>>()?;
+    let total = backends.len() * tiles.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} runs {msg}")
@@ -84,9 +94,10 @@ pub fn run(args: Args) -> Result<()> {
     let mut calibrations: Vec<Calibration> = Vec::new();
     let mut model_bytes = 0;
     let mut realsize = false;
-    for b in &backends {
+    for (b, tile) in backends.iter().flat_map(|b| tiles.iter().map(move |t| (b, *t))) {
         let mut po = args.model.pipeline_options(&super::SelectArgs::default_none())?;
         po.backend = b.clone();
+        po.tiles = tile.map(|budget| glimpse_runtime::TileSkip { budget, skipped: args.skipped_tiles });
         let mut pipeline = Pipeline::load(&args.model.model, &po)
             .with_context(|| format!("loading {} with backend {b}", args.model.model.display()))?;
         realsize = pipeline.folder.path("glimpse.json").is_file()
@@ -94,14 +105,14 @@ pub fn run(args: Args) -> Result<()> {
                 .is_ok_and(|s| s.contains("\"realsize\": true"));
         model_bytes =
             Part::ALL.iter().map(|&p| glimpse_runtime::profile::part_bytes(&pipeline, p, pipeline.part_dtype(p))).sum();
-        let cal = if args.calibrate {
+        let cal = if args.calibrate && !calibrations.iter().any(|c: &Calibration| &c.backend == b) {
             bar.set_message(format!("calibrating {b}"));
             let be = backend::by_name(b, &backend_opts)?;
             let c = calibrate(be.as_ref()).context("calibration")?;
             calibrations.push(c.clone());
             Some(c)
         } else {
-            None
+            calibrations.iter().find(|c| &c.backend == b).cloned()
         };
         for m in &methods {
             for &keep in &keeps {
@@ -109,8 +120,13 @@ pub fn run(args: Args) -> Result<()> {
                 let cfg =
                     SelectConfig { method: m.clone(), budget: keep, scope: args.keep_scope, ..Default::default() };
                 pipeline.set_selection(cfg, args.positions)?;
-                let row = profile(&pipeline, &args.image, &args.prompt, &opts, cal.as_ref(), &mut || bar.inc(1))
+                let mut row = profile(&pipeline, &args.image, &args.prompt, &opts, cal.as_ref(), &mut || bar.inc(1))
                     .with_context(|| format!("profiling {b} {m} keep {keep}"))?;
+                row.tiles = match tile {
+                    None => "all".into(),
+                    Some(glimpse_runtime::TileBudget::Count(n)) => n.to_string(),
+                    Some(glimpse_runtime::TileBudget::Ratio(r)) => r.to_string(),
+                };
                 rows.push(row);
             }
         }
@@ -194,7 +210,7 @@ fn print_table(rows: &[ProfileRow]) {
             out,
             "{:<7} {:<10} {:>5} {:>9} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6.2}",
             r.backend,
-            r.method,
+            if r.tiles == "all" { r.method.clone() } else { format!("{} t{}", r.method, r.tiles) },
             r.keep,
             format!("{}/{}", r.visual_tokens_kept, r.visual_tokens),
             m("preprocess"),
