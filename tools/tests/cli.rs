@@ -1,21 +1,22 @@
 //! The `glimpse` binary end to end on the committed default model.
 
-mod common;
-
+use std::path::PathBuf;
 use std::process::Command;
 
-use common::*;
+/// Repository root (this crate lives in `tools/`).
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
 
+fn model(name: &str) -> PathBuf {
+    repo().join("models").join(name)
+}
+
+const TINY_MODELS: [&str; 2] = ["tiny-smolvlm", "tiny-llava"];
+
+/// The `glimpse` binary cargo built for these tests, run from the repository root.
 fn glimpse() -> Command {
-    // The binary lives in the workspace target dir next to this test's own executable.
-    let mut exe = std::env::current_exe().expect("test exe");
-    exe.pop();
-    if exe.ends_with("deps") {
-        exe.pop();
-    }
-    let bin = exe.join(format!("glimpse{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.is_file(), "{} not built: run `cargo test --workspace` (builds every binary)", bin.display());
-    let mut c = Command::new(bin);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_glimpse"));
     c.current_dir(repo());
     c
 }
