@@ -147,7 +147,7 @@ pub fn profile(
             continue;
         }
         let t = answer.stats.times;
-        let views = last_views(&answer.stats);
+        let views = answer.stats.views;
         for (name, d) in
             STAGES.iter().zip([t.image_decode, t.preprocess, t.encode, t.select, t.splice, t.prefill, t.decode])
         {
@@ -168,7 +168,7 @@ pub fn profile(
     } else {
         0.0
     };
-    let views = last_views(&stats);
+    let views = stats.views;
     let efficiency = efficiency(pipeline, &stats, views, &stages, calibration)?;
     Ok(ProfileRow {
         backend: pipeline.backend_name().into(),
@@ -185,10 +185,6 @@ pub fn profile(
         accounting_gap: Spread::of(gaps).median_ms,
         efficiency,
     })
-}
-
-fn last_views(stats: &crate::pipeline::GenerationStats) -> usize {
-    stats.views
 }
 
 fn efficiency(

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use glimpse_runtime::eval::{evaluate, Accuracy, EvalOptions, EvalReport, EvalSet};
-use glimpse_runtime::{Budget, Pipeline, Positions, Scope, SelectConfig, SkippedTiles, TileBudget, TileSkip};
+use glimpse_runtime::{Budget, Pipeline, Positions, Scope, SelectConfig, SkippedTiles, TileSkip};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::ModelArgs;
+use super::{list, tile_budgets, tile_label, ModelArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -53,10 +53,6 @@ pub struct Args {
     pub markdown: bool,
 }
 
-fn list(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect()
-}
-
 struct Row {
     method: String,
     keep: String,
@@ -69,10 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     let set = EvalSet::load(&set_dir).with_context(|| format!("loading eval set {}", set_dir.display()))?;
     let methods = list(&args.prune);
     let keeps: Vec<Budget> = list(&args.keep).iter().map(|k| k.parse()).collect::<Result<_, _>>()?;
-    let tiles: Vec<Option<TileBudget>> = list(&args.tiles)
-        .iter()
-        .map(|t| if t == "all" { Ok(None) } else { t.parse().map(Some) })
-        .collect::<Result<_, _>>()?;
+    let tiles = tile_budgets(&args.tiles)?;
     let mut po = args.model.pipeline_options(&super::SelectArgs::default_none())?;
     let n = args.limit.map_or(set.questions.len(), |l| l.min(set.questions.len()));
     let opts = EvalOptions { max_new_tokens: args.max_new_tokens, limit: args.limit, keep_predictions: args.json };
@@ -97,7 +90,7 @@ pub fn run(args: Args) -> Result<()> {
                 }
                 if keep.is_full()
                     && m != &methods[0]
-                    && rows.iter().any(|r: &Row| r.keep == "1" && r.tiles == tile_label(tile))
+                    && rows.iter().any(|r: &Row| r.keep == "1" && r.tiles == tile_label(*tile))
                 {
                     bar.inc(n as u64);
                     continue;
@@ -110,12 +103,12 @@ pub fn run(args: Args) -> Result<()> {
                     ..Default::default()
                 };
                 pipeline.set_selection(cfg, args.positions)?;
-                bar.set_message(format!("{m} keep {keep} tiles {}", tile_label(tile)));
+                bar.set_message(format!("{m} keep {keep} tiles {}", tile_label(*tile)));
                 let done_before = bar.position();
                 let report =
                     evaluate(&pipeline, &set, &opts, &mut |done, _| bar.set_position(done_before + done as u64))
                         .with_context(|| format!("evaluating {m} keep {keep}"))?;
-                rows.push(Row { method: m.clone(), keep: keep.to_string(), tiles: tile_label(tile), report });
+                rows.push(Row { method: m.clone(), keep: keep.to_string(), tiles: tile_label(*tile), report });
             }
         }
     }
@@ -174,12 +167,4 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn tile_label(t: &Option<TileBudget>) -> String {
-    match t {
-        None => "all".into(),
-        Some(TileBudget::Count(n)) => n.to_string(),
-        Some(TileBudget::Ratio(r)) => r.to_string(),
-    }
 }

@@ -184,3 +184,22 @@ impl SelectArgs {
         }
     }
 }
+
+/// Splits a comma-separated option value, dropping empty items.
+pub fn list(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect()
+}
+
+/// Parses a comma-separated `--tiles` value; `all` means no tile skipping.
+pub fn tile_budgets(s: &str) -> anyhow::Result<Vec<Option<TileBudget>>> {
+    Ok(list(s).iter().map(|t| if t == "all" { Ok(None) } else { t.parse().map(Some) }).collect::<Result<_, _>>()?)
+}
+
+/// The label of a tile budget in reports (`all` without skipping).
+pub fn tile_label(t: Option<TileBudget>) -> String {
+    match t {
+        None => "all".into(),
+        Some(TileBudget::Count(n)) => n.to_string(),
+        Some(TileBudget::Ratio(r)) => r.to_string(),
+    }
+}

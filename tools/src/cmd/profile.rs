@@ -11,7 +11,7 @@ use glimpse_runtime::profile::{peak_rss_bytes, profile, ProfileOptions, ProfileR
 use glimpse_runtime::{Budget, Pipeline, Positions, Scope, SelectConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::ModelArgs;
+use super::{list, tile_budgets, tile_label, ModelArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -67,10 +67,6 @@ pub struct Args {
     pub plot: Option<PathBuf>,
 }
 
-fn list(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect()
-}
-
 pub fn run(args: Args) -> Result<()> {
     let backends = if args.backends.is_empty() { vec![args.model.backend.clone()] } else { list(&args.backends) };
     let methods = list(&args.prune);
@@ -80,10 +76,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let opts = ProfileOptions { warmup: args.warmup, runs: args.runs.max(1), new_tokens: args.new_tokens };
     let backend_opts = BackendOptions { ort_library: args.model.ort_lib.clone(), threads: args.model.threads };
-    let tiles: Vec<Option<glimpse_runtime::TileBudget>> = list(&args.tiles)
-        .iter()
-        .map(|t| if t == "all" { Ok(None) } else { t.parse().map(Some) })
-        .collect::<Result<_, _>>()?;
+    let tiles = tile_budgets(&args.tiles)?;
     let total = backends.len() * tiles.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
@@ -122,11 +115,7 @@ pub fn run(args: Args) -> Result<()> {
                 pipeline.set_selection(cfg, args.positions)?;
                 let mut row = profile(&pipeline, &args.image, &args.prompt, &opts, cal.as_ref(), &mut || bar.inc(1))
                     .with_context(|| format!("profiling {b} {m} keep {keep}"))?;
-                row.tiles = match tile {
-                    None => "all".into(),
-                    Some(glimpse_runtime::TileBudget::Count(n)) => n.to_string(),
-                    Some(glimpse_runtime::TileBudget::Ratio(r)) => r.to_string(),
-                };
+                row.tiles = tile_label(tile);
                 rows.push(row);
             }
         }
