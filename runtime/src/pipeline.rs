@@ -306,6 +306,15 @@ impl Pipeline {
         self.dtypes[Part::ALL.iter().position(|p| *p == part).unwrap_or(0)]
     }
 
+    /// Where each part runs (backend, execution providers and what became of each).
+    pub fn placements(&self) -> [(Part, crate::backend::Placement); 3] {
+        [
+            (Part::VisionEncoder, self.vision.placement()),
+            (Part::EmbedTokens, self.embed.placement()),
+            (Part::Decoder, self.decoder.placement()),
+        ]
+    }
+
     /// The backend running the parts.
     pub fn backend_name(&self) -> &'static str {
         self.backend_name

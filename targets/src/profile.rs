@@ -136,6 +136,9 @@ pub enum ExecutionProvider {
     /// XNNPACK: optimised ARM/x86 CPU kernels.
     #[serde(rename = "XNNPACK")]
     Xnnpack,
+    /// Arm Compute Library (ARM CPUs; community-maintained ONNX Runtime builds).
+    #[serde(rename = "ACL")]
+    Acl,
     /// The default CPU provider.
     #[serde(rename = "CPU")]
     Cpu,
@@ -148,6 +151,7 @@ impl ExecutionProvider {
             ExecutionProvider::TensorRT => "TensorRT",
             ExecutionProvider::Cuda => "CUDA",
             ExecutionProvider::Xnnpack => "XNNPACK",
+            ExecutionProvider::Acl => "ACL",
             ExecutionProvider::Cpu => "CPU",
         }
     }

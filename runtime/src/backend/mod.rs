@@ -132,6 +132,58 @@ impl Tensor {
     }
 }
 
+/// What became of one execution provider asked for when a part was loaded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "status", content = "reason", rename_all = "snake_case")]
+pub enum ProviderStatus {
+    /// Registered with the session: the part's nodes it supports run there.
+    Registered,
+    /// The loaded library was built without it (e.g. the CPU-only PyPI wheel and `CUDA`).
+    NotInLibrary,
+    /// The library has it but registration failed (missing driver, CUDA/TensorRT libraries ...).
+    Failed(String),
+}
+
+/// Where a loaded part runs: the backend, and for ONNX Runtime each execution provider asked for,
+/// in priority order, with what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Placement {
+    pub backend: String,
+    pub providers: Vec<(String, ProviderStatus)>,
+}
+
+impl Placement {
+    /// A backend that runs everything on the CPU itself (tract).
+    pub fn cpu(backend: &str) -> Placement {
+        Placement { backend: backend.into(), providers: vec![("CPU".into(), ProviderStatus::Registered)] }
+    }
+
+    /// The provider that runs the part: the first registered one (ONNX Runtime assigns each node
+    /// to the first registered provider that supports it, the CPU provider taking the rest).
+    pub fn primary(&self) -> &str {
+        self.providers.iter().find(|(_, s)| *s == ProviderStatus::Registered).map_or("CPU", |(n, _)| n.as_str())
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} on {}", self.backend, self.primary())?;
+        let notes: Vec<String> = self
+            .providers
+            .iter()
+            .filter_map(|(n, s)| match s {
+                ProviderStatus::Registered => None,
+                ProviderStatus::NotInLibrary => Some(format!("{n}: not in this ONNX Runtime library")),
+                ProviderStatus::Failed(why) => Some(format!("{n}: failed ({why})")),
+            })
+            .collect();
+        if !notes.is_empty() {
+            write!(f, " [{}]", notes.join("; "))?;
+        }
+        Ok(())
+    }
+}
+
 /// A loaded model part ready to run.
 pub trait Session: Send + Sync {
     /// Declared inputs, in model order.
@@ -141,6 +193,8 @@ pub trait Session: Send + Sync {
     /// Runs the part. `inputs` must name every declared input; outputs come back in declared
     /// order.
     fn run(&self, inputs: Vec<(&str, Tensor)>) -> Result<Vec<Tensor>>;
+    /// Where the part runs.
+    fn placement(&self) -> Placement;
 }
 
 /// A way of running ONNX files.
@@ -158,6 +212,12 @@ pub struct BackendOptions {
     pub ort_library: Option<std::path::PathBuf>,
     /// Intra-op threads for backends that take a count (0 = backend default).
     pub threads: usize,
+    /// ONNX Runtime execution providers in priority order (`TensorRT`, `CUDA`, `XNNPACK`, `ACL`,
+    /// `CPU`); empty means the CPU provider. tract ignores them.
+    pub execution_providers: Vec<String>,
+    /// Folder for TensorRT engine and timing caches (building engines takes minutes on a Jetson;
+    /// the cache makes later loads fast). `None`: `$XDG_CACHE_HOME` or `~/.cache` + `glimpse/tensorrt`.
+    pub engine_cache: Option<std::path::PathBuf>,
 }
 
 /// Backend names this build can run.
@@ -177,6 +237,8 @@ pub fn by_name(name: &str, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
         "ort" => Ok(Box::new(ort::OrtBackend::new(&ort::OrtOptions {
             library: opts.ort_library.clone(),
             threads: opts.threads,
+            execution_providers: opts.execution_providers.clone(),
+            engine_cache: opts.engine_cache.clone(),
         })?)),
         other => {
             let _ = opts;

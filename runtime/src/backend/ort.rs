@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use ndarray::ArrayD;
+use ort::ep::{self, ExecutionProvider};
+use ort::session::builder::SessionBuilder;
 use ort::session::Session as OrtSession;
 use ort::value::{DynValue, Tensor as OrtTensor};
 
-use super::{order_inputs, Backend, Session, Tensor, TensorInfo};
+use super::{order_inputs, Backend, Placement, ProviderStatus, Session, Tensor, TensorInfo};
 use crate::error::{Error, Result};
 use crate::onnx_info::{graph_io, read_proto};
 
@@ -22,12 +24,64 @@ pub struct OrtOptions {
     pub library: Option<PathBuf>,
     /// Intra-op threads (0 = ONNX Runtime's default).
     pub threads: usize,
+    /// Execution providers in priority order ([`PROVIDERS`] names); empty = `CPU`.
+    pub execution_providers: Vec<String>,
+    /// TensorRT engine / timing cache folder (see [`default_engine_cache`]).
+    pub engine_cache: Option<PathBuf>,
 }
+
+/// Execution providers Glimpse can register, as target profiles name them.
+pub const PROVIDERS: [&str; 5] = ["TensorRT", "CUDA", "XNNPACK", "ACL", "CPU"];
 
 /// The ONNX Runtime backend.
 #[derive(Debug)]
 pub struct OrtBackend {
     threads: usize,
+    providers: Vec<String>,
+    engine_cache: PathBuf,
+}
+
+/// `$XDG_CACHE_HOME/glimpse/tensorrt`, else `~/.cache/glimpse/tensorrt`, else a temp folder.
+pub fn default_engine_cache() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("glimpse").join("tensorrt")
+}
+
+/// Asks ONNX Runtime for one provider: skipped when the library lacks it, an error kept (not
+/// raised) when registration fails, so the part still loads on the providers that remain.
+fn register(name: &str, builder: &mut SessionBuilder, engine_cache: &Path) -> ProviderStatus {
+    fn go<E: ExecutionProvider>(provider: E, builder: &mut SessionBuilder) -> ProviderStatus {
+        match E::is_available() {
+            Ok(false) => ProviderStatus::NotInLibrary,
+            Err(e) => ProviderStatus::Failed(e.to_string()),
+            Ok(true) => match provider.register(builder) {
+                Ok(()) => ProviderStatus::Registered,
+                Err(e) => ProviderStatus::Failed(e.to_string()),
+            },
+        }
+    }
+    let cache = engine_cache.display().to_string();
+    match name {
+        // fp16 engines: the Jetson profiles run vision in fp16 anyway; the engine and timing caches
+        // turn a multi-minute engine build into a load on every later start.
+        "TensorRT" => go(
+            ep::TensorRT::default()
+                .with_fp16(true)
+                .with_engine_cache(true)
+                .with_engine_cache_path(&cache)
+                .with_timing_cache(true)
+                .with_timing_cache_path(&cache),
+            builder,
+        ),
+        "CUDA" => go(ep::CUDA::default(), builder),
+        "XNNPACK" => go(ep::XNNPACK::default(), builder),
+        "ACL" => go(ep::ACL::default(), builder),
+        "CPU" => go(ep::CPU::default(), builder),
+        other => ProviderStatus::Failed(format!("unknown execution provider `{other}`")),
+    }
 }
 
 static ENVIRONMENT: OnceLock<std::result::Result<(ort::environment::Environment, PathBuf), String>> = OnceLock::new();
@@ -69,8 +123,20 @@ impl OrtBackend {
                 Err(_) => Err(format!("{}: ONNX Runtime failed to load (wrong version? need API 31, onnxruntime >= 1.23)", lib.display())),
             }
         });
+        if let Some(bad) = opts.execution_providers.iter().find(|p| !PROVIDERS.contains(&p.as_str())) {
+            return Err(Error::invalid("execution provider", bad, format!("expected one of {}", PROVIDERS.join(", "))));
+        }
+        let providers = if opts.execution_providers.is_empty() {
+            vec!["CPU".to_string()]
+        } else {
+            opts.execution_providers.clone()
+        };
         match env {
-            Ok(_) => Ok(OrtBackend { threads: opts.threads }),
+            Ok(_) => Ok(OrtBackend {
+                threads: opts.threads,
+                providers,
+                engine_cache: opts.engine_cache.clone().unwrap_or_else(default_engine_cache),
+            }),
             Err(message) => Err(Error::Backend { backend: NAME.into(), message: message.clone() }),
         }
     }
@@ -107,8 +173,19 @@ impl Backend for OrtBackend {
         if self.threads > 0 {
             builder = builder.with_intra_threads(self.threads).map_err(|e| load_err(e.into()))?;
         }
+        if self.providers.iter().any(|p| p == "TensorRT") {
+            std::fs::create_dir_all(&self.engine_cache).map_err(|e| Error::Backend {
+                backend: NAME.into(),
+                message: format!("TensorRT engine cache {}: {e}", self.engine_cache.display()),
+            })?;
+        }
+        let mut providers = Vec::with_capacity(self.providers.len());
+        for name in &self.providers {
+            providers.push((name.clone(), register(name, &mut builder, &self.engine_cache)));
+        }
+        let placement = Placement { backend: NAME.into(), providers };
         let session = builder.commit_from_file(onnx_file).map_err(load_err)?;
-        Ok(Box::new(OrtPart { part: part.to_string(), session: Mutex::new(session), inputs, outputs }))
+        Ok(Box::new(OrtPart { part: part.to_string(), session: Mutex::new(session), inputs, outputs, placement }))
     }
 }
 
@@ -117,6 +194,7 @@ struct OrtPart {
     session: Mutex<OrtSession>,
     inputs: Vec<TensorInfo>,
     outputs: Vec<TensorInfo>,
+    placement: Placement,
 }
 
 fn to_value(t: Tensor) -> std::result::Result<DynValue, ort::Error> {
@@ -148,6 +226,10 @@ impl Session for OrtPart {
 
     fn outputs(&self) -> &[TensorInfo] {
         &self.outputs
+    }
+
+    fn placement(&self) -> Placement {
+        self.placement.clone()
     }
 
     fn run(&self, inputs: Vec<(&str, Tensor)>) -> Result<Vec<Tensor>> {

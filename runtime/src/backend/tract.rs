@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tract_onnx::prelude::*;
 
-use super::{order_inputs, Backend, Session, Tensor as HostTensor, TensorInfo};
+use super::{order_inputs, Backend, Placement, Session, Tensor as HostTensor, TensorInfo};
 use crate::error::{Error, Result};
 use crate::onnx_info::{graph_io, read_proto};
 
@@ -59,6 +59,10 @@ impl Session for TractSession {
 
     fn outputs(&self) -> &[TensorInfo] {
         &self.outputs
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::cpu(NAME)
     }
 
     fn run(&self, inputs: Vec<(&str, HostTensor)>) -> Result<Vec<HostTensor>> {

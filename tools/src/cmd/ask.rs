@@ -75,6 +75,7 @@ pub fn run(args: Args) -> Result<()> {
             "model": pipeline.folder.root,
             "family": pipeline.family.name(),
             "backend": pipeline.backend_name(),
+            "placement": pipeline.placements().iter().map(|(p, pl)| (p.stem().to_string(), pl.clone())).collect::<std::collections::BTreeMap<_, _>>(),
             "answer": answer.text,
             "token_ids": answer.token_ids,
             "stats": answer.stats,
@@ -99,6 +100,10 @@ pub fn run(args: Args) -> Result<()> {
             t.prefill.as_secs_f64() * 1e3,
             t.decode.as_secs_f64() * 1e3,
         );
+        if pipeline.backend_name() != "tract" {
+            let parts: Vec<String> = pipeline.placements().iter().map(|(p, pl)| format!("{p}: {pl}")).collect();
+            eprintln!("[placement: {}]", parts.join("; "));
+        }
     }
     Ok(())
 }

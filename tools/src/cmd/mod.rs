@@ -41,6 +41,14 @@ pub struct ModelArgs {
     /// Intra-op threads for ONNX Runtime (0 = its default); tract runs single-threaded.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// ONNX Runtime execution providers in priority order, comma-separated (TensorRT, CUDA,
+    /// XNNPACK, ACL, CPU); default: the target profile's list. Providers the library lacks are
+    /// skipped and reported.
+    #[arg(long, value_delimiter = ',')]
+    pub ep: Vec<String>,
+    /// TensorRT engine cache folder (default: ~/.cache/glimpse/tensorrt).
+    #[arg(long)]
+    pub trt_cache: Option<PathBuf>,
     /// Largest accepted image, in pixels (width × height).
     #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
     pub max_image_pixels: u64,
@@ -94,6 +102,21 @@ pub fn auto_dtypes(
 }
 
 impl ModelArgs {
+    /// Backend settings: `--ep` or else the target profile's execution providers (tract ignores them).
+    pub fn backend_options(&self) -> anyhow::Result<glimpse_runtime::backend::BackendOptions> {
+        let execution_providers = if self.ep.is_empty() {
+            target_profile(self.target.as_deref())?.execution_providers.iter().map(|p| p.name().to_string()).collect()
+        } else {
+            self.ep.clone()
+        };
+        Ok(glimpse_runtime::backend::BackendOptions {
+            ort_library: self.ort_lib.clone(),
+            threads: self.threads,
+            execution_providers,
+            engine_cache: self.trt_cache.clone(),
+        })
+    }
+
     /// A short description of the dtype choice for reports.
     pub fn dtype_label(&self) -> String {
         match self.dtype {
@@ -120,10 +143,7 @@ impl ModelArgs {
             select: select.config(),
             positions: select.positions,
             tiles: select.tiles.map(|budget| TileSkip { budget, skipped: select.skipped_tiles }),
-            backend_options: glimpse_runtime::backend::BackendOptions {
-                ort_library: self.ort_lib.clone(),
-                threads: self.threads,
-            },
+            backend_options: self.backend_options()?,
         })
     }
 }

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use glimpse_runtime::backend::{self, BackendOptions};
+use glimpse_runtime::backend;
 use glimpse_runtime::calibrate::{calibrate, Calibration};
 use glimpse_runtime::folder::Part;
 use glimpse_runtime::profile::{peak_rss_bytes, profile, ProfileOptions, ProfileRow};
@@ -75,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--prune and --keep need at least one value each");
     }
     let opts = ProfileOptions { warmup: args.warmup, runs: args.runs.max(1), new_tokens: args.new_tokens };
-    let backend_opts = BackendOptions { ort_library: args.model.ort_lib.clone(), threads: args.model.threads };
+    let backend_opts = args.model.backend_options()?;
     let tiles = tile_budgets(&args.tiles)?;
     let total = backends.len() * tiles.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
     let bar = ProgressBar::new(total as u64);
@@ -87,12 +87,21 @@ pub fn run(args: Args) -> Result<()> {
     let mut calibrations: Vec<Calibration> = Vec::new();
     let mut model_bytes = 0;
     let mut realsize = false;
+    let mut placements = std::collections::BTreeMap::new();
     for (b, tile) in backends.iter().flat_map(|b| tiles.iter().map(move |t| (b, *t))) {
         let mut po = args.model.pipeline_options(&super::SelectArgs::default_none())?;
         po.backend = b.clone();
         po.tiles = tile.map(|budget| glimpse_runtime::TileSkip { budget, skipped: args.skipped_tiles });
         let mut pipeline = Pipeline::load(&args.model.model, &po)
             .with_context(|| format!("loading {} with backend {b}", args.model.model.display()))?;
+        placements.insert(
+            b.clone(),
+            pipeline
+                .placements()
+                .map(|(p, pl)| (p.stem().to_string(), pl))
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        );
         realsize = pipeline.folder.path("glimpse.json").is_file()
             && std::fs::read_to_string(pipeline.folder.path("glimpse.json"))
                 .is_ok_and(|s| s.contains("\"realsize\": true"));
@@ -146,6 +155,7 @@ pub fn run(args: Args) -> Result<()> {
             "peak_rss_bytes": peak,
             "note": note,
             "calibration": calibrations,
+            "placement": placements,
             "rows": rows,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -159,6 +169,10 @@ pub fn run(args: Args) -> Result<()> {
         opts.runs,
         opts.warmup
     );
+    for (b, parts) in &placements {
+        let text: Vec<String> = parts.iter().map(|(p, pl)| format!("{p}: {pl}")).collect();
+        println!("placement {b}: {}", text.join("; "));
+    }
     for c in &calibrations {
         println!(
             "calibration {}: GEMM {:.1} GFLOP/s ({}x{}x{}), memory read {:.1} GB/s ({} threads)",
