@@ -8,19 +8,6 @@ use common::*;
 use glimpse::runtime::backend::{BackendOptions, ProviderStatus};
 use glimpse::runtime::{GenerationOptions, Pipeline, PipelineOptions};
 
-fn ort_library() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        return p.into();
-    }
-    let venv = repo().join(".venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
-    assert!(
-        venv.is_file(),
-        "no ONNX Runtime library: set ORT_DYLIB_PATH or create the venv (`bash .ci/run` does) so that {} exists",
-        venv.display()
-    );
-    venv
-}
-
 fn ort_options() -> PipelineOptions {
     PipelineOptions {
         backend: "ort".into(),

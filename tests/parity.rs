@@ -132,6 +132,23 @@ fn ask_end_to_end_from_the_image_file_matches_generate() {
     }
 }
 
+/// The committed fp16 variant of tiny-llava (`glimpse quantize --to fp16`: fp16 weights and compute,
+/// fp32 I/O) gives transformers' fp32 greedy tokens. Under qemu cortex-a76 in CI this runs tract's
+/// native f16 kernels (the CPU has FEAT_FP16); on x86 tract widens f16 to f32.
+#[test]
+fn fp16_variant_gives_the_fp32_tokens() {
+    let opts = PipelineOptions { dtype: "fp16".parse().expect("dtype"), ..Default::default() };
+    let p = Pipeline::load(model("tiny-llava"), &opts).expect("fp16 variant");
+    for case in cases(&model("tiny-llava")).1 {
+        let gen = GenerationOptions {
+            max_new_tokens: case.json["max_new_tokens"].as_u64().expect("max_new_tokens") as usize,
+            ..Default::default()
+        };
+        let answer = p.ask(Some(&case.image()), case.prompt(), &gen, &mut |_| {}).expect("ask fp16");
+        assert_eq!(answer.token_ids, case.ints("generated_ids"), "tiny-llava/{} fp16", case.name());
+    }
+}
+
 #[test]
 fn keep_all_gives_the_unpruned_tokens_for_every_method() {
     use glimpse::runtime::{Budget, Positions, SelectConfig};

@@ -18,6 +18,22 @@ pub fn model(name: &str) -> PathBuf {
     repo().join("models").join(name)
 }
 
+/// The ONNX Runtime library for the ort backend tests: `ORT_DYLIB_PATH`, else the export venv's
+/// onnxruntime==1.31.1 wheel (`.ci/run` creates it); without either the calling test fails and says
+/// how to get one.
+pub fn ort_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return p.into();
+    }
+    let venv = repo().join(".venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
+    assert!(
+        venv.is_file(),
+        "no ONNX Runtime library: set ORT_DYLIB_PATH or create the venv (`bash .ci/run` does) so that {} exists",
+        venv.display()
+    );
+    venv
+}
+
 /// The tiny models with transformers fixtures.
 pub const TINY_MODELS: [&str; 2] = ["tiny-smolvlm", "tiny-llava"];
 
