@@ -2,9 +2,10 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use glimpse_runtime::{GenerationOptions, Pipeline, SamplingOptions};
+use glimpse_runtime::{GenerationOptions, Pipeline, SamplingOptions, StageTimes};
 
 use super::{ModelArgs, SelectArgs};
 
@@ -58,17 +59,21 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let stream = !args.json;
+    // decode the image once: the answer and the --show-kept overlay both use it
+    let mut times = StageTimes::default();
+    let started = Instant::now();
+    let image = args.image.as_deref().map(|p| pipeline.load_image(p)).transpose().context("reading the image")?;
+    times.image_decode = started.elapsed();
     let answer = pipeline
-        .ask(args.image.as_deref(), &args.prompt, &opts, &mut |piece| {
+        .ask_image(image.as_ref(), &args.prompt, &opts, times, &mut |piece| {
             if stream {
                 let _ = write!(stdout, "{piece}");
                 let _ = stdout.flush();
             }
         })
         .context("answering")?;
-    if let (Some(out), Some(layout), Some(image)) = (&args.show_kept, &answer.layout, &args.image) {
-        let img = pipeline.load_image(image)?;
-        super::overlay::show_kept(&img, layout, out)?;
+    if let (Some(out), Some(layout), Some(img)) = (&args.show_kept, &answer.layout, &image) {
+        super::overlay::show_kept(img, layout, out)?;
     }
     if args.json {
         let v = serde_json::json!({
