@@ -62,6 +62,8 @@ pub struct Efficiency {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProfileRow {
     pub backend: String,
+    /// Dtype variant loaded: one name, or `vision/embed/decoder` when the parts differ.
+    pub dtype: String,
     pub method: String,
     pub keep: String,
     /// Tile budget (`all` without tile skipping).
@@ -170,8 +172,11 @@ pub fn profile(
     };
     let views = stats.views;
     let efficiency = efficiency(pipeline, &stats, views, &stages, calibration)?;
+    let dtypes: Vec<&str> = Part::ALL.iter().map(|&p| pipeline.part_dtype(p).name()).collect();
+    let dtype = if dtypes.iter().all(|d| *d == dtypes[0]) { dtypes[0].to_string() } else { dtypes.join("/") };
     Ok(ProfileRow {
         backend: pipeline.backend_name().into(),
+        dtype,
         method: pipeline.selection().method.clone(),
         keep: pipeline.selection().budget.to_string(),
         tiles: "all".into(),

@@ -26,6 +26,9 @@ pub struct Args {
     /// Comma-separated backends to run side by side (e.g. tract,ort).
     #[arg(long = "backends", default_value = "")]
     pub backends: String,
+    /// Comma-separated dtype variants to run side by side (e.g. fp32,int8,q4); overrides --dtype.
+    #[arg(long = "dtypes", default_value = "")]
+    pub dtypes: String,
     /// Comma-separated pruning methods to sweep.
     #[arg(long, default_value = "none")]
     pub prune: String,
@@ -77,7 +80,8 @@ pub fn run(args: Args) -> Result<()> {
     let opts = ProfileOptions { warmup: args.warmup, runs: args.runs.max(1), new_tokens: args.new_tokens };
     let backend_opts = args.model.backend_options()?;
     let tiles = tile_budgets(&args.tiles)?;
-    let total = backends.len() * tiles.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
+    let n_dtypes = if args.dtypes.is_empty() { 1 } else { list(&args.dtypes).len() };
+    let total = n_dtypes * backends.len() * tiles.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} runs {msg}")
@@ -88,8 +92,22 @@ pub fn run(args: Args) -> Result<()> {
     let mut model_bytes = 0;
     let mut realsize = false;
     let mut placements = std::collections::BTreeMap::new();
-    for (b, tile) in backends.iter().flat_map(|b| tiles.iter().map(move |t| (b, *t))) {
-        let mut po = args.model.pipeline_options(&super::SelectArgs::default_none())?;
+    let dtypes: Vec<super::DtypeArg> = if args.dtypes.is_empty() {
+        vec![args.model.dtype]
+    } else {
+        list(&args.dtypes).iter().map(|d| d.parse()).collect::<Result<_, _>>()?
+    };
+    let mut configs = Vec::new();
+    for &d in &dtypes {
+        for b in &backends {
+            for &t in &tiles {
+                configs.push((d, b, t));
+            }
+        }
+    }
+    for (dtype, b, tile) in configs {
+        let model_args = super::ModelArgs { dtype, ..args.model.clone() };
+        let mut po = model_args.pipeline_options(&super::SelectArgs::default_none())?;
         po.backend = b.clone();
         po.tiles = tile.map(|budget| glimpse_runtime::TileSkip { budget, skipped: args.skipped_tiles });
         let mut pipeline = Pipeline::load(&args.model.model, &po)
@@ -145,7 +163,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         let v = serde_json::json!({
             "model": args.model.model,
-            "dtype": args.model.dtype_label(),
+            "dtype": if args.dtypes.is_empty() { args.model.dtype_label() } else { args.dtypes.clone() },
             "image": args.image,
             "prompt": args.prompt,
             "warmup": opts.warmup,
@@ -192,8 +210,9 @@ fn print_table(rows: &[ProfileRow]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{:<7} {:<10} {:>5} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "{:<7} {:<6} {:<10} {:>5} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}",
         "backend",
+        "dtype",
         "method",
         "keep",
         "tokens",
@@ -211,8 +230,9 @@ fn print_table(rows: &[ProfileRow]) {
         let m = |k: &str| r.stages.get(k).map_or(0.0, |s| s.median_ms);
         let _ = writeln!(
             out,
-            "{:<7} {:<10} {:>5} {:>9} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6.2}",
+            "{:<7} {:<6} {:<10} {:>5} {:>9} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6.2}",
             r.backend,
+            r.dtype,
             if r.tiles == "all" { r.method.clone() } else { format!("{} t{}", r.method, r.tiles) },
             r.keep,
             format!("{}/{}", r.visual_tokens_kept, r.visual_tokens),
@@ -243,15 +263,24 @@ fn write_csv(path: &std::path::Path, rows: &[ProfileRow]) -> Result<()> {
         "decode",
         "end_to_end",
     ];
-    let mut s = String::from("backend,method,keep,views,visual_tokens,visual_tokens_kept,prompt_tokens,new_tokens");
+    let mut s =
+        String::from("backend,dtype,method,keep,views,visual_tokens,visual_tokens_kept,prompt_tokens,new_tokens");
     for st in stages {
         s.push_str(&format!(",{st}_median_ms,{st}_min_ms,{st}_max_ms"));
     }
     s.push_str(",decode_tokens_per_s,prefill_gflops,encode_gflops,decode_gb_s\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{}",
-            r.backend, r.method, r.keep, r.views, r.visual_tokens, r.visual_tokens_kept, r.prompt_tokens, r.new_tokens
+            "{},{},{},{},{},{},{},{},{}",
+            r.backend,
+            r.dtype,
+            r.method,
+            r.keep,
+            r.views,
+            r.visual_tokens,
+            r.visual_tokens_kept,
+            r.prompt_tokens,
+            r.new_tokens
         ));
         for st in stages {
             let sp = r.stages.get(st).copied().unwrap_or(glimpse_runtime::profile::Spread {
