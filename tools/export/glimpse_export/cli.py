@@ -52,8 +52,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --init-from: load only the vision encoder and re-initialise the rest with this std")
     tr.add_argument("--init-from", type=Path, default=None,
                     help="skip stage 1: load a WORKDIR/<testbed>-stage1.pt checkpoint of an earlier run")
+    tr.add_argument("--digit-steps", type=int, default=0,
+                    help="after loading --init-from: extra encoder steps on the views that hold the number")
+    tr.add_argument("--pool", type=int, default=0,
+                    help="stage 2 on N pre-encoded scenes with the encoder frozen (fast path; 0 = the original loop)")
     tr.add_argument("--workdir", type=Path, default=Path("/tmp/glimpse-testbed"),
                     help="checkpoints (not part of the model folder)")
+
+    sn = sub.add_parser("snapshot", help="model folder from a running train's stage-2 checkpoint (progress checks)")
+    sn.add_argument("--testbed", required=True, choices=["smolvlm", "llava"])
+    sn.add_argument("--checkpoint", required=True, type=Path)
+    sn.add_argument("--out", required=True, type=Path)
+    sn.add_argument("--seed", type=int, default=DEFAULT_SEED)
 
     ev = sub.add_parser("evalset", help="write a held-out eval set (PNGs + questions.jsonl) for a testbed")
     ev.add_argument("--testbed", required=True, choices=["smolvlm", "llava"])
@@ -100,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                              pick(args.batch1, "batch1"), pick(args.batch2, "batch2"), args.questions_per_image,
                              args.threads, pick(args.unfreeze_at, "unfreeze_at"), args.budget2, args.workdir, args.init_from,
                              args.aux_number_views, args.attn_sup, args.center_projector, args.lr2,
-                             args.text_init)
+                             args.text_init, args.digit_steps, args.pool)
             print(json.dumps(info, indent=2, default=str))
+            return 0
+        if args.cmd == "snapshot":
+            from .testbed import snapshot
+
+            print(json.dumps(snapshot(args.testbed, args.checkpoint, args.out, args.seed), indent=2))
             return 0
         if args.cmd == "evalset":
             from .testbed_eval import write_evalset

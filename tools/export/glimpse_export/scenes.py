@@ -2,7 +2,8 @@
 
 A scene is a square picture with a blocky noise background (a few dull tones, so palette PNGs stay small), several
 small objects (shape x colour x size, some tiny) each lying fully inside one quadrant, and one small one- or
-two-digit number drawn with a built-in 3x5 pixel font (no font files). Everything depends only on the seed.
+two-digit number drawn with a built-in 3x5 pixel font (no font files; SmolVLM scenes: 1 px per font cell, each digit
+alone in one 8 px cell of the tile's patch grid, so one visual token shows it). Everything depends only on the seed.
 
 Question types (one-word answers, lower case):
   colour      What colour is the {shape}?                      (shape unique in the scene)   -> red ...
@@ -74,10 +75,13 @@ class SceneSpec:
     block: int  # background noise block size
     min_sep: int  # minimum |dx| / |dy| for relation questions
     small_prob: float = 0.45
+    # > 0: each digit of the number sits alone in one cell of this pixel grid (the encoder's patch grid), so a
+    # single visual token shows it (digit_scale 1: a 3x5 px glyph per 8 px patch)
+    digit_grid: int = 0
 
 
-SMOL_SCENE = SceneSpec(size=256, min_objects=3, max_objects=6, small=(7, 10), large=(16, 26), digit_scale=2,
-                       block=4, min_sep=12)
+SMOL_SCENE = SceneSpec(size=256, min_objects=3, max_objects=6, small=(7, 10), large=(16, 26), digit_scale=1,
+                       block=4, min_sep=12, digit_grid=8)
 LLAVA_SCENE = SceneSpec(size=96, min_objects=3, max_objects=5, small=(5, 7), large=(9, 13), digit_scale=2,
                         block=2, min_sep=6)
 
@@ -139,9 +143,26 @@ def make_scene(spec: SceneSpec, seed: int) -> Scene:
     n_digits = 1 + int(rng.integers(2))
     number = str(int(rng.integers(0, 10))) if n_digits == 1 else str(int(rng.integers(10, 100)))
     s = spec.digit_scale
-    nw = len(number) * 3 * s + (len(number) - 1) * s
-    nh = 5 * s
-    nq, nbox = place(nw, nh)
+    g = spec.digit_grid
+    if g:
+        # digits one grid cell apart, each glyph centred in its cell: pick a cell-aligned box
+        nw, nh = (len(number) - 1) * g + 3 * s, 5 * s
+        nq, nbox = None, None
+        for _ in range(200):
+            q = int(rng.integers(4))
+            qx, qy = (q % 2) * half, (q // 2) * half
+            cx = int(rng.integers(1, half // g - len(number)))
+            cy = int(rng.integers(1, half // g - 1))
+            x0, y0 = qx + cx * g + (g - 3 * s) // 2, qy + cy * g + (g - 5 * s) // 2  # centred in the cell
+            b = (x0, y0, x0 + nw, y0 + nh)
+            if free(b):
+                boxes.append(b)
+                nq, nbox = q, b
+                break
+    else:
+        nw = len(number) * 3 * s + (len(number) - 1) * s
+        nh = 5 * s
+        nq, nbox = place(nw, nh)
 
     n_obj = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     objects: list[Obj] = []
@@ -213,7 +234,7 @@ def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
                     box = [x + c * s, y + r * s, x + c * s + s - 1, y + r * s + s - 1]
                     d.rectangle(box, fill=10)
                     di.rectangle(box, fill=DIGIT_BASE + int(ch))
-        x += 4 * s
+        x += spec.digit_grid or 4 * s
     return img, np.asarray(ids)
 
 
@@ -307,8 +328,8 @@ N_DIGIT_CLS = 11  # none, 0..9
 def patch_labels(scene: Scene, idmap: np.ndarray, x0: int, y0: int, side: int, grid: int) -> dict[str, np.ndarray]:
     """Labels of the grid x grid patches of the view covering idmap[y0:y0+side, x0:x0+side].
 
-    A patch takes the label with the most pixels in it if that covers >= 1/8 of the patch (tiny objects still
-    count), else background. Coordinates are the patch centre in the view, in [0, 1].
+    A patch takes the label with the most pixels in it if that covers >= 1/8 of the patch (1/16 for digits; tiny
+    objects still count), else background. Coordinates are the patch centre in the view, in [0, 1].
     """
     cell = side // grid
     sub = idmap[y0:y0 + side, x0:x0 + side].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
@@ -316,7 +337,9 @@ def patch_labels(scene: Scene, idmap: np.ndarray, x0: int, y0: int, side: int, g
     ids = list(range(1, n + 1)) + [DIGIT_BASE + d for d in range(10)]
     counts = np.stack([(sub == i).sum(-1) for i in ids], -1)  # grid, grid, K
     best = counts.argmax(-1)
-    ok = counts.max(-1) * 8 >= cell * cell
+    # objects need 1/8 of the patch; digit glyphs (3x5 cells, 7..13 lit) 1/16, so a 1 px glyph in an 8 px patch counts
+    need = np.where(np.asarray(ids)[best] >= DIGIT_BASE, cell * cell / 16, cell * cell / 8)
+    ok = counts.max(-1) >= need
     colour = np.zeros((grid, grid), np.int64)
     shape = np.zeros((grid, grid), np.int64)
     digit = np.zeros((grid, grid), np.int64)

@@ -506,7 +506,8 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
 def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batch1: int, batch2: int,
               qpi: int, threads: int, unfreeze_at: float, budget2: float | None, workdir: Path,
               init_from: Path | None = None, aux_number_views: int = 0, attn_sup: float = 0.0,
-              center_projector: bool = False, lr2: float = 1.5e-3, text_init: float | None = None) -> dict:
+              center_projector: bool = False, lr2: float = 1.5e-3, text_init: float | None = None,
+              digit_steps: int = 0, pool: int = 0) -> dict:
     seed_everything(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)  # the CPU kernels used here are deterministic anyway
@@ -538,12 +539,18 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
         s1 = {"resumed_from": str(init_from), **ck.get("stage1", {})}
     else:
         s1 = train_stage1(bundle, heads, steps1, batch1, lr=2e-3)
+    if digit_steps:
+        s1 = {**s1, "digits": train_digits(bundle, heads, digit_steps, 16, lr=2e-3)}
     if center_projector:
         _center_projector(bundle, prep)
     torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "stage1": s1}, workdir / f"{testbed}-stage1.pt")
-    s2 = train_stage2(bundle, heads, steps2, batch2, qpi, lr=lr2, vision_lr=3e-4, unfreeze_at=unfreeze_at,
-                      budget_s=budget2, ckpt=workdir / f"{testbed}-stage2.pt", aux_number_views=aux_number_views,
-                      attn_sup=attn_sup)
+    if pool:
+        s2 = train_stage2_pool(bundle, encode_pool(bundle, pool), steps2, batch2, qpi, lr=lr2, budget_s=budget2,
+                               ckpt=workdir / f"{testbed}-stage2.pt", attn_sup=attn_sup)
+    else:
+        s2 = train_stage2(bundle, heads, steps2, batch2, qpi, lr=lr2, vision_lr=3e-4, unfreeze_at=unfreeze_at,
+                          budget_s=budget2, ckpt=workdir / f"{testbed}-stage2.pt", aux_number_views=aux_number_views,
+                          attn_sup=attn_sup)
     total = time.perf_counter() - t0
     save_trained(bundle, out)
     info = {"testbed": testbed, "seed": seed, "parameters": n_params, "threads": threads,
@@ -604,3 +611,248 @@ def _reinit_text(bundle: Bundle, std: float, seed: int) -> None:
             if getattr(mod, "bias", None) is not None:
                 mod.bias.zero_()
     log(f"[train] decoder / connector / lm_head re-initialised with std {std}")
+
+
+# ------------------------------------------------------------------------- stage 1b + fast stage 2 (frozen encoder)
+def train_digits(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, lr: float = 1e-3, log_every=50) -> dict:
+    """Stage 1b: dense supervision on the view holding the number plus one random other view per picture.
+
+    The number is one small object per picture (one view in five for SmolVLM), so plain stage 1 sees few digits."""
+    prep = Prep(bundle)
+    params = _vision_params(bundle) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    nv = len(prep.view_regions())
+    rng = np.random.default_rng([bundle.seed, 3])
+    t0 = time.perf_counter()
+    hist = []
+    for step in range(steps):
+        seeds = [TRAIN_SEED_BASE[3] + step * batch + i for i in range(batch)]
+        pv, lab, scs = scene_batch(bundle, prep, seeds)
+        sel = []
+        for i, sc in enumerate(scs):
+            q = sc.number_quadrant if nv > 1 else 0
+            sel.append(i * nv + q)
+            if nv > 1:
+                sel.append(i * nv + int((q + 1 + rng.integers(nv - 1)) % nv))
+        sel = torch.tensor(sel)
+        hid, pooled = vision_hidden(bundle, pv[sel])
+        loss, m = aux_loss(heads, hid, pooled, {k: v[sel] for k, v in lab.items()}, bundle.family)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr, warm=20)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        hist.append((float(loss), m["fg_colour_acc"], m["digit_acc"]))
+        if step % log_every == 0 or step == steps - 1:
+            h = np.asarray(hist[-log_every:])
+            log(f"[digits {bundle.extra['testbed']}] step {step}/{steps} loss {h[:, 0].mean():.4f} fg-colour "
+                f"{h[:, 1].mean():.3f} digit {h[:, 2].mean():.3f} ({time.perf_counter() - t0:.0f}s)")
+    h = np.asarray(hist[-50:])
+    return {"steps": steps, "batch_images": batch, "seconds": time.perf_counter() - t0,
+            "end_probe": {"fg_colour_acc": round(float(h[:, 1].mean()), 3), "digit_acc": round(float(h[:, 2].mean()), 3)}}
+
+
+@torch.no_grad()
+def encode_pool(bundle: Bundle, n: int, chunk: int = 32) -> tuple[torch.Tensor, list]:
+    """Frozen-encoder outputs for n training scenes (seeds from stage 2's base): [n, views, tokens, dim] + scenes."""
+    prep = Prep(bundle)
+    spec = scene_spec(bundle.extra["testbed"])
+    merge = SMOL_SCALE if bundle.family == "idefics3" else 1
+    bundle.model.eval()
+    hids, scenes = [], []
+    t0 = time.perf_counter()
+    for start in range(0, n, chunk):
+        scs = [make_scene(spec, TRAIN_SEED_BASE[2] + start + i) for i in range(min(chunk, n - start))]
+        pvs = []
+        for sc in scs:
+            img, ids = render(sc)
+            pvs.append(prep.views(img.convert("RGB")))
+            sc.extras["tok_obj"] = token_objects(sc, ids, prep.view_regions(), merge)
+        pv = torch.from_numpy(np.concatenate(pvs))
+        hid, _ = vision_hidden(bundle, pv)
+        hids.append(hid.reshape(len(scs), -1, *hid.shape[1:]).clone())
+        scenes += scs
+        if start % (chunk * 50) == 0:
+            log(f"[pool {bundle.extra['testbed']}] {start + len(scs)}/{n} ({time.perf_counter() - t0:.0f}s)")
+    bundle.model.train()
+    return torch.cat(hids), scenes
+
+
+def _answer_attention(tm, h_in: torch.Tensor, pos: torch.Tensor, img_idx: torch.Tensor, bi: torch.Tensor,
+                      ti: torch.Tensor) -> torch.Tensor:
+    """Attention of the last decoder layer from rows (bi, ti) over the image tokens alone, per head [N, heads, n_img].
+
+    Recomputed from the layer's input for those rows only (SDPA never materialises attention weights)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    layer = tm.layers[-1]
+    att = layer.self_attn
+    x = layer.input_layernorm(h_in)
+    hd = att.head_dim
+    cos, sin = tm.rotary_emb(x, pos[None].expand(x.shape[0], -1))
+    q = att.q_proj(x[bi, ti]).view(len(bi), -1, hd)
+    c, s_ = cos[bi, ti][:, None], sin[bi, ti][:, None]
+    q = q * c + rotate_half(q) * s_
+    xi = x[:, img_idx]
+    k = att.k_proj(xi).view(x.shape[0], len(img_idx), -1, hd)
+    c, s_ = cos[:, img_idx][:, :, None], sin[:, img_idx][:, :, None]
+    k = k * c + rotate_half(k) * s_
+    k = k[bi].repeat_interleave(q.shape[1] // k.shape[2], dim=2)  # GQA: [N, n_img, heads, hd]
+    scores = torch.einsum("nhd,nihd->nhi", q, k) * att.scaling
+    return scores.softmax(-1)
+
+
+def train_stage2_pool(bundle: Bundle, pool: tuple[torch.Tensor, list], steps: int, batch: int, q_per_image: int,
+                      lr: float, log_every=100, budget_s: float | None = None, ckpt: Path | None = None,
+                      attn_sup: float = 0.0) -> dict:
+    """Connector + decoder on a pool of pre-encoded scenes (encoder frozen), fresh questions every step.
+
+    Same packed layout as `train_stage2` (prefix with the image once, then q_per_image question + answer segments
+    that each see the prefix and themselves), SDPA attention, the LM head only on answer positions. ``attn_sup``:
+    weight of a training-only loss that pulls each head of the last layer's attention from the answer position (over
+    the image tokens) onto the tokens showing the objects the question is about (for relations: half the heads on
+    each of the two objects)."""
+    hids, scenes = pool
+    prompts = Prompts(bundle)
+    model = bundle.model
+    model.set_attn_implementation("sdpa")
+    vset = {id(p) for p in _vision_params(bundle)}
+    for p in _vision_params(bundle):
+        p.requires_grad_(False)
+    other = [p for p in model.parameters() if id(p) not in vset]
+    opt = torch.optim.AdamW(other, lr=lr, weight_decay=0.01)
+    P = len(prompts.prefix)
+    prefix = torch.tensor(prompts.prefix)
+    img_pos = prefix == bundle.image_token_id
+    suffix_cache: dict[str, list[int]] = {}
+    answer_cache: dict[str, list[int]] = {}
+    L = max(len(prompts.suffix(q)) for q in vocabulary_corpus() if q.endswith("?")) + 2
+    Q = q_per_image
+    T = P + Q * L
+    pos = torch.cat([torch.arange(P), P + torch.arange(L).repeat(Q)])
+    seg = torch.cat([torch.full((P,), -1), torch.arange(Q).repeat_interleave(L)])
+    qi, ki = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = ((seg[None, :] == -1) & (ki <= qi)) | ((seg[:, None] == seg[None, :]) & (ki <= qi))
+    bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None].expand(batch, 1, T, T)
+    rng = np.random.default_rng([bundle.seed, 5])
+    weights = np.ones(len(QTYPES))
+    err = np.full(len(QTYPES), 0.5)
+    emb_layer = model.get_input_embeddings()
+    tm = _text_model(bundle)
+    hsz = model.config.text_config.hidden_size
+    img_idx = torch.nonzero(img_pos)[:, 0]
+    n_heads = model.config.text_config.num_attention_heads
+    captured: dict = {}
+    hook = tm.layers[-1].register_forward_pre_hook(lambda mod, args: captured.__setitem__("h", args[0])) \
+        if attn_sup else None
+    t0 = time.perf_counter()
+    hist, budget_note, step = [], None, 0
+    while step < steps:
+        if budget_s and step == 20:
+            per = (time.perf_counter() - t0) / 20
+            fit = int(budget_s / per)
+            if fit < steps:
+                budget_note = f"steps2 {steps} -> {fit} to fit {budget_s:.0f}s at {per:.2f}s/step"
+                log(f"[stage2 {bundle.extra['testbed']}] {budget_note}")
+                steps = fit
+        idx = rng.choice(len(scenes), batch, replace=False)
+        hid = hids[torch.from_numpy(idx)]
+        feats = project(bundle, hid.reshape(-1, *hid.shape[2:])).reshape(batch, -1, hsz)
+        p = weights / weights.sum()
+        ids = np.full((batch, Q, L), prompts.pad, np.int64)
+        tgt = np.full((batch, Q, L), -100, np.int64)
+        types = np.full((batch, Q), -1, np.int64)
+        sup_b, sup_t, sup_m = [], [], []
+        for b, i in enumerate(idx):
+            sc, j, tries = scenes[i], 0, 0
+            while j < Q and tries < 50:
+                tries += 1
+                ti = int(rng.choice(len(QTYPES), p=p))
+                q = question(sc, QTYPES[ti], rng)
+                if q is None:
+                    continue
+                s = suffix_cache.get(q["question"])
+                if s is None:
+                    s = suffix_cache[q["question"]] = prompts.suffix(q["question"])
+                a = answer_cache.get(q["answer"])
+                if a is None:
+                    a = answer_cache[q["answer"]] = prompts.answer(q["answer"])
+                sq = s + a
+                ids[b, j, :len(sq)] = sq
+                tgt[b, j, len(s) - 1:len(s) - 1 + len(a)] = a
+                types[b, j] = ti
+                if attn_sup and q["objs"]:
+                    tok_obj = sc.extras["tok_obj"]
+                    if QTYPES[ti] in ("leftright", "abovebelow"):
+                        # relations: the first half of the heads looks at the first object, the rest at the second,
+                        # so the layer's output keeps the two positions apart instead of averaging them
+                        first, second = tok_obj[q["objs"][0]], tok_obj[q["objs"][1]]
+                        rel = np.stack([first] * (n_heads // 2) + [second] * (n_heads - n_heads // 2))
+                    else:
+                        rel = np.repeat(tok_obj[q["objs"]].any(0)[None], n_heads, 0)
+                    if rel.any(-1).all():
+                        sup_b.append(b)
+                        sup_t.append(P + j * L + len(s) - 1)
+                        sup_m.append(rel)
+                j += 1
+        ids_t = torch.cat([prefix[None].repeat(batch, 1), torch.from_numpy(ids).reshape(batch, Q * L)], 1)
+        tgt_t = torch.cat([torch.full((batch, P), -100), torch.from_numpy(tgt).reshape(batch, Q * L)], 1)
+        emb = emb_layer(ids_t)
+        mask_img = torch.zeros(batch, T, dtype=torch.bool)
+        mask_img[:, :P] = img_pos
+        emb = emb.masked_scatter(mask_img[..., None], feats.reshape(-1, hsz).to(emb.dtype))
+        out = tm(inputs_embeds=emb, attention_mask=bias, position_ids=pos[None].expand(batch, T), use_cache=False)
+        on = tgt_t != -100
+        logits = model.lm_head(out.last_hidden_state[on])
+        target = tgt_t[on]
+        loss = F.cross_entropy(logits, target)
+        if attn_sup and sup_b:
+            rows = _answer_attention(tm, captured.pop("h"), pos, img_idx, torch.tensor(sup_b), torch.tensor(sup_t))
+            mass = (rows * torch.from_numpy(np.stack(sup_m)).float()).sum(-1)  # [N, heads]
+            loss = loss + attn_sup * (-torch.log(mass + 1e-6)).mean()
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(other, 1.0)
+        opt.step()
+        with torch.no_grad():
+            # a question is right when every answer token (word + EOS) is
+            seg_of = (torch.arange(batch)[:, None] * Q + (torch.arange(T)[None, :] - P).clamp(min=0) // L)[on]
+            wrong = torch.zeros(batch * Q).index_add_(0, seg_of, (logits.argmax(-1) != target).float())
+            ok = (wrong == 0).numpy().reshape(batch, Q)
+            tflat = types
+            ok_t = np.bincount(tflat[tflat >= 0], weights=ok[tflat >= 0], minlength=len(QTYPES))
+            n_t = np.bincount(tflat[tflat >= 0], minlength=len(QTYPES))
+            seen = n_t > 0
+            err[seen] = 0.95 * err[seen] + 0.05 * (1 - ok_t[seen] / n_t[seen])
+            weights = 0.15 + err
+        hist.append((float(loss), ok_t.sum() / max(1, n_t.sum())))
+        if step % log_every == 0 or step == steps - 1:
+            h = np.asarray(hist[-log_every:])
+            acc = " ".join(f"{t}:{1 - e:.2f}" for t, e in zip(QTYPES, err))
+            log(f"[stage2 {bundle.extra['testbed']}] step {step}/{steps} loss {h[:, 0].mean():.4f} acc "
+                f"{h[:, 1].mean():.3f} | {acc} ({time.perf_counter() - t0:.0f}s)")
+        if ckpt is not None and step % 200 == 199:
+            torch.save(model.state_dict(), ckpt)
+        step += 1
+    model.set_attn_implementation("eager")
+    if hook is not None:
+        hook.remove()
+    for p in _vision_params(bundle):
+        p.requires_grad_(True)
+    return {"steps": steps, "batch_images": batch, "questions_per_image": q_per_image, "lr": lr, "attn_sup": attn_sup,
+            "pool_scenes": len(scenes), "seconds": time.perf_counter() - t0, "budget_note": budget_note,
+            "encoder": "frozen (stage-1 weights)",
+            "final_running_acc": {t: round(1 - e, 4) for t, e in zip(QTYPES, err)}}
+
+
+def snapshot(testbed: str, ckpt: Path, out: Path, seed: int) -> dict:
+    """A model folder from a stage-2 checkpoint of a running `train` (weights saved every 200 steps), to evaluate
+    progress on the held-out set before training ends. The tokenizer and config are rebuilt exactly as `train` does."""
+    bundle = build_testbed(testbed, seed)
+    sd = torch.load(ckpt)
+    bundle.model.load_state_dict(sd.get("model", sd))
+    save_trained(bundle, out)
+    return {"testbed": testbed, "checkpoint": str(ckpt), "out": str(out)}
