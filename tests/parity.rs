@@ -132,6 +132,26 @@ fn ask_end_to_end_from_the_image_file_matches_generate() {
     }
 }
 
+/// An image encoded once and asked about with several prompts (what `glimpse eval` does) gives
+/// the same tokens as asking from scratch, and reports the encoding's measured times.
+#[test]
+fn encoding_reused_across_prompts_gives_the_same_answers() {
+    for name in TINY_MODELS {
+        let p = load(name);
+        for case in cases(&model(name)).1 {
+            let img = p.load_image(&case.image()).expect("image");
+            let encoded = p.encode_image(&img).expect("encode once");
+            let opts = GenerationOptions { max_new_tokens: 12, ..Default::default() };
+            for prompt in [case.prompt(), "Describe it."] {
+                let fresh = p.ask_image(Some(&img), prompt, &opts, StageTimes::default(), &mut |_| {}).expect("fresh");
+                let reused = p.ask_encoded(&encoded, prompt, &opts, StageTimes::default(), &mut |_| {}).expect("reused");
+                assert_eq!(fresh.token_ids, reused.token_ids, "{name}/{}: {prompt}", case.name());
+                assert!(reused.stats.times.encode > std::time::Duration::ZERO);
+            }
+        }
+    }
+}
+
 /// The committed fp16 variant of tiny-llava (`glimpse quantize --to fp16`: fp16 weights and compute,
 /// fp32 I/O) gives transformers' fp32 greedy tokens. Under qemu cortex-a76 in CI this runs tract's
 /// native f16 kernels (the CPU has FEAT_FP16); on x86 tract widens f16 to f32.

@@ -25,7 +25,7 @@ pub use error::{Error, Result};
 pub use folder::{Dtype, ModelFolder, Part};
 pub use generate::{GenerationOptions, SamplingOptions};
 pub use pipeline::{
-    Answer, Encoded, GenerationStats, Pipeline, PipelineOptions, Positions, SkippedTiles, StageTimes, TileBudget,
-    TileSkip,
+    Answer, Encoded, EncodedImage, GenerationStats, Pipeline, PipelineOptions, Positions, SkippedTiles, StageTimes,
+    TileBudget, TileSkip,
 };
 pub use select::{Budget, Scope, SelectConfig};

@@ -230,6 +230,16 @@ pub struct Prepared {
     pub layout: Option<KeptLayout>,
 }
 
+/// An image preprocessed and encoded once (see [`Pipeline::encode_image`]), with the measured
+/// preprocess and encode times.
+#[derive(Debug, Clone)]
+pub struct EncodedImage {
+    input: VisionInput,
+    encoded: Encoded,
+    preprocess: Duration,
+    encode: Duration,
+}
+
 /// A loaded model ready to answer.
 pub struct Pipeline {
     pub folder: ModelFolder,
@@ -313,6 +323,11 @@ impl Pipeline {
             (Part::EmbedTokens, self.embed.placement()),
             (Part::Decoder, self.decoder.placement()),
         ]
+    }
+
+    /// Tile skipping in effect, if any.
+    pub fn tile_skip(&self) -> Option<TileSkip> {
+        self.tiles
     }
 
     /// The backend running the parts.
@@ -691,13 +706,73 @@ impl Pipeline {
             }
         };
         times.encode = lap.take();
-        let sel = self.select(&encoded, &input, prompt)?;
+        self.select_and_splice(
+            &rendered,
+            render_time,
+            &input,
+            &encoded,
+            original_views,
+            original_tokens,
+            prompt,
+            times,
+            lap,
+        )
+    }
+
+    /// Preprocesses and encodes an image once, to ask several prompts about it with
+    /// [`Pipeline::ask_encoded`] (`glimpse eval` asks about eight questions per picture). Not
+    /// available with tile skipping, whose choice of tiles depends on the prompt.
+    pub fn encode_image(&self, image: &RgbImage) -> Result<EncodedImage> {
+        if self.tiles.is_some() {
+            return Err(Error::invalid(
+                "tile skipping",
+                "on",
+                "the tiles encoded depend on the prompt, so one encoding cannot serve several prompts; use ask_image",
+            ));
+        }
+        let started = Instant::now();
+        let input = self.preprocess(image)?;
+        let preprocess = started.elapsed();
+        let started = Instant::now();
+        let encoded = self.encode(&input)?;
+        Ok(EncodedImage { input, encoded, preprocess, encode: started.elapsed() })
+    }
+
+    /// Like [`Pipeline::prepare`] for an image encoded by [`Pipeline::encode_image`]: selection,
+    /// splice and timing as usual; the preprocess and encode times are the ones measured when the
+    /// image was encoded, so time to first token stays that of a fresh image.
+    pub fn prepare_encoded(&self, image: &EncodedImage, prompt: &str, times: &mut StageTimes) -> Result<Prepared> {
+        let mut lap = Lap::start();
+        let rendered = self.render_prompt(prompt, true)?;
+        let render_time = lap.take();
+        times.preprocess = image.preprocess;
+        times.encode = image.encode;
+        let views = image.input.views.clone();
+        let tokens = image.input.total_tokens();
+        self.select_and_splice(&rendered, render_time, &image.input, &image.encoded, views, tokens, prompt, times, lap)
+    }
+
+    /// Token selection and splice after the encoder (the second half of [`Pipeline::prepare`]).
+    #[allow(clippy::too_many_arguments)]
+    fn select_and_splice(
+        &self,
+        rendered: &str,
+        render_time: Duration,
+        input: &VisionInput,
+        encoded: &Encoded,
+        original_views: Vec<View>,
+        original_tokens: usize,
+        prompt: &str,
+        times: &mut StageTimes,
+        mut lap: Lap,
+    ) -> Result<Prepared> {
+        let sel = self.select(encoded, input, prompt)?;
         let kept_rows = sel.gather(&encoded.features, &input.views);
         times.select = lap.take();
-        let ids = self.expand_and_tokenize(&rendered, Some((&input, &sel.counts())))?;
+        let ids = self.expand_and_tokenize(rendered, Some((input, &sel.counts())))?;
         let positions = match self.positions {
             Positions::Contiguous => None,
-            Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), &input, &sel)?),
+            Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), input, &sel)?),
         };
         let mut prepared = self.splice(ids, Some(&kept_rows), original_tokens, positions)?;
         prepared.views = input.views.len();
@@ -709,7 +784,7 @@ impl Pipeline {
             })
             .collect();
         prepared.layout = Some(KeptLayout { views: input.views.clone(), kept: sel.kept.clone(), skipped_tiles });
-        drop((input, encoded, sel, kept_rows));
+        drop((sel, kept_rows));
         times.splice = render_time + lap.take();
         Ok(prepared)
     }
@@ -804,6 +879,30 @@ impl Pipeline {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer> {
         let prepared = self.prepare(image, prompt, &mut times)?;
+        self.answer(prepared, opts, times, on_text)
+    }
+
+    /// [`Pipeline::ask_image`] for an image encoded once by [`Pipeline::encode_image`].
+    pub fn ask_encoded(
+        &self,
+        image: &EncodedImage,
+        prompt: &str,
+        opts: &GenerationOptions,
+        mut times: StageTimes,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
+        let prepared = self.prepare_encoded(image, prompt, &mut times)?;
+        self.answer(prepared, opts, times, on_text)
+    }
+
+    /// Prefill, decode and the answer's statistics.
+    fn answer(
+        &self,
+        prepared: Prepared,
+        opts: &GenerationOptions,
+        mut times: StageTimes,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
         let (prompt_tokens, visual, kept, views) =
             (prepared.input_ids.len(), prepared.visual_tokens, prepared.visual_tokens_kept, prepared.views);
         let layout = prepared.layout.clone();
