@@ -17,7 +17,7 @@ use glimpse_runtime::{
 };
 
 /// The model folder used when `--model` is not given.
-pub const DEFAULT_MODEL: &str = "models/tiny-smolvlm";
+pub const DEFAULT_MODEL: &str = "models/testbed-smolvlm";
 
 /// Options that choose and load a model.
 #[derive(clap::Args, Debug, Clone)]
