@@ -111,7 +111,7 @@ fn a_missing_onnx_runtime_library_is_an_error_not_a_panic() {
 #[test]
 fn profile_json_accounts_for_every_stage() {
     let out = glimpse()
-        .args(["profile", "--json", "--runs", "2", "--warmup", "1", "--new-tokens", "4", "--prune", "none,dart"])
+        .args(["profile", "--json", "--runs", "5", "--warmup", "1", "--new-tokens", "4", "--prune", "none,dart"])
         .args(["--keep", "1.0,0.5", "--model", "models/tiny-smolvlm", "--image", "models/images/wide.png"])
         .output()
         .expect("run glimpse");
