@@ -10,7 +10,9 @@ g=target/release/glimpse
 methods=random,uniform,pool,dart,divprune,todre,cdpruner,vtc-cls,visionzip,globalcom2
 echo "## testbed-smolvlm (Idefics3: 4 tiles + global view, 64 tokens each)"
 echo
-$g eval --model models/testbed-smolvlm --markdown --prune "none,${methods//,vtc-cls/}" --keep 1.0,0.5,0.25,0.125
+$g eval --model models/testbed-smolvlm --markdown --prune "none,${methods//,vtc-cls/}" --keep 1.0,0.5,0.25,0.125 --positions original
+echo
+$g eval --model models/testbed-smolvlm --markdown --prune "${methods//,vtc-cls/}" --keep 0.5,0.25,0.125 --positions contiguous
 echo
 echo "### Tile skipping before the encoder (global view scores the tiles; no further pruning)"
 echo
@@ -18,4 +20,6 @@ $g eval --model models/testbed-smolvlm --markdown --tiles all,3,2,1,0
 echo
 echo "## testbed-llava (CLIP with CLS, 144 tokens)"
 echo
-$g eval --model models/testbed-llava --markdown --prune "none,$methods" --keep 1.0,0.5,0.25,0.125
+$g eval --model models/testbed-llava --markdown --prune "none,$methods" --keep 1.0,0.5,0.25,0.125 --positions original
+echo
+$g eval --model models/testbed-llava --markdown --prune "$methods" --keep 0.5,0.25,0.125 --positions contiguous

@@ -46,7 +46,7 @@ impl Default for PipelineOptions {
             backend: "tract".into(),
             backend_options: backend::BackendOptions::default(),
             select: SelectConfig::default(),
-            positions: Positions::Contiguous,
+            positions: Positions::Original,
             tiles: None,
             image_limits: ImageLimits::default(),
         }
@@ -58,10 +58,11 @@ impl Default for PipelineOptions {
 #[serde(rename_all = "snake_case")]
 pub enum Positions {
     /// Renumber 0..n over the pruned sequence.
-    #[default]
     Contiguous,
     /// Keep each token's position in the unpruned sequence (gaps where tokens were dropped), as
-    /// DART and FastV do.
+    /// DART and FastV do. The default: RoPE decoders read where a token was from its position
+    /// (on testbed-llava at keep 0.25, DART holds 97% of full accuracy this way, 74% renumbered).
+    #[default]
     Original,
 }
 

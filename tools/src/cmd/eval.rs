@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long, default_value = "global")]
     pub keep_scope: Scope,
     /// Position ids after pruning.
-    #[arg(long, default_value = "contiguous")]
+    #[arg(long, default_value = "original")]
     pub positions: Positions,
     /// Seed of seeded methods.
     #[arg(long, default_value_t = 0)]

@@ -161,7 +161,7 @@ pub struct SelectArgs {
     #[arg(long, default_value = "global")]
     pub keep_scope: Scope,
     /// Position ids after pruning: contiguous (renumber) or original (keep gaps).
-    #[arg(long, default_value = "contiguous")]
+    #[arg(long, default_value = "original")]
     pub positions: Positions,
     /// Seed of seeded methods (random; todre without CLS attention).
     #[arg(long, default_value_t = 0)]
@@ -185,7 +185,7 @@ impl SelectArgs {
             prune: "none".into(),
             keep: Budget::Ratio(1.0),
             keep_scope: Scope::Global,
-            positions: Positions::Contiguous,
+            positions: Positions::Original,
             prune_seed: 0,
             lambda: 0.5,
             tiles: None,

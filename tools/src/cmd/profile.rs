@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, default_value = "global")]
     pub keep_scope: Scope,
     /// Position ids after pruning.
-    #[arg(long, default_value = "contiguous")]
+    #[arg(long, default_value = "original")]
     pub positions: Positions,
     /// Tile budgets to sweep (counts or ratios, comma-separated; `all` = no skipping).
     #[arg(long, default_value = "all")]
