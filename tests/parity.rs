@@ -144,7 +144,8 @@ fn encoding_reused_across_prompts_gives_the_same_answers() {
             let opts = GenerationOptions { max_new_tokens: 12, ..Default::default() };
             for prompt in [case.prompt(), "Describe it."] {
                 let fresh = p.ask_image(Some(&img), prompt, &opts, StageTimes::default(), &mut |_| {}).expect("fresh");
-                let reused = p.ask_encoded(&encoded, prompt, &opts, StageTimes::default(), &mut |_| {}).expect("reused");
+                let reused =
+                    p.ask_encoded(&encoded, prompt, &opts, StageTimes::default(), &mut |_| {}).expect("reused");
                 assert_eq!(fresh.token_ids, reused.token_ids, "{name}/{}: {prompt}", case.name());
                 assert!(reused.stats.times.encode > std::time::Duration::ZERO);
             }

@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--init-from", type=Path, default=None,
                     help="skip stage 1: load a WORKDIR/<testbed>-stage1.pt checkpoint of an earlier run")
     tr.add_argument("--digit-steps", type=int, default=0,
-                    help="after loading --init-from: extra encoder steps on the views that hold the number")
+                    help="after loading --init-from: stage-1b encoder steps on the view holding the number plus one "
+                         "other view (LLaVA: the whole picture)")
+    tr.add_argument("--shape-weight", type=float, default=1.0, help="stage 1b: weight of the per-patch shape loss")
+    tr.add_argument("--lr1b", type=float, default=2e-3, help="stage 1b learning rate")
     tr.add_argument("--pool", type=int, default=0,
                     help="stage 2 on N pre-encoded scenes with the encoder frozen (fast path; 0 = the original loop)")
     tr.add_argument("--workdir", type=Path, default=Path("/tmp/glimpse-testbed"),
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                              pick(args.batch1, "batch1"), pick(args.batch2, "batch2"), args.questions_per_image,
                              args.threads, pick(args.unfreeze_at, "unfreeze_at"), args.budget2, args.workdir, args.init_from,
                              args.aux_number_views, args.attn_sup, args.center_projector, args.lr2,
-                             args.text_init, args.digit_steps, args.pool)
+                             args.text_init, args.digit_steps, args.pool, args.shape_weight, args.lr1b)
             print(json.dumps(info, indent=2, default=str))
             return 0
         if args.cmd == "snapshot":

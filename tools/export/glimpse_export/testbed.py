@@ -251,9 +251,9 @@ def _ce(logits, target, bg_weight=0.15):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight=w)
 
 
-def aux_loss(heads: AuxHeads, hid, pooled, labels, family):
+def aux_loss(heads: AuxHeads, hid, pooled, labels, family, shape_weight: float = 1.0):
     patches = hid if family == "idefics3" else hid[:, 1:]
-    loss = (_ce(heads.colour(patches), labels["colour"]) + _ce(heads.shape(patches), labels["shape"])
+    loss = (_ce(heads.colour(patches), labels["colour"]) + shape_weight * _ce(heads.shape(patches), labels["shape"])
             + _ce(heads.digit(patches), labels["digit"]) + _ce(heads.centre(patches), labels["centre"], 0.05)
             + 4.0 * F.mse_loss(torch.sigmoid(heads.xy(patches)), labels["xy"]))
     if heads.presence is not None:
@@ -264,7 +264,8 @@ def aux_loss(heads: AuxHeads, hid, pooled, labels, family):
         acc = ((heads.colour(patches).argmax(-1) == labels["colour"]) & fg).sum() / fg.sum().clamp(min=1)
         dfg = labels["digit"] > 0
         dacc = ((heads.digit(patches).argmax(-1) == labels["digit"]) & dfg).sum() / dfg.sum().clamp(min=1)
-    return loss, {"fg_colour_acc": float(acc), "digit_acc": float(dacc)}
+        sacc = ((heads.shape(patches).argmax(-1) == labels["shape"]) & fg).sum() / fg.sum().clamp(min=1)
+    return loss, {"fg_colour_acc": float(acc), "digit_acc": float(dacc), "fg_shape_acc": float(sacc)}
 
 
 def scene_batch(bundle: Bundle, prep: Prep, seeds: list[int]):
@@ -507,7 +508,7 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
               qpi: int, threads: int, unfreeze_at: float, budget2: float | None, workdir: Path,
               init_from: Path | None = None, aux_number_views: int = 0, attn_sup: float = 0.0,
               center_projector: bool = False, lr2: float = 1.5e-3, text_init: float | None = None,
-              digit_steps: int = 0, pool: int = 0) -> dict:
+              digit_steps: int = 0, pool: int = 0, shape_weight: float = 1.0, lr1b: float = 2e-3) -> dict:
     seed_everything(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)  # the CPU kernels used here are deterministic anyway
@@ -540,7 +541,7 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
     else:
         s1 = train_stage1(bundle, heads, steps1, batch1, lr=2e-3)
     if digit_steps:
-        s1 = {**s1, "digits": train_digits(bundle, heads, digit_steps, 16, lr=2e-3)}
+        s1 = {**s1, "stage1b": train_digits(bundle, heads, digit_steps, 16, lr=lr1b, shape_weight=shape_weight)}
     if center_projector:
         _center_projector(bundle, prep)
     torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "stage1": s1}, workdir / f"{testbed}-stage1.pt")
@@ -614,10 +615,12 @@ def _reinit_text(bundle: Bundle, std: float, seed: int) -> None:
 
 
 # ------------------------------------------------------------------------- stage 1b + fast stage 2 (frozen encoder)
-def train_digits(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, lr: float = 1e-3, log_every=50) -> dict:
+def train_digits(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, lr: float = 1e-3, log_every=50,
+                 shape_weight: float = 1.0) -> dict:
     """Stage 1b: dense supervision on the view holding the number plus one random other view per picture.
 
-    The number is one small object per picture (one view in five for SmolVLM), so plain stage 1 sees few digits."""
+    The number is one small object per picture (one view in five for SmolVLM), so plain stage 1 sees few digits.
+    LLaVA has one view: these are plain stage-1 steps (``shape_weight`` > 1 stresses the shape head)."""
     prep = Prep(bundle)
     params = _vision_params(bundle) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -636,21 +639,24 @@ def train_digits(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, lr: fl
                 sel.append(i * nv + int((q + 1 + rng.integers(nv - 1)) % nv))
         sel = torch.tensor(sel)
         hid, pooled = vision_hidden(bundle, pv[sel])
-        loss, m = aux_loss(heads, hid, pooled, {k: v[sel] for k, v in lab.items()}, bundle.family)
+        loss, m = aux_loss(heads, hid, pooled, {k: v[sel] for k, v in lab.items()}, bundle.family, shape_weight)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warm=20)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hist.append((float(loss), m["fg_colour_acc"], m["digit_acc"]))
+        hist.append((float(loss), m["fg_colour_acc"], m["digit_acc"], m["fg_shape_acc"]))
         if step % log_every == 0 or step == steps - 1:
             h = np.asarray(hist[-log_every:])
-            log(f"[digits {bundle.extra['testbed']}] step {step}/{steps} loss {h[:, 0].mean():.4f} fg-colour "
-                f"{h[:, 1].mean():.3f} digit {h[:, 2].mean():.3f} ({time.perf_counter() - t0:.0f}s)")
+            log(f"[stage1b {bundle.extra['testbed']}] step {step}/{steps} loss {h[:, 0].mean():.4f} fg-colour "
+                f"{h[:, 1].mean():.3f} fg-shape {h[:, 3].mean():.3f} digit {h[:, 2].mean():.3f} "
+                f"({time.perf_counter() - t0:.0f}s)")
     h = np.asarray(hist[-50:])
-    return {"steps": steps, "batch_images": batch, "seconds": time.perf_counter() - t0,
-            "end_probe": {"fg_colour_acc": round(float(h[:, 1].mean()), 3), "digit_acc": round(float(h[:, 2].mean()), 3)}}
+    return {"steps": steps, "batch_images": batch, "lr": lr, "shape_weight": shape_weight,
+            "seconds": time.perf_counter() - t0,
+            "end_probe": {"fg_colour_acc": round(float(h[:, 1].mean()), 3), "digit_acc": round(float(h[:, 2].mean()), 3),
+                          "fg_shape_acc": round(float(h[:, 3].mean()), 3)}}
 
 
 @torch.no_grad()
