@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use glimpse_runtime::eval::{evaluate, Accuracy, EvalOptions, EvalReport, EvalSet};
-use glimpse_runtime::{Budget, Pipeline, Positions, Scope, SelectConfig, SkippedTiles, TileSkip};
+use glimpse_runtime::Pipeline;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{list, tile_budgets, tile_label, ModelArgs};
+use super::{tile_label, ModelArgs, SweepArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -18,27 +18,8 @@ pub struct Args {
     /// Eval set folder (questions.jsonl + images); default: MODEL/eval.
     #[arg(long)]
     pub set: Option<PathBuf>,
-    /// Pruning methods (comma-separated to sweep).
-    #[arg(long, default_value = "none")]
-    pub prune: String,
-    /// Keep budgets: ratios or counts (comma-separated to sweep).
-    #[arg(long, default_value = "1.0")]
-    pub keep: String,
-    /// Budget scope: global or per-view.
-    #[arg(long, default_value = "global")]
-    pub keep_scope: Scope,
-    /// Position ids after pruning.
-    #[arg(long, default_value = "original")]
-    pub positions: Positions,
-    /// Seed of seeded methods.
-    #[arg(long, default_value_t = 0)]
-    pub prune_seed: u64,
-    /// Tiles to encode (counts or ratios, comma-separated to sweep; `all` = no skipping).
-    #[arg(long, default_value = "all")]
-    pub tiles: String,
-    /// What replaces a skipped tile: drop or global.
-    #[arg(long, default_value = "drop")]
-    pub skipped_tiles: SkippedTiles,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
     /// Evaluate only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -63,9 +44,9 @@ struct Row {
 pub fn run(args: Args) -> Result<()> {
     let set_dir = args.set.clone().unwrap_or_else(|| args.model.model.join("eval"));
     let set = EvalSet::load(&set_dir).with_context(|| format!("loading eval set {}", set_dir.display()))?;
-    let methods = list(&args.prune);
-    let keeps: Vec<Budget> = list(&args.keep).iter().map(|k| k.parse()).collect::<Result<_, _>>()?;
-    let tiles = tile_budgets(&args.tiles)?;
+    let methods = args.sweep.methods();
+    let keeps = args.sweep.keeps()?;
+    let tiles = args.sweep.tile_budgets()?;
     let mut po = args.model.pipeline_options(&super::SelectArgs::default_none())?;
     let n = args.limit.map_or(set.questions.len(), |l| l.min(set.questions.len()));
     let opts = EvalOptions { max_new_tokens: args.max_new_tokens, limit: args.limit, keep_predictions: args.json };
@@ -77,7 +58,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     let mut rows = Vec::new();
     for tile in &tiles {
-        po.tiles = tile.map(|budget| TileSkip { budget, skipped: args.skipped_tiles });
+        po.tiles = args.sweep.tile_skip(*tile);
         let mut pipeline = Pipeline::load(&args.model.model, &po)
             .with_context(|| format!("loading model {}", args.model.model.display()))?;
         for m in &methods {
@@ -95,14 +76,7 @@ pub fn run(args: Args) -> Result<()> {
                     bar.inc(n as u64);
                     continue;
                 }
-                let cfg = SelectConfig {
-                    method: m.clone(),
-                    budget: keep,
-                    scope: args.keep_scope,
-                    seed: args.prune_seed,
-                    ..Default::default()
-                };
-                pipeline.set_selection(cfg, args.positions)?;
+                pipeline.set_selection(args.sweep.config(m, keep), args.sweep.positions)?;
                 bar.set_message(format!("{m} keep {keep} tiles {}", tile_label(*tile)));
                 let done_before = bar.position();
                 let report =
@@ -122,8 +96,8 @@ pub fn run(args: Args) -> Result<()> {
             "model": args.model.model,
             "set": set_dir,
             "dtype": args.model.dtype_label(),
-            "keep_scope": format!("{:?}", args.keep_scope),
-            "positions": args.positions,
+            "keep_scope": format!("{:?}", args.sweep.keep_scope),
+            "positions": args.sweep.positions,
             "runs": v,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);

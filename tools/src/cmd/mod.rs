@@ -210,6 +210,66 @@ pub fn list(s: &str) -> Vec<String> {
     s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect()
 }
 
+/// Token-selection settings that `eval` and `profile` sweep: comma-separated `--prune`, `--keep`
+/// and `--tiles` run every combination in one run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SweepArgs {
+    /// Pruning methods (comma-separated to sweep).
+    #[arg(long, default_value = "none")]
+    pub prune: String,
+    /// Keep budgets: ratios or counts (comma-separated to sweep), e.g. 1.0,0.5,0.25.
+    #[arg(long, default_value = "1.0")]
+    pub keep: String,
+    /// Budget scope: global or per-view.
+    #[arg(long, default_value = "global")]
+    pub keep_scope: Scope,
+    /// Position ids after pruning: contiguous (renumber) or original (keep gaps).
+    #[arg(long, default_value = "original")]
+    pub positions: Positions,
+    /// Seed of seeded methods.
+    #[arg(long, default_value_t = 0)]
+    pub prune_seed: u64,
+    /// Tiles to encode (counts or ratios, comma-separated to sweep; `all` = no skipping).
+    #[arg(long, default_value = "all")]
+    pub tiles: String,
+    /// What replaces a skipped tile: drop or global.
+    #[arg(long, default_value = "drop")]
+    pub skipped_tiles: SkippedTiles,
+}
+
+impl SweepArgs {
+    /// The methods swept.
+    pub fn methods(&self) -> Vec<String> {
+        list(&self.prune)
+    }
+
+    /// The keep budgets swept.
+    pub fn keeps(&self) -> anyhow::Result<Vec<Budget>> {
+        Ok(list(&self.keep).iter().map(|k| k.parse()).collect::<Result<_, _>>()?)
+    }
+
+    /// The tile budgets swept (`None` = no skipping).
+    pub fn tile_budgets(&self) -> anyhow::Result<Vec<Option<TileBudget>>> {
+        tile_budgets(&self.tiles)
+    }
+
+    /// Tile skipping for one swept tile budget.
+    pub fn tile_skip(&self, tile: Option<TileBudget>) -> Option<TileSkip> {
+        tile.map(|budget| TileSkip { budget, skipped: self.skipped_tiles })
+    }
+
+    /// The selection of one swept configuration.
+    pub fn config(&self, method: &str, keep: Budget) -> SelectConfig {
+        SelectConfig {
+            method: method.to_string(),
+            budget: keep,
+            scope: self.keep_scope,
+            seed: self.prune_seed,
+            ..Default::default()
+        }
+    }
+}
+
 /// Parses a comma-separated `--tiles` value; `all` means no tile skipping.
 pub fn tile_budgets(s: &str) -> anyhow::Result<Vec<Option<TileBudget>>> {
     Ok(list(s).iter().map(|t| if t == "all" { Ok(None) } else { t.parse().map(Some) }).collect::<Result<_, _>>()?)

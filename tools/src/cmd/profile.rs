@@ -8,10 +8,10 @@ use glimpse_runtime::backend;
 use glimpse_runtime::calibrate::{calibrate, Calibration};
 use glimpse_runtime::folder::Part;
 use glimpse_runtime::profile::{peak_rss_bytes, profile, ProfileOptions, ProfileRow};
-use glimpse_runtime::{Budget, Pipeline, Positions, Scope, SelectConfig};
+use glimpse_runtime::Pipeline;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{list, tile_budgets, tile_label, ModelArgs};
+use super::{list, tile_label, ModelArgs, SweepArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -29,24 +29,8 @@ pub struct Args {
     /// Comma-separated dtype variants to run side by side (e.g. fp32,int8,q4); overrides --dtype.
     #[arg(long = "dtypes", default_value = "")]
     pub dtypes: String,
-    /// Comma-separated pruning methods to sweep.
-    #[arg(long, default_value = "none")]
-    pub prune: String,
-    /// Comma-separated keep budgets to sweep (ratios or counts), e.g. 1.0,0.5,0.25.
-    #[arg(long, default_value = "1.0")]
-    pub keep: String,
-    /// Budget scope: global or per-view.
-    #[arg(long, default_value = "global")]
-    pub keep_scope: Scope,
-    /// Position ids after pruning.
-    #[arg(long, default_value = "original")]
-    pub positions: Positions,
-    /// Tile budgets to sweep (counts or ratios, comma-separated; `all` = no skipping).
-    #[arg(long, default_value = "all")]
-    pub tiles: String,
-    /// What replaces a skipped tile: drop or global.
-    #[arg(long, default_value = "drop")]
-    pub skipped_tiles: glimpse_runtime::SkippedTiles,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
     /// Untimed runs before measuring each configuration.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -72,14 +56,14 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let backends = if args.backends.is_empty() { vec![args.model.backend.clone()] } else { list(&args.backends) };
-    let methods = list(&args.prune);
-    let keeps: Vec<Budget> = list(&args.keep).iter().map(|k| k.parse()).collect::<Result<_, _>>()?;
+    let methods = args.sweep.methods();
+    let keeps = args.sweep.keeps()?;
     if methods.is_empty() || keeps.is_empty() {
         bail!("--prune and --keep need at least one value each");
     }
     let opts = ProfileOptions { warmup: args.warmup, runs: args.runs.max(1), new_tokens: args.new_tokens };
     let backend_opts = args.model.backend_options()?;
-    let tiles = tile_budgets(&args.tiles)?;
+    let tiles = args.sweep.tile_budgets()?;
     let n_dtypes = if args.dtypes.is_empty() { 1 } else { list(&args.dtypes).len() };
     let total = n_dtypes * backends.len() * tiles.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
     let bar = ProgressBar::new(total as u64);
@@ -109,7 +93,7 @@ pub fn run(args: Args) -> Result<()> {
         let model_args = super::ModelArgs { dtype, ..args.model.clone() };
         let mut po = model_args.pipeline_options(&super::SelectArgs::default_none())?;
         po.backend = b.clone();
-        po.tiles = tile.map(|budget| glimpse_runtime::TileSkip { budget, skipped: args.skipped_tiles });
+        po.tiles = args.sweep.tile_skip(tile);
         let mut pipeline = Pipeline::load(&args.model.model, &po)
             .with_context(|| format!("loading {} with backend {b}", args.model.model.display()))?;
         placements.insert(
@@ -137,9 +121,7 @@ pub fn run(args: Args) -> Result<()> {
         for m in &methods {
             for &keep in &keeps {
                 bar.set_message(format!("{b} {m} {keep}"));
-                let cfg =
-                    SelectConfig { method: m.clone(), budget: keep, scope: args.keep_scope, ..Default::default() };
-                pipeline.set_selection(cfg, args.positions)?;
+                pipeline.set_selection(args.sweep.config(m, keep), args.sweep.positions)?;
                 let mut row = profile(&pipeline, &args.image, &args.prompt, &opts, cal.as_ref(), &mut || bar.inc(1))
                     .with_context(|| format!("profiling {b} {m} keep {keep}"))?;
                 row.tiles = tile_label(tile);
