@@ -333,6 +333,26 @@ def train_stage1(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, lr: fl
             "final_loss": float(np.mean([h[0] for h in hist[-50:]]))}
 
 
+def _packed_mask(P: int, Q: int, L: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids and additive 4-D mask of a packed stage-2 sequence: a P-token prefix (the image prompt) then Q
+    segments of L tokens; each segment sees the prefix and itself (causally) and restarts its positions after the
+    prefix, which is the same as Q separate prompts."""
+    T = P + Q * L
+    pos = torch.cat([torch.arange(P), P + torch.arange(L).repeat(Q)])
+    seg = torch.cat([torch.full((P,), -1), torch.arange(Q).repeat_interleave(L)])
+    qi, ki = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = ((seg[None, :] == -1) & (ki <= qi)) | ((seg[:, None] == seg[None, :]) & (ki <= qi))
+    return pos, torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None].expand(batch, 1, T, T)
+
+
+def _update_type_weights(err: np.ndarray, ok_t: np.ndarray, n_t: np.ndarray) -> np.ndarray:
+    """Adaptive curriculum: update the running error per question type (in place) from this step's counts and return
+    the sampling weights (0.15 + running error)."""
+    seen = n_t > 0
+    err[seen] = 0.95 * err[seen] + 0.05 * (1 - ok_t[seen] / n_t[seen])
+    return 0.15 + err
+
+
 def _text_model(bundle):
     m = bundle.model.model
     return m.text_model if bundle.family == "idefics3" else m.language_model
@@ -425,11 +445,7 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
         mask_img[:, :P] = img_pos
         emb = emb.masked_scatter(mask_img[..., None], feats.reshape(-1, feats.shape[-1]).to(emb.dtype))
         # 4-D additive mask
-        pos = torch.cat([torch.arange(P), P + torch.arange(L).repeat(Q)])
-        seg = torch.cat([torch.full((P,), -1), torch.arange(Q).repeat_interleave(L)])
-        qi, ki = torch.arange(T)[:, None], torch.arange(T)[None, :]
-        allowed = ((seg[None, :] == -1) & (ki <= qi)) | ((seg[:, None] == seg[None, :]) & (ki <= qi))
-        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None].expand(batch, 1, T, T)
+        pos, bias = _packed_mask(P, Q, L, batch)
         out = tm(inputs_embeds=emb, attention_mask=bias, position_ids=pos[None].repeat(batch, 1), use_cache=False,
                  output_attentions=bool(attn_sup))
         logits = model.lm_head(out.last_hidden_state)
@@ -485,9 +501,7 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
                     good = all(int(pred[b, base + k]) == seg_tgt[b][j][k] for k in a_pos)
                     ok_t[ti] += good
                     n_t[ti] += 1
-            seen = n_t > 0
-            err[seen] = 0.95 * err[seen] + 0.05 * (1 - ok_t[seen] / n_t[seen])
-            weights = 0.15 + err
+            weights = _update_type_weights(err, ok_t, n_t)
         hist.append((float(loss), ok_t.sum() / max(1, n_t.sum())))
         if step % log_every == 0 or step == steps - 1:
             h = np.asarray(hist[-log_every:])
@@ -736,11 +750,7 @@ def train_stage2_pool(bundle: Bundle, pool: tuple[torch.Tensor, list], steps: in
     L = max(len(prompts.suffix(q)) for q in vocabulary_corpus() if q.endswith("?")) + 2
     Q = q_per_image
     T = P + Q * L
-    pos = torch.cat([torch.arange(P), P + torch.arange(L).repeat(Q)])
-    seg = torch.cat([torch.full((P,), -1), torch.arange(Q).repeat_interleave(L)])
-    qi, ki = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    allowed = ((seg[None, :] == -1) & (ki <= qi)) | ((seg[:, None] == seg[None, :]) & (ki <= qi))
-    bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None].expand(batch, 1, T, T)
+    pos, bias = _packed_mask(P, Q, L, batch)
     rng = np.random.default_rng([bundle.seed, 5])
     weights = np.ones(len(QTYPES))
     err = np.full(len(QTYPES), 0.5)
@@ -828,12 +838,10 @@ def train_stage2_pool(bundle: Bundle, pool: tuple[torch.Tensor, list], steps: in
             seg_of = (torch.arange(batch)[:, None] * Q + (torch.arange(T)[None, :] - P).clamp(min=0) // L)[on]
             wrong = torch.zeros(batch * Q).index_add_(0, seg_of, (logits.argmax(-1) != target).float())
             ok = (wrong == 0).numpy().reshape(batch, Q)
-            tflat = types
-            ok_t = np.bincount(tflat[tflat >= 0], weights=ok[tflat >= 0], minlength=len(QTYPES))
-            n_t = np.bincount(tflat[tflat >= 0], minlength=len(QTYPES))
-            seen = n_t > 0
-            err[seen] = 0.95 * err[seen] + 0.05 * (1 - ok_t[seen] / n_t[seen])
-            weights = 0.15 + err
+            asked = types >= 0
+            ok_t = np.bincount(types[asked], weights=ok[asked], minlength=len(QTYPES))
+            n_t = np.bincount(types[asked], minlength=len(QTYPES))
+            weights = _update_type_weights(err, ok_t, n_t)
         hist.append((float(loss), ok_t.sum() / max(1, n_t.sum())))
         if step % log_every == 0 or step == steps - 1:
             h = np.asarray(hist[-log_every:])
