@@ -68,6 +68,13 @@ pub fn describe(path: &Path, root: &Path) -> Result<OnnxSummary> {
     Ok(OnnxSummary { inputs, outputs, parameters, operators, opsets })
 }
 
+/// Whether any node of `graph` (or of its subgraphs) is `op_type`.
+pub fn uses_op(graph: &pb::GraphProto, op_type: &str) -> bool {
+    let mut ops = BTreeMap::new();
+    count_ops(graph, &mut ops);
+    ops.keys().any(|k| k.rsplit("::").next() == Some(op_type))
+}
+
 fn count_ops(graph: &pb::GraphProto, ops: &mut BTreeMap<String, usize>) {
     for node in &graph.node {
         let domain = if node.domain.is_empty() { "ai.onnx" } else { node.domain.as_str() };

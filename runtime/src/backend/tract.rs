@@ -7,7 +7,7 @@ use tract_onnx::prelude::*;
 
 use super::{order_inputs, Backend, Placement, Session, Tensor as HostTensor, TensorInfo};
 use crate::error::{Error, Result};
-use crate::onnx_info::{graph_io, read_proto};
+use crate::onnx_info::{graph_io, read_proto, uses_op};
 
 /// tract backend (default).
 #[derive(Debug, Default, Clone)]
@@ -35,14 +35,34 @@ impl Backend for TractBackend {
         if !parsed.unresolved_inputs.is_empty() {
             return Err(load_err(format!("unresolved inputs {:?}", parsed.unresolved_inputs)));
         }
+        let block_quant = uses_op(graph, "MatMulNBits");
         let plan = parsed
             .model
             .into_typed()
-            .and_then(|m| m.into_optimized())
+            .and_then(|m| optimize(m, block_quant))
             .and_then(|m| m.into_runnable())
             .map_err(|e| load_err(format!("{e:#}")))?;
         Ok(Box::new(TractSession { part: part.to_string(), plan, inputs, outputs }))
     }
+}
+
+/// The codegen pass tract 0.23.9 gets wrong on block-quantized (`MatMulNBits`, q4) weights.
+const MERGE_AXES_PASS: &str = "MergeConsecutiveSameRoleAxes";
+
+/// tract's `into_optimized`, except that graphs with block-quantized weights skip
+/// [`MERGE_AXES_PASS`]: merging the head axes of an attention output (Transpose + Reshape)
+/// into a q4 `o_proj` contraction gives wrong results (testbed-llava's q4 decoder answered
+/// nothing right; with the pass skipped its logits equal ONNX Runtime's). Regression test:
+/// `tests/export_tools.rs`, q4 tokens equal across backends.
+fn optimize(model: TypedModel, block_quant: bool) -> TractResult<TypedModel> {
+    if !block_quant {
+        return model.into_optimized();
+    }
+    let mut model = model.into_decluttered()?;
+    let mut codegen = tract_onnx::tract_core::optim::Optimizer::codegen();
+    codegen.passes.retain(|p| format!("{p:?}") != MERGE_AXES_PASS);
+    model.optimize_with_session(&mut codegen.session())?;
+    Ok(model)
 }
 
 struct TractSession {
