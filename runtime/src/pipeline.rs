@@ -387,7 +387,7 @@ impl Pipeline {
             .into_f32("vision_encoder image_features")?;
         let d = *feats.shape().last().unwrap_or(&0);
         let n = feats.len().checked_div(d).unwrap_or(0);
-        let total = input.total_tokens();
+        let total = input.encoder_rows();
         if n != total {
             return Err(Error::interface(
                 "vision_encoder",
@@ -400,6 +400,23 @@ impl Pipeline {
         }
         let features =
             feats.into_shape_with_order((n, d)).map_err(|e| Error::interface("vision_encoder", e.to_string()))?;
+        let features = match &input.anyres {
+            None => features,
+            Some(layout) => {
+                let newline = take("image_newline")
+                    .ok_or_else(|| {
+                        Error::interface(
+                            "vision_encoder",
+                            "anyres packing needs the `image_newline` output (export with `python -m glimpse_export`)",
+                        )
+                    })?
+                    .into_f32("vision_encoder image_newline")?;
+                let newline = newline.into_shape_with_order(d).map_err(|e| {
+                    Error::interface("vision_encoder", format!("image_newline must have {d} values: {e}"))
+                })?;
+                layout.pack(features.view(), newline.view())?
+            }
+        };
         let signals = self.read_signals(&mut take, input)?;
         Ok(Encoded { features, signals })
     }
@@ -1011,7 +1028,7 @@ mod tests {
     fn original_positions_leave_gaps_where_tokens_were_dropped() {
         const I: i64 = 9;
         // Unpruned: [t0, I, I, I, I, t5, I, I, I, t42] with views of 4 and 3 tokens.
-        let input = VisionInput { tensors: vec![], views: vec![view(4), view(3)], rows: 0, cols: 0 };
+        let input = VisionInput { tensors: vec![], views: vec![view(4), view(3)], rows: 0, cols: 0, anyres: None };
         let sel = Selection { kept: vec![vec![1, 3], vec![0]], ..Default::default() };
         let ids = vec![0, I, I, 5, I, 42];
         let pos = original_positions(&ids, I, &input, &sel).unwrap();

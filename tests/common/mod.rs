@@ -35,7 +35,7 @@ pub fn ort_library() -> PathBuf {
 }
 
 /// The tiny models with transformers fixtures.
-pub const TINY_MODELS: [&str; 2] = ["tiny-smolvlm", "tiny-llava"];
+pub const TINY_MODELS: [&str; 3] = ["tiny-smolvlm", "tiny-llava", "tiny-llava-onevision"];
 
 /// One recorded case of `fixtures/fixtures.json`.
 pub struct Case {

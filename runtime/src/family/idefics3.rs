@@ -213,6 +213,7 @@ impl super::Family for Idefics3 {
             views,
             rows,
             cols,
+            anyres: None,
         })
     }
 
@@ -230,7 +231,7 @@ impl super::Family for Idefics3 {
                     s.push_str(&format!("{FAKE}<row_{}_col_{}>", row + 1, col + 1));
                     s.push_str(&"<image>".repeat(k));
                 }
-                ViewKind::Global | ViewKind::Whole => {
+                ViewKind::Global | ViewKind::Whole | ViewKind::Grid => {
                     if last_row.is_some() {
                         s.push_str("\n\n");
                     }

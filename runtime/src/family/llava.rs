@@ -145,6 +145,7 @@ impl super::Family for Llava {
             }],
             rows: 0,
             cols: 0,
+            anyres: None,
         })
     }
 

@@ -9,8 +9,10 @@ use crate::error::{Error, Result};
 use crate::folder::ModelFolder;
 use crate::text::TextTokenizer;
 
+pub mod anyres;
 pub mod idefics3;
 pub mod llava;
+pub mod llava_onevision;
 
 /// What part of the image a view covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -22,6 +24,9 @@ pub enum ViewKind {
     Global,
     /// The whole image as the only view (LLaVA).
     Whole,
+    /// All crops of an anyres image stitched into one grid, padding removed; the grid's last
+    /// column holds the `image_newline` token that ends each row (LLaVA-OneVision).
+    Grid,
 }
 
 /// One encoder view and the run of feature rows it produces.
@@ -48,6 +53,9 @@ pub struct VisionInput {
     pub rows: usize,
     /// Tile grid columns (0 when the image was not split).
     pub cols: usize,
+    /// How the encoder's rows are packed into the views' rows (LLaVA-OneVision); `None` when
+    /// the encoder emits the views' rows directly.
+    pub anyres: Option<anyres::AnyresLayout>,
 }
 
 impl VisionInput {
@@ -76,6 +84,7 @@ impl VisionInput {
             views: frames.iter().map(|&f| self.views[f].clone()).collect(),
             rows: self.rows,
             cols: self.cols,
+            anyres: self.anyres.clone(),
         }
     }
 
@@ -83,11 +92,16 @@ impl VisionInput {
     pub fn total_tokens(&self) -> usize {
         self.views.iter().map(|v| v.tokens).sum()
     }
+
+    /// Feature rows the encoder emits for this input (before any anyres packing).
+    pub fn encoder_rows(&self) -> usize {
+        self.anyres.as_ref().map_or_else(|| self.total_tokens(), anyres::AnyresLayout::encoder_rows)
+    }
 }
 
 /// A VLM family: preprocessing and prompt conventions.
 pub trait Family: Send + Sync {
-    /// The family name (`idefics3`, `llava`).
+    /// The family name (`idefics3`, `llava`, `llava_onevision`).
     fn name(&self) -> &'static str;
     /// The id of the token whose positions receive image features.
     fn image_token_id(&self) -> i64;
@@ -104,8 +118,11 @@ pub trait Family: Send + Sync {
 type Constructor = fn(&ModelFolder, &TextTokenizer) -> Result<Box<dyn Family>>;
 
 /// Registered families: the `model_type` values each accepts and its constructor.
-pub const FAMILIES: &[(&[&str], Constructor)] =
-    &[(&["idefics3", "smolvlm"], idefics3::Idefics3::boxed), (&["llava"], llava::Llava::boxed)];
+pub const FAMILIES: &[(&[&str], Constructor)] = &[
+    (&["idefics3", "smolvlm"], idefics3::Idefics3::boxed),
+    (&["llava"], llava::Llava::boxed),
+    (&["llava_onevision"], llava_onevision::LlavaOnevision::boxed),
+];
 
 /// Every supported `model_type`.
 pub fn supported_model_types() -> Vec<&'static str> {

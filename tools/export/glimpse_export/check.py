@@ -12,7 +12,7 @@ from .common import DEFAULT_SEED, MAX_NEW_TOKENS, Timer, log
 from .fixtures import read_fixtures, read_tensor
 from .images import IMAGE_SIZES, pixels_equal
 from .ort_loop import OrtModel
-from .pipeline import FEATURE_TOL, LOGIT_TOL, _maxdiff, run_tiny
+from .pipeline import FEATURE_TOL, LOGIT_TOL, _maxdiff, onevision_packer, run_tiny
 
 PIXEL_TOL = 1e-6
 JSON_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
@@ -74,11 +74,24 @@ def run_check(model_dir: Path, seed: int | None = None) -> int:
     image_token_id = cfg.get("image_token_id", cfg.get("image_token_index"))
     eos = gen["eos_token_id"]
     eos = eos if isinstance(eos, list) else [eos]
+    bundle = None
+    if family == "llava_onevision":  # packing the crop features needs the model's pack_image_features
+        import torch
+
+        from .families import build
+
+        bundle = build(family, seed)
     for case in committed["cases"]:
         t = case["tensors"]
         pv = read_tensor(fx_dir, t["pixel_values"])
         pam = read_tensor(fx_dir, t["pixel_attention_mask"]) if "pixel_attention_mask" in t else None
-        res = ort_model.greedy(case["input_ids"], pv, pam, image_token_id, eos, case["max_new_tokens"])
+        pack = None
+        if bundle is not None:
+            from PIL import Image
+
+            with Image.open(fx_dir / case["image"]) as im:
+                pack = onevision_packer(bundle, torch.tensor([[im.height, im.width]]))
+        res = ort_model.greedy(case["input_ids"], pv, pam, image_token_id, eos, case["max_new_tokens"], pack=pack)
         name = f"{case['name']} (committed onnx)"
         _diff(rep, f"{name} image_features", res.image_features, read_tensor(fx_dir, t["image_features"]), FEATURE_TOL)
         _diff(rep, f"{name} logits", res.first_logits, read_tensor(fx_dir, t["logits"]), LOGIT_TOL)

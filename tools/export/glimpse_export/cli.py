@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("tiny", help="build a tiny random-weight VLM, export ONNX parts, write fixtures")
-    t.add_argument("--family", required=True, choices=["smolvlm", "llava"])
+    t.add_argument("--family", required=True, choices=["smolvlm", "llava", "llava_onevision"])
     t.add_argument("--out", required=True, type=Path, help="model folder to (re)write")
     t.add_argument("--seed", type=int, default=DEFAULT_SEED)
     t.add_argument("--images", type=Path, default=None,

@@ -4,6 +4,8 @@ Parts (inputs -> outputs):
   vision_encoder.onnx         idefics3: pixel_values f32 [batch, n_tiles, 3, H, W], pixel_attention_mask bool
                               [batch, n_tiles, H, W] -> image_features f32 [batch*n_tiles, tokens_per_tile, hidden]
                               llava: pixel_values f32 [batch, 3, H, W] -> image_features f32 [batch, n_patches, hidden]
+                              llava_onevision: pixel_values f32 [crops, 3, H, W] -> image_features f32
+                              [crops, tokens_per_crop, hidden] (unpacked), image_newline f32 [hidden]
   embed_tokens.onnx           input_ids i64 [batch, seq] -> inputs_embeds f32 [batch, seq, hidden]
   decoder_model_merged.onnx   inputs_embeds, attention_mask i64 [batch, total_seq], position_ids i64 [batch, seq],
                               past_key_values.{i}.key/.value f32 [batch, kv_heads, past_seq, head_dim]
@@ -113,6 +115,20 @@ class LlavaVisionEncoder(nn.Module):
         return self.projector(feats)
 
 
+class OnevisionVisionEncoder(LlavaVisionEncoder):
+    """LLaVA-OneVision: every crop (base image first, then the anyres crops) through SigLIP + projector, unpacked,
+    plus the learned ``image_newline`` vector. Packing (unpad, anyres_max downsampling, one newline row per grid
+    row) depends on the image size and is done by the runtime, as transformers' ``pack_image_features`` does."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.image_newline = model.model.image_newline
+
+    def forward(self, pixel_values: torch.Tensor):
+        feats = super().forward(pixel_values)
+        return feats, self.image_newline
+
+
 # ------------------------------------------------------------------------------------------------- embed / decoder
 class EmbedTokens(nn.Module):
     def __init__(self, model):
@@ -160,6 +176,20 @@ def kv_shape(model) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------- export
+def name_outputs(m, output_names) -> bool:
+    """Gives every graph output its declared name. A constant output (LLaVA-OneVision's ``image_newline``) is folded
+    into an initializer that keeps the tracer's name; an Identity node restores the declared one. True if changed."""
+    import onnx
+
+    changed = False
+    for out, name in zip(m.graph.output, output_names):
+        if out.name != name:
+            m.graph.node.append(onnx.helper.make_node("Identity", [out.name], [name], name=f"{name}_identity"))
+            out.name = name
+            changed = True
+    return changed
+
+
 def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes,
             fixed_out_dims: dict[str, dict[int, int]] | None = None) -> None:
     with warnings.catch_warnings():
@@ -178,6 +208,8 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
+    if name_outputs(m, output_names):
+        onnx.save(m, str(path))
     if fixed_out_dims:
         # the tracer leaves some static output dims symbolic (e.g. "MatMulimage_features_dim_1"): pin them
         for out in m.graph.output:
@@ -233,6 +265,23 @@ def export_all(bundle, onnx_dir: Path, sample) -> None:
             "pixel_attention_mask": {0: "batch_size", 1: "num_images"},
             "image_features": {0: "batch_num_images"},
         }
+    elif bundle.family == "llava_onevision":
+        vision = OnevisionVisionEncoder(model).eval()
+        pv = sample["pixel_values"]  # [1, crops, 3, H, W]
+        ref = model.model.get_image_features(
+            pixel_values=pv, image_sizes=sample["image_sizes"], vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            vision_aspect_ratio=model.config.vision_aspect_ratio, batch_num_images=sample["batch_num_images"],
+        ).pooler_output[0]
+        feats, newline = vision(pv[0])
+        packed, _ = model.model.pack_image_features([feats], sample["image_sizes"], image_newline=newline,
+                                                    vision_aspect_ratio=model.config.vision_aspect_ratio)
+        _assert_close("llava_onevision vision + pack vs get_image_features", packed[0], ref)
+        args = (pv[0, :2],)
+        names = ["pixel_values"]
+        axes = {"pixel_values": {0: "num_patches"}, "image_features": {0: "num_patches"}}
+        _export(vision, args, onnx_dir / "vision_encoder.onnx", names, ["image_features", "image_newline"], axes,
+                fixed_out_dims={"image_features": {1: bundle.extra["image_seq_len"]}})
     else:
         vision = LlavaVisionEncoder(model).eval()
         pv = sample["pixel_values"]  # [1, 3, H, W]
@@ -247,9 +296,10 @@ def export_all(bundle, onnx_dir: Path, sample) -> None:
         args = (torch.cat([pv, pv.flip(-1)], dim=0),)
         names = ["pixel_values"]
         axes = {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}}
-    tokens = bundle.extra["image_seq_len"]  # image tokens per tile (idefics3) / per image (llava)
-    _export(vision, args, onnx_dir / "vision_encoder.onnx", names, ["image_features"], axes,
-            fixed_out_dims={"image_features": {1: tokens}})
+    if bundle.family != "llava_onevision":
+        tokens = bundle.extra["image_seq_len"]  # image tokens per tile (idefics3) / per image (llava)
+        _export(vision, args, onnx_dir / "vision_encoder.onnx", names, ["image_features"], axes,
+                fixed_out_dims={"image_features": {1: tokens}})
 
     # ---- embed_tokens
     embed = EmbedTokens(model).eval()

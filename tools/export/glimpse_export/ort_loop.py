@@ -34,11 +34,21 @@ class OrtModel:
         self.output_names = [o.name for o in dec.get_outputs()]
         self.vision_inputs = [i.name for i in self.sessions["vision_encoder"].get_inputs()]
 
-    def image_features(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray | None) -> np.ndarray:
+    def image_features(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray | None,
+                       pack=None) -> np.ndarray:
+        """Feature rows as spliced. LLaVA-OneVision's encoder also returns ``image_newline``; ``pack(features,
+        newline)`` then arranges the crop features as the model does."""
         feeds = {"pixel_values": pixel_values.astype(np.float32)}
         if "pixel_attention_mask" in self.vision_inputs:
             feeds["pixel_attention_mask"] = pixel_attention_mask.astype(bool)
-        (feats,) = self.sessions["vision_encoder"].run(["image_features"], feeds)
+        session = self.sessions["vision_encoder"]
+        outputs = [o.name for o in session.get_outputs()]
+        if "image_newline" in outputs:
+            if pack is None:
+                raise ValueError("this encoder returns image_newline: pass pack= to arrange its features")
+            feats, newline = session.run(["image_features", "image_newline"], feeds)
+            return pack(feats, newline)
+        (feats,) = session.run(["image_features"], feeds)
         return feats.reshape(-1, feats.shape[-1])
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
@@ -67,9 +77,9 @@ class OrtModel:
         return embeds
 
     def greedy(self, input_ids: list[int], pixel_values, pixel_attention_mask, image_token_id: int,
-               eos_ids: list[int], max_new_tokens: int) -> OrtResult:
+               eos_ids: list[int], max_new_tokens: int, pack=None) -> OrtResult:
         ids = np.asarray([input_ids], dtype=np.int64)
-        feats = self.image_features(pixel_values, pixel_attention_mask)
+        feats = self.image_features(pixel_values, pixel_attention_mask, pack)
         embeds = self.splice(ids, image_token_id, feats)
         seq = ids.shape[1]
         attn = np.ones((1, seq), dtype=np.int64)

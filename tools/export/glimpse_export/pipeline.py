@@ -32,6 +32,7 @@ MODEL_FILES = (
     "model.safetensors",
     "export_info.json",
 )
+REPO_IMAGES = Path(__file__).resolve().parents[3] / "models" / "images"
 FEATURE_TOL = 1e-4
 LOGIT_TOL = 1e-4
 MARGIN_WARN = 1e-3
@@ -68,6 +69,16 @@ def compute_case(bundle: Bundle, name: str, image_path: Path) -> CaseData:
         info = proc.image_processor(images=[[image]], return_row_col_info=True)
         layout = {"rows": int(info["rows"][0][0]), "cols": int(info["cols"][0][0])}
         feats = model.model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"]).pooler_output
+    elif bundle.family == "llava_onevision":
+        layout = None
+        feats = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            image_sizes=inputs["image_sizes"],
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            vision_aspect_ratio=model.config.vision_aspect_ratio,
+            batch_num_images=inputs["batch_num_images"],
+        ).pooler_output
     else:
         layout = None
         feats = model.model.get_image_features(
@@ -83,7 +94,10 @@ def compute_case(bundle: Bundle, name: str, image_path: Path) -> CaseData:
     seed_everything(bundle.seed)  # generate is greedy; reseed anyway so nothing depends on call order
     out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
     generated = out[0, input_ids.shape[1]:].tolist()
-    tensors = {"pixel_values": inputs["pixel_values"].numpy()}
+    pixel_values = inputs["pixel_values"]
+    if bundle.family == "llava_onevision":
+        pixel_values = pixel_values[0]  # the encoder takes the crops as its batch: [crops, 3, H, W]
+    tensors = {"pixel_values": pixel_values.numpy()}
     if "pixel_attention_mask" in inputs:
         tensors["pixel_attention_mask"] = inputs["pixel_attention_mask"].numpy()
     tensors["image_features"] = feats.numpy()
@@ -125,17 +139,40 @@ def _maxdiff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
 
 
-def self_check(bundle: Bundle, out: Path, cases: list[CaseData]) -> list[str]:
-    """ORT greedy loop over the exported parts == torch generate; reloaded processor == processor."""
+def reload_processor(bundle: Bundle, out: Path):
+    if bundle.family == "llava_onevision":
+        from .families import OnevisionProcessor
+
+        return OnevisionProcessor.from_pretrained(str(out))
     from transformers import AutoProcessor
 
+    return AutoProcessor.from_pretrained(str(out))
+
+
+def onevision_packer(bundle: Bundle, image_sizes):
+    """transformers' ``pack_image_features`` applied to the ONNX encoder's crop features and newline vector."""
+    model = bundle.model
+
+    def pack(feats: np.ndarray, newline: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            packed, _ = model.model.pack_image_features(
+                [torch.from_numpy(feats)], image_sizes, image_newline=torch.from_numpy(newline),
+                vision_aspect_ratio=model.config.vision_aspect_ratio)
+        return packed[0].numpy()
+
+    return pack
+
+
+def self_check(bundle: Bundle, out: Path, cases: list[CaseData]) -> list[str]:
+    """ORT greedy loop over the exported parts == torch generate; reloaded processor == processor."""
     report = []
     ort_model = OrtModel(out / "onnx")
-    reloaded = AutoProcessor.from_pretrained(str(out))
+    reloaded = reload_processor(bundle, out)
     for c in cases:
         pam = c.tensors.get("pixel_attention_mask")
+        pack = onevision_packer(bundle, c.torch_inputs["image_sizes"]) if bundle.family == "llava_onevision" else None
         res = ort_model.greedy(c.input_ids, c.tensors["pixel_values"], pam, bundle.image_token_id,
-                               bundle.eos_token_ids, MAX_NEW_TOKENS)
+                               bundle.eos_token_ids, MAX_NEW_TOKENS, pack=pack)
         d_feat = _maxdiff(res.image_features, c.tensors["image_features"])
         d_log = _maxdiff(res.first_logits, c.tensors["logits"])
         if res.generated_ids != c.generated_ids:
@@ -158,7 +195,8 @@ def self_check(bundle: Bundle, out: Path, cases: list[CaseData]) -> list[str]:
                                  reloaded.apply_chat_template(messages(), add_generation_prompt=True))
         if again["input_ids"][0].tolist() != c.input_ids:
             raise ExportError(f"{c.name}: processor reloaded from {out} gives different input_ids")
-        if _maxdiff(again["pixel_values"].numpy(), c.tensors["pixel_values"]) != 0.0:
+        again_pv = again["pixel_values"][0] if bundle.family == "llava_onevision" else again["pixel_values"]
+        if _maxdiff(again_pv.numpy(), c.tensors["pixel_values"]) != 0.0:
             raise ExportError(f"{c.name}: processor reloaded from {out} gives different pixel_values")
         eos_hit = any(t in bundle.eos_token_ids for t in c.generated_ids)
         min_margin = min(res.margins)
@@ -179,12 +217,19 @@ def run_tiny(family: str, out: Path, seed: int, images_dir: Path | None = None) 
     log(f"[tiny] family={family} out={out} images={images_dir} seed={seed}")
     _clean_out(out)
     image_paths = write_images(images_dir)
+    if family == "llava_onevision":
+        # a 256 px picture: 4 x 4 crops, which takes the anyres_max_9 downsampling path (the testbed scene
+        # committed under models/images; copied when exporting elsewhere)
+        scene = images_dir / "scene.png"
+        if not scene.exists():
+            shutil.copy(REPO_IMAGES / "scene.png", scene)
+        image_paths = {**image_paths, "scene": scene}
 
     seed_everything(seed)
     bundle = build(family, seed)
     save_folder(bundle, out)
 
-    cases = [compute_case(bundle, name, image_paths[name]) for name in IMAGE_SIZES]
+    cases = [compute_case(bundle, name, path) for name, path in image_paths.items()]
     log(f"[tiny] built model + {len(cases)} cases in {timer():.1f}s; exporting ONNX")
     export_all(bundle, out / "onnx", cases[0].torch_inputs)
     log(f"[tiny] exported in {timer():.1f}s; self-checking with onnxruntime")

@@ -26,7 +26,7 @@ import torch
 
 from .common import OPSET, ExportError, Timer, log, seed_everything
 from .families import SMOLVLM_CHAT_TEMPLATE, Bundle, _finish_model
-from .onnx_parts import Decoder, EmbedTokens, Idefics3VisionEncoder, LlavaVisionEncoder, kv_shape
+from .onnx_parts import Decoder, EmbedTokens, Idefics3VisionEncoder, OnevisionVisionEncoder, kv_shape, name_outputs
 
 PROTOBUF_LIMIT = 2**31  # bytes: one serialized ONNX protobuf cannot exceed 2 GiB
 TOL = 1e-3
@@ -306,6 +306,7 @@ def export_part(module, args: tuple, path: Path, input_names, output_names, dyna
                               do_constant_folding=True, dynamo=False)
         trace_s = t()
         m = onnx.load(str(scratch / path.name), load_external_data=True)
+        name_outputs(m, output_names)
         for out in m.graph.output:
             for axis, value in (fixed_out_dims or {}).get(out.name, {}).items():
                 dim = out.type.tensor_type.shape.dim[axis]
@@ -508,11 +509,12 @@ def run_realsize(arch: str, out: Path | None, seed: int = 0, threads: int = 2) -
                     "pixel_attention_mask": {0: "batch_size", 1: "num_images"},
                     "image_features": {0: "batch_num_images"}}
         else:
-            vision = LlavaVisionEncoder(model).eval()
+            vision = OnevisionVisionEncoder(model).eval()  # crop features unpacked + image_newline
             args = (torch.rand(2, 3, 384, 384, generator=g) * 2 - 1,)
             names = ["pixel_values"]
             axes = {"pixel_values": {0: "num_patches"}, "image_features": {0: "num_patches"}}
-        parts["vision_encoder"] = export_part(vision, args, onnx_dir / "vision_encoder.onnx", names, ["image_features"],
+        outputs = ["image_features"] if bundle.family == "idefics3" else ["image_features", "image_newline"]
+        parts["vision_encoder"] = export_part(vision, args, onnx_dir / "vision_encoder.onnx", names, outputs,
                                               axes, fixed_out_dims={"image_features": {1: bundle.extra["image_seq_len"]}})
         del vision, args
         gc.collect()

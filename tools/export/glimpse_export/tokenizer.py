@@ -44,8 +44,12 @@ SMOLVLM_SPECIAL_TOKENS = (
     + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 )
 LLAVA_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
+# Qwen2 / LLaVA-OneVision: no BOS; <|im_end|> ends a turn.
+ONEVISION_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+SPECIAL_TOKENS = {"idefics3": SMOLVLM_SPECIAL_TOKENS, "llava": LLAVA_SPECIAL_TOKENS,
+                  "llava_onevision": ONEVISION_SPECIAL_TOKENS}
 
-VOCAB_SIZE = {"idefics3": 512, "llava": 480}
+VOCAB_SIZE = {"idefics3": 512, "llava": 480, "llava_onevision": 480}
 
 
 def train_tokenizer(family: str, corpus: list[str] | None = None, vocab_size: int | None = None) -> Tokenizer:
@@ -53,7 +57,7 @@ def train_tokenizer(family: str, corpus: list[str] | None = None, vocab_size: in
 
     ``corpus`` / ``vocab_size`` override the built-in corpus and size (the testbeds train on their question and
     answer vocabulary); the defaults reproduce the tiny models' tokenizers exactly."""
-    special = SMOLVLM_SPECIAL_TOKENS if family == "idefics3" else LLAVA_SPECIAL_TOKENS
+    special = SPECIAL_TOKENS[family]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -67,8 +71,8 @@ def train_tokenizer(family: str, corpus: list[str] | None = None, vocab_size: in
     lines = corpus if corpus is not None else [line for line in CORPUS.splitlines() if line]
     # Repeat the corpus so that pair counts are well above min_frequency; order is fixed -> deterministic merges.
     tok.train_from_iterator(lines * 3, trainer=trainer)
-    if family == "idefics3":
-        # GPT-2 / SmolLM2 style: no BOS/EOS is added; the chat template writes <|im_start|> itself.
+    if family in ("idefics3", "llava_onevision"):
+        # GPT-2 / SmolLM2 / Qwen2 style: no BOS/EOS is added; the chat template writes <|im_start|> itself.
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     else:
         # Llama style (LLaVA-1.5): the tokenizer prepends <s>.
@@ -90,6 +94,12 @@ def wrap_tokenizer(family: str, tok: Tokenizer, chat_template: str):
             unk_token="<|endoftext|>",
             additional_special_tokens=[t for t in SMOLVLM_SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_start|>")],
         )
+    elif family == "llava_onevision":
+        kwargs = dict(
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        )
     else:
         kwargs = dict(
             bos_token="<s>",
@@ -101,6 +111,8 @@ def wrap_tokenizer(family: str, tok: Tokenizer, chat_template: str):
         tokenizer_object=tok, chat_template=chat_template, model_max_length=512, clean_up_tokenization_spaces=False,
         **kwargs,
     )
-    if family == "llava":
+    if family in ("llava", "llava_onevision"):
         fast.image_token = "<image>"
+    if family == "llava_onevision":
+        fast.video_token = "<video>"
     return fast

@@ -39,6 +39,9 @@ pub fn show_kept(image: &RgbImage, layout: &KeptLayout, out: &Path) -> Result<()
         let draw = match view.kind {
             ViewKind::Tile { .. } => true,
             ViewKind::Global | ViewKind::Whole => !tiled,
+            // an anyres grid covers the image too, but its last column is newline tokens: the
+            // base view (Global) is drawn instead
+            ViewKind::Grid => false,
         };
         if !draw {
             continue;
