@@ -33,7 +33,7 @@ pub struct VisionShape {
     pub scale_factor: usize,
     /// Width of the LLM the connector projects into.
     pub out_hidden: usize,
-    /// Connector is a two-layer MLP (LLaVA) rather than one linear layer (Idefics3).
+    /// Connector is a two-layer MLP (LLaVA, LLaVA-OneVision) rather than one linear layer (Idefics3).
     pub mlp_connector: bool,
 }
 
@@ -90,7 +90,7 @@ impl VisionShape {
             cls: family == "llava",
             scale_factor: if family == "idefics3" { u(folder, &["scale_factor"]).unwrap_or(1) } else { 1 },
             out_hidden: text_hidden,
-            mlp_connector: family == "llava",
+            mlp_connector: matches!(family, "llava" | "llava_onevision"),
         })
     }
 

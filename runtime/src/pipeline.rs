@@ -184,7 +184,7 @@ pub struct GenerationStats {
     pub visual_tokens: usize,
     /// Visual tokens that reached the language model.
     pub visual_tokens_kept: usize,
-    /// Encoder views (tiles + global view) of the image.
+    /// Images the encoder ran on (tiles + global view; base view + crops for anyres).
     pub views: usize,
     /// Tokens generated.
     pub new_tokens: usize,
@@ -225,7 +225,7 @@ pub struct Prepared {
     pub visual_tokens: usize,
     /// Visual rows spliced in.
     pub visual_tokens_kept: usize,
-    /// Encoder views of the image (0 without one).
+    /// Images the encoder ran on (0 without an image).
     pub views: usize,
     /// What was kept where (None without an image).
     pub layout: Option<KeptLayout>,
@@ -793,7 +793,7 @@ impl Pipeline {
             Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), input, &sel)?),
         };
         let mut prepared = self.splice(ids, Some(&kept_rows), original_tokens, positions)?;
-        prepared.views = input.views.len();
+        prepared.views = input.encoder_views();
         let skipped_tiles = original_views
             .into_iter()
             .filter(|o| {

@@ -289,8 +289,13 @@ pub struct Profile {
     pub threads: Threads,
     /// CPU features the profile's kernels and dtypes assume (Rust target-feature names).
     pub required_cpu_features: Vec<String>,
-    /// Dtype preference per model part.
+    /// Dtype preference per model part (for ONNX Runtime, and for tract unless `tract_dtypes`
+    /// is given).
     pub dtypes: DtypePreference,
+    /// Dtype preference when the backend is tract, where its kernels rank dtypes differently
+    /// (on x86 tract runs ONNX Runtime's dynamic int8, MatMulInteger, far slower than fp32).
+    #[serde(default)]
+    pub tract_dtypes: Option<DtypePreference>,
     /// Default pruning budget.
     pub pruning: Pruning,
 }
@@ -326,11 +331,19 @@ impl Profile {
     /// The first dtype of this profile's preference for `part` that appears in `available`
     /// (case-insensitive), returned as the caller's string; `None` if none matches.
     /// This is `--dtype auto`: pass the dtypes whose files exist in the model folder.
-    pub fn choose_dtype<'a>(&self, part: ModelPart, available: &[&'a str]) -> Option<&'a str> {
-        self.dtypes
+    pub fn choose_dtype<'a>(&self, part: ModelPart, backend: Backend, available: &[&'a str]) -> Option<&'a str> {
+        self.dtypes_for(backend)
             .for_part(part)
             .iter()
             .find_map(|want| available.iter().copied().find(|have| have.eq_ignore_ascii_case(want)))
+    }
+
+    /// The dtype preference that applies to `backend`.
+    pub fn dtypes_for(&self, backend: Backend) -> &DtypePreference {
+        match (backend, &self.tract_dtypes) {
+            (Backend::Tract, Some(t)) => t,
+            _ => &self.dtypes,
+        }
     }
 
     /// Whether this profile can run on a CPU of `arch` with `features`.
@@ -374,18 +387,22 @@ impl Profile {
                 ));
             }
         }
-        for part in ModelPart::ALL {
-            let list = self.dtypes.for_part(part);
-            let field = format!("dtypes.{}", part.stem());
-            if list.is_empty() {
-                return Err(bad(&field, "must list at least one dtype".into()));
-            }
-            for (i, d) in list.iter().enumerate() {
-                if !DTYPES.contains(&d.as_str()) {
-                    return Err(bad(&field, format!("unknown dtype `{d}` (known: {})", DTYPES.join(", "))));
+        let tables =
+            std::iter::once(("dtypes", &self.dtypes)).chain(self.tract_dtypes.iter().map(|t| ("tract_dtypes", t)));
+        for (table, prefs) in tables {
+            for part in ModelPart::ALL {
+                let list = prefs.for_part(part);
+                let field = format!("{table}.{}", part.stem());
+                if list.is_empty() {
+                    return Err(bad(&field, "must list at least one dtype".into()));
                 }
-                if list[..i].contains(d) {
-                    return Err(bad(&field, format!("dtype `{d}` listed twice")));
+                for (i, d) in list.iter().enumerate() {
+                    if !DTYPES.contains(&d.as_str()) {
+                        return Err(bad(&field, format!("unknown dtype `{d}` (known: {})", DTYPES.join(", "))));
+                    }
+                    if list[..i].contains(d) {
+                        return Err(bad(&field, format!("dtype `{d}` listed twice")));
+                    }
                 }
             }
         }
@@ -419,6 +436,11 @@ impl fmt::Display for Profile {
         writeln!(f, "  threads:     {}", self.threads)?;
         for part in ModelPart::ALL {
             writeln!(f, "  {:<20} {}", format!("{part}:"), join(self.dtypes.for_part(part)))?;
+        }
+        if let Some(t) = &self.tract_dtypes {
+            for part in ModelPart::ALL {
+                writeln!(f, "  {:<20} {}", format!("{part} (tract):"), join(t.for_part(part)))?;
+            }
         }
         writeln!(f, "  pruning:     {} (keep {})", self.pruning.method, self.pruning.keep_ratio)?;
         write!(
@@ -555,19 +577,29 @@ mod tests {
 
     #[test]
     fn choose_dtype_picks_first_preferred_available() {
+        let ort = Backend::Ort;
         let jetson = Profile::by_name("jetson-orin-nano").unwrap();
         let avail = ["fp32", "q4", "Q4F16", "int8"];
-        assert_eq!(jetson.choose_dtype(ModelPart::DecoderModelMerged, &avail), Some("Q4F16"));
-        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, &avail), Some("fp32"));
-        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, &["fp16", "fp32"]), Some("fp16"));
-        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, &["bnb4"]), None);
-        assert_eq!(jetson.choose_dtype(ModelPart::EmbedTokens, &[]), None);
+        assert_eq!(jetson.choose_dtype(ModelPart::DecoderModelMerged, ort, &avail), Some("Q4F16"));
+        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, ort, &avail), Some("fp32"));
+        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, ort, &["fp16", "fp32"]), Some("fp16"));
+        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, ort, &["bnb4"]), None);
+        assert_eq!(jetson.choose_dtype(ModelPart::EmbedTokens, ort, &[]), None);
         let pi = Profile::by_name("raspberry-pi-5").unwrap();
-        assert_eq!(pi.choose_dtype(ModelPart::DecoderModelMerged, &avail), Some("q4"));
-        assert_eq!(pi.choose_dtype(ModelPart::VisionEncoder, &avail), Some("int8"));
+        assert_eq!(pi.choose_dtype(ModelPart::DecoderModelMerged, ort, &avail), Some("q4"));
+        assert_eq!(pi.choose_dtype(ModelPart::VisionEncoder, ort, &avail), Some("int8"));
         let x86 = Profile::by_name("x86-avx512").unwrap();
-        assert_eq!(x86.choose_dtype(ModelPart::VisionEncoder, &avail), Some("fp32"));
-        assert_eq!(x86.choose_dtype(ModelPart::DecoderModelMerged, &avail), Some("int8"));
+        assert_eq!(x86.choose_dtype(ModelPart::VisionEncoder, ort, &avail), Some("fp32"));
+        assert_eq!(x86.choose_dtype(ModelPart::DecoderModelMerged, ort, &avail), Some("int8"));
+        // tract on x86: no dynamic-int8 decoder (MatMulInteger runs far slower than fp32 there)
+        for name in ["x86-avx2", "x86-avx512"] {
+            let x86 = Profile::by_name(name).unwrap();
+            let d = x86.choose_dtype(ModelPart::DecoderModelMerged, Backend::Tract, &avail);
+            assert!(d.is_some() && d != Some("int8"), "{name}: tract decoder {d:?}");
+            assert_eq!(x86.choose_dtype(ModelPart::VisionEncoder, Backend::Tract, &avail), Some("fp32"));
+        }
+        // profiles without a tract table use the same preference for both backends
+        assert_eq!(pi.dtypes_for(Backend::Tract), pi.dtypes_for(ort));
         assert_eq!(x86.pruning.method, "none");
         assert_eq!("decoder".parse::<ModelPart>(), Ok(ModelPart::DecoderModelMerged));
     }

@@ -93,6 +93,11 @@ impl VisionInput {
         self.views.iter().map(|v| v.tokens).sum()
     }
 
+    /// Images the encoder runs on: one per view, or with anyres the base view and every crop.
+    pub fn encoder_views(&self) -> usize {
+        self.anyres.as_ref().map_or(self.views.len(), |a| 1 + a.crops.0 * a.crops.1)
+    }
+
     /// Feature rows the encoder emits for this input (before any anyres packing).
     pub fn encoder_rows(&self) -> usize {
         self.anyres.as_ref().map_or_else(|| self.total_tokens(), anyres::AnyresLayout::encoder_rows)

@@ -83,22 +83,33 @@ pub fn target_profile(name: Option<&str>) -> anyhow::Result<&'static glimpse_tar
 pub fn auto_dtypes(
     folder: &glimpse_runtime::ModelFolder,
     profile: &glimpse_targets::Profile,
+    backend: &str,
 ) -> anyhow::Result<Vec<(glimpse_runtime::Part, Dtype)>> {
+    let backend = target_backend(backend)?;
     let mut out = Vec::new();
     for part in glimpse_runtime::Part::ALL {
         let present: Vec<&str> = folder.variants(part).iter().map(|d| d.name()).collect();
         let tpart: glimpse_targets::ModelPart = part.stem().parse().map_err(anyhow::Error::msg)?;
-        let chosen = profile.choose_dtype(tpart, &present).ok_or_else(|| {
+        let chosen = profile.choose_dtype(tpart, backend, &present).ok_or_else(|| {
             anyhow::anyhow!(
-                "target {} prefers {:?} for {part} but the folder has only {:?}",
+                "target {} prefers {:?} for {part} with {backend} but the folder has only {:?}",
                 profile.name,
-                profile.dtypes.for_part(tpart),
+                profile.dtypes_for(backend).for_part(tpart),
                 present
             )
         })?;
         out.push((part, chosen.parse()?));
     }
     Ok(out)
+}
+
+/// The target-profile backend for a `--backend` name.
+pub fn target_backend(name: &str) -> anyhow::Result<glimpse_targets::Backend> {
+    match name {
+        "tract" => Ok(glimpse_targets::Backend::Tract),
+        "ort" => Ok(glimpse_targets::Backend::Ort),
+        other => anyhow::bail!("unknown backend `{other}` (tract, ort)"),
+    }
 }
 
 impl ModelArgs {
@@ -132,7 +143,7 @@ impl ModelArgs {
             DtypeArg::Auto => {
                 let folder = glimpse_runtime::ModelFolder::open(&self.model)?;
                 let profile = target_profile(self.target.as_deref())?;
-                (Dtype::Fp32, auto_dtypes(&folder, profile)?)
+                (Dtype::Fp32, auto_dtypes(&folder, profile, &self.backend)?)
             }
         };
         Ok(PipelineOptions {

@@ -15,6 +15,9 @@ pub struct Args {
     /// Show the per-part dtypes `--dtype auto` would pick for this model folder.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The backend `--dtype auto` picks for (tract and ONNX Runtime rank dtypes differently).
+    #[arg(long, default_value = "tract")]
+    pub backend: String,
     /// Detect from a directory tree holding proc/ and etc/ files (for testing).
     #[arg(long, hide = true)]
     pub root: Option<PathBuf>,
@@ -33,16 +36,17 @@ pub fn run(args: Args) -> Result<()> {
         None => detected.choose_profile(),
     };
     let folder = args.model.as_ref().map(ModelFolder::open).transpose()?;
+    let backend = super::target_backend(&args.backend)?;
     let mut table = Vec::new();
     for p in profiles() {
         let picks = match &folder {
-            Some(f) => match super::auto_dtypes(f, p) {
+            Some(f) => match super::auto_dtypes(f, p, &args.backend) {
                 Ok(v) => v.iter().map(|(part, d)| format!("{part}={d}")).collect::<Vec<_>>().join(" "),
                 Err(e) => format!("unavailable: {e}"),
             },
             None => glimpse_targets::ModelPart::ALL
                 .iter()
-                .map(|part| format!("{}={}", part.stem(), p.dtypes.for_part(*part).join("|")))
+                .map(|part| format!("{}={}", part.stem(), p.dtypes_for(backend).for_part(*part).join("|")))
                 .collect::<Vec<_>>()
                 .join(" "),
         };
@@ -53,6 +57,7 @@ pub fn run(args: Args) -> Result<()> {
             "detected": detected,
             "profile": chosen,
             "simd": simd::active_isa().name(),
+            "backend": backend.name(),
             "dtype_auto": table.iter().map(|(p, picks)| serde_json::json!({"profile": p.name, "choice": picks})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -64,7 +69,11 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "\n{:<18} {}",
         "profile",
-        if folder.is_some() { "--dtype auto picks" } else { "dtype preference per part" }
+        if folder.is_some() {
+            format!("--dtype auto picks ({backend})")
+        } else {
+            format!("dtype preference per part ({backend})")
+        }
     );
     for (p, picks) in table {
         let mark = if p.name == chosen.name { "*" } else { " " };
