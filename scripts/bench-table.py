@@ -9,6 +9,21 @@ import sys
 d = json.load(open(sys.argv[1]) if len(sys.argv) > 1 else sys.stdin)
 rows = d["rows"]
 med = lambda r, k: r["stages"][k]["median_ms"]  # noqa: E731
+if len({r.get("dtype") for r in rows}) > 1:
+    # a --dtypes sweep: one row per backend and dtype, ratios against fp32 of the same backend
+    print("| backend | dtype | visual tokens | prompt tokens | encode | prefill | TTFT | decode tok/s | prefill vs fp32 "
+          "| encode vs fp32 | decode vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    fp32 = {r["backend"]: r for r in rows if r.get("dtype") == "fp32"}
+    for r in rows:
+        f = fp32.get(r["backend"])
+        ratio = lambda k: f"{med(f, k) / med(r, k):.2f}x" if f else "-"  # noqa: E731
+        dec = f"{r['decode_tokens_per_s'] / f['decode_tokens_per_s']:.2f}x" if f else "-"
+        print(f"| {r['backend']} | {r['dtype']} | {r['visual_tokens_kept']}/{r['visual_tokens']} | {r['prompt_tokens']} "
+              f"| {med(r, 'encode'):.0f} | {med(r, 'prefill'):.0f} | {med(r, 'ttft'):.0f} "
+              f"| {r['decode_tokens_per_s']:.2f} | {ratio('prefill')} | {ratio('encode')} | {dec} |")
+    print("\n(ratios > 1: faster than fp32 with the same backend)")
+    sys.exit(0)
 print("| backend | keep | visual tokens | prompt tokens | preprocess | encode (per view) | select | splice | prefill | TTFT "
       "| decode tok/s | end to end |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")

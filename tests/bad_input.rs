@@ -189,3 +189,25 @@ fn generation_stops_at_the_context_end() {
     let a = p.ask(None, "hi", &opts, &mut |_| {}).unwrap();
     assert!(a.stats.prompt_tokens + a.stats.new_tokens <= p.context_length());
 }
+
+#[test]
+fn bad_anyres_settings_name_file_and_field() {
+    // (file, field, edit of the JSON) for LLaVA-OneVision settings the family cannot honour
+    let cases: [(&str, &str, fn(&mut serde_json::Value)); 3] = [
+        ("config.json", "vision_aspect_ratio", |c| c["vision_aspect_ratio"] = "anyres".into()),
+        ("preprocessor_config.json", "image_grid_pinpoints", |c| {
+            c["image_grid_pinpoints"] = serde_json::json!([[32, 0]])
+        }),
+        ("config.json", "vision_feature_select_strategy", |c| c["vision_feature_select_strategy"] = "default".into()),
+    ];
+    for (file, field, edit) in cases {
+        let tmp = temp_copy(&model("tiny-llava-onevision"));
+        let path = tmp.path().join(file);
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+        let (e, s) = msg(load(tmp.path()));
+        assert!(matches!(e, Error::Field { .. }), "{field}: {e:?}");
+        assert!(s.contains(file) && s.contains(field), "{field}: {s}");
+    }
+}

@@ -44,11 +44,12 @@ impl LlavaOnevision {
         let crop = json_usize(&folder.preprocessor, &pre, &["size.height", "size.shortest_edge"])?;
         let size = folder.config_usize(&["vision_config.image_size"])?;
         let patch = folder.config_usize(&["vision_config.patch_size"])?;
-        if patch == 0 || size % patch != 0 || crop != size {
+        // SigLIP's patch convolution floors: 384 px at patch 14 gives 27 x 27 rows (the last 6 px unused).
+        if patch == 0 || patch > size || crop != size {
             return Err(Error::field(
                 &config,
                 "vision_config.image_size",
-                format!("must be a multiple of patch_size ({patch}) and equal the processor's size ({crop})"),
+                format!("{size} must be at least patch_size ({patch}) and equal the processor's size ({crop})"),
             ));
         }
         let strategy =
