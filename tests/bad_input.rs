@@ -190,10 +190,13 @@ fn generation_stops_at_the_context_end() {
     assert!(a.stats.prompt_tokens + a.stats.new_tokens <= p.context_length());
 }
 
+/// A damaged setting: the file, the field the error must name, and the edit of the JSON.
+type Damage = (&'static str, &'static str, fn(&mut serde_json::Value));
+
 #[test]
 fn bad_anyres_settings_name_file_and_field() {
-    // (file, field, edit of the JSON) for LLaVA-OneVision settings the family cannot honour
-    let cases: [(&str, &str, fn(&mut serde_json::Value)); 3] = [
+    // LLaVA-OneVision settings the family cannot honour
+    let cases: [Damage; 3] = [
         ("config.json", "vision_aspect_ratio", |c| c["vision_aspect_ratio"] = "anyres".into()),
         ("preprocessor_config.json", "image_grid_pinpoints", |c| {
             c["image_grid_pinpoints"] = serde_json::json!([[32, 0]])

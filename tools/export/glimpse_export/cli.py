@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--lr1b", type=float, default=2e-3, help="stage 1b learning rate")
     tr.add_argument("--pool", type=int, default=0,
                     help="stage 2 on N pre-encoded scenes with the encoder frozen (fast path; 0 = the original loop)")
+    tr.add_argument("--count-centres", action="store_true",
+                    help="with --pool and --attn-sup: count questions guide attention to one centre token per counted "
+                         "object (llava)")
     tr.add_argument("--workdir", type=Path, default=Path("/tmp/glimpse-testbed"),
                     help="checkpoints (not part of the model folder)")
 
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                              pick(args.batch1, "batch1"), pick(args.batch2, "batch2"), args.questions_per_image,
                              args.threads, pick(args.unfreeze_at, "unfreeze_at"), args.budget2, args.workdir, args.init_from,
                              args.aux_number_views, args.attn_sup, args.center_projector, args.lr2,
-                             args.text_init, args.digit_steps, args.pool, args.shape_weight, args.lr1b)
+                             args.text_init, args.digit_steps, args.pool, args.shape_weight, args.lr1b,
+                             args.count_centres)
             print(json.dumps(info, indent=2, default=str))
             return 0
         if args.cmd == "snapshot":

@@ -522,7 +522,8 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
               qpi: int, threads: int, unfreeze_at: float, budget2: float | None, workdir: Path,
               init_from: Path | None = None, aux_number_views: int = 0, attn_sup: float = 0.0,
               center_projector: bool = False, lr2: float = 1.5e-3, text_init: float | None = None,
-              digit_steps: int = 0, pool: int = 0, shape_weight: float = 1.0, lr1b: float = 2e-3) -> dict:
+              digit_steps: int = 0, pool: int = 0, shape_weight: float = 1.0, lr1b: float = 2e-3,
+              count_centres: bool = False) -> dict:
     seed_everything(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)  # the CPU kernels used here are deterministic anyway
@@ -561,7 +562,7 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
     torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "stage1": s1}, workdir / f"{testbed}-stage1.pt")
     if pool:
         s2 = train_stage2_pool(bundle, encode_pool(bundle, pool), steps2, batch2, qpi, lr=lr2, budget_s=budget2,
-                               ckpt=workdir / f"{testbed}-stage2.pt", attn_sup=attn_sup)
+                               ckpt=workdir / f"{testbed}-stage2.pt", attn_sup=attn_sup, count_centres=count_centres)
     else:
         s2 = train_stage2(bundle, heads, steps2, batch2, qpi, lr=lr2, vision_lr=3e-4, unfreeze_at=unfreeze_at,
                           budget_s=budget2, ckpt=workdir / f"{testbed}-stage2.pt", aux_number_views=aux_number_views,
@@ -723,16 +724,33 @@ def _answer_attention(tm, h_in: torch.Tensor, pos: torch.Tensor, img_idx: torch.
     return scores.softmax(-1)
 
 
+def _centre_tokens(masks: np.ndarray) -> np.ndarray:
+    """One token per object: of the tokens showing it (rows of ``masks``, one square view in raster order), the one
+    nearest their mean position."""
+    g = int(round(np.sqrt(masks.shape[1])))
+    out = np.zeros_like(masks)
+    for i, m in enumerate(masks):
+        idx = np.nonzero(m)[0]
+        if len(idx):
+            r, c = idx // g, idx % g
+            out[i, idx[np.argmin((r - r.mean()) ** 2 + (c - c.mean()) ** 2)]] = True
+    return out
+
+
 def train_stage2_pool(bundle: Bundle, pool: tuple[torch.Tensor, list], steps: int, batch: int, q_per_image: int,
                       lr: float, log_every=100, budget_s: float | None = None, ckpt: Path | None = None,
-                      attn_sup: float = 0.0) -> dict:
+                      attn_sup: float = 0.0, count_centres: bool = False) -> dict:
     """Connector + decoder on a pool of pre-encoded scenes (encoder frozen), fresh questions every step.
 
     Same packed layout as `train_stage2` (prefix with the image once, then q_per_image question + answer segments
     that each see the prefix and themselves), SDPA attention, the LM head only on answer positions. ``attn_sup``:
     weight of a training-only loss that pulls each head of the last layer's attention from the answer position (over
     the image tokens) onto the tokens showing the objects the question is about (for relations: half the heads on
-    each of the two objects)."""
+    each of the two objects). ``count_centres``: for count questions the target is one token per counted object (its
+    centre) instead of every token showing them, so the attended mass grows with the number of objects rather than
+    with their area (LLaVA testbed: one square view)."""
+    if count_centres and bundle.family != "llava":
+        raise ExportError("--count-centres needs a single-view testbed (llava)")
     hids, scenes = pool
     prompts = Prompts(bundle)
     model = bundle.model
@@ -805,6 +823,8 @@ def train_stage2_pool(bundle: Bundle, pool: tuple[torch.Tensor, list], steps: in
                         # so the layer's output keeps the two positions apart instead of averaging them
                         first, second = tok_obj[q["objs"][0]], tok_obj[q["objs"][1]]
                         rel = np.stack([first] * (n_heads // 2) + [second] * (n_heads - n_heads // 2))
+                    elif count_centres and QTYPES[ti] == "count":
+                        rel = np.repeat(_centre_tokens(tok_obj[q["objs"]]).any(0)[None], n_heads, 0)
                     else:
                         rel = np.repeat(tok_obj[q["objs"]].any(0)[None], n_heads, 0)
                     if rel.any(-1).all():
@@ -857,6 +877,7 @@ def train_stage2_pool(bundle: Bundle, pool: tuple[torch.Tensor, list], steps: in
     for p in _vision_params(bundle):
         p.requires_grad_(True)
     return {"steps": steps, "batch_images": batch, "questions_per_image": q_per_image, "lr": lr, "attn_sup": attn_sup,
+            "count_centres": count_centres,
             "pool_scenes": len(scenes), "seconds": time.perf_counter() - t0, "budget_note": budget_note,
             "encoder": "frozen (stage-1 weights)",
             "final_running_acc": {t: round(1 - e, 4) for t, e in zip(QTYPES, err)}}
