@@ -214,3 +214,17 @@ fn bad_anyres_settings_name_file_and_field() {
         assert!(s.contains(file) && s.contains(field), "{field}: {s}");
     }
 }
+
+#[test]
+fn tile_skipping_on_an_untiled_family_is_an_error() {
+    use glimpse::runtime::{SkippedTiles, TileBudget, TileSkip};
+    for name in ["tiny-llava", "tiny-llava-onevision"] {
+        let opts = PipelineOptions {
+            tiles: Some(TileSkip { budget: TileBudget::Count(1), skipped: SkippedTiles::Drop }),
+            ..Default::default()
+        };
+        let (e, s) = msg(Pipeline::load(model(name), &opts));
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{name}: {e:?}");
+        assert!(s.contains("--tiles") && s.contains("llava"), "{name}: {s}");
+    }
+}

@@ -277,6 +277,15 @@ impl Pipeline {
         let folder = ModelFolder::open(dir)?;
         let tokenizer = TextTokenizer::load(&folder)?;
         let family = family::for_folder(&folder, &tokenizer)?;
+        if opts.tiles.is_some() && !family.splits_into_tiles() {
+            // LLaVA has one view; LLaVA-OneVision's anyres crops are packed into one grid, which
+            // tile skipping does not handle yet.
+            return Err(Error::invalid(
+                "tile skipping (--tiles)",
+                family.name(),
+                "needs a family that splits images into tiles plus a global view (idefics3 / smolvlm with image splitting)",
+            ));
+        }
         let selector = Selector::new(opts.select.clone())?;
         let signal_outputs = read_signal_names(&folder)?;
         let backend = backend::by_name(&opts.backend, &opts.backend_options)?;

@@ -217,6 +217,10 @@ impl super::Family for Idefics3 {
         })
     }
 
+    fn splits_into_tiles(&self) -> bool {
+        self.do_split
+    }
+
     fn expand_image(&self, input: &VisionInput, kept: &[usize]) -> String {
         const FAKE: &str = "<fake_token_around_image>";
         let mut s = String::new();

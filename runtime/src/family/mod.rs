@@ -118,6 +118,10 @@ pub trait Family: Send + Sync {
     fn expand_image(&self, input: &VisionInput, kept: &[usize]) -> String;
     /// The prompt used when the folder has no chat template.
     fn fallback_prompt(&self, prompt: &str, with_image: bool) -> String;
+    /// Whether large images become tiles plus a global view, which tile skipping needs.
+    fn splits_into_tiles(&self) -> bool {
+        false
+    }
 }
 
 type Constructor = fn(&ModelFolder, &TextTokenizer) -> Result<Box<dyn Family>>;
