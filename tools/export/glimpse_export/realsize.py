@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .common import OPSET, ExportError, Timer, log, seed_everything
-from .families import SMOLVLM_CHAT_TEMPLATE, Bundle, _finish_model
+from .families import SMOLVLM_CHAT_TEMPLATE, Bundle, OnevisionProcessor, _finish_model
 from .onnx_parts import Decoder, EmbedTokens, Idefics3VisionEncoder, OnevisionVisionEncoder, kv_shape, name_outputs
 
 PROTOBUF_LIMIT = 2**31  # bytes: one serialized ONNX protobuf cannot exceed 2 GiB
@@ -182,32 +182,6 @@ def wrap(kind: str, tok):
 
 
 # --------------------------------------------------------------------------------------------------------- models
-class OvProcessorFiles:
-    """Writes what ``LlavaOnevisionProcessor.save_pretrained`` writes. The processor object itself cannot be built
-    here: its mandatory video processor needs torchvision, which this environment does not have."""
-
-    def __init__(self, image_processor, tokenizer):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-
-    def save_pretrained(self, out: str) -> None:
-        self.tokenizer.save_pretrained(out)
-        ip = json.loads(self.image_processor.to_json_string())
-        ip.pop("processor_class", None)
-        cfg = {
-            "image_processor": ip,
-            "image_token": "<image>",
-            "num_image_tokens": OV_NUM_IMAGE_TOKENS,
-            "processor_class": "LlavaOnevisionProcessor",
-            "video_token": "<video>",
-            "vision_aspect_ratio": "anyres_max_9",
-            "vision_feature_select_strategy": "full",
-        }
-        (Path(out) / "processor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n",
-                                                         encoding="utf-8")
-        (Path(out) / "chat_template.jinja").write_text(OV_CHAT_TEMPLATE, encoding="utf-8")
-
-
 def build(arch: str, seed: int) -> Bundle:
     spec = ARCHS[arch]
     kind = spec["kind"]
@@ -247,7 +221,8 @@ def build(arch: str, seed: int) -> Bundle:
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5], do_pad=True, do_convert_rgb=True,
     )
-    processor = OvProcessorFiles(ip, tok)
+    # LlavaOnevisionProcessor itself needs torchvision (its video part), which is not installed
+    processor = OnevisionProcessor(ip, tok, OV_NUM_IMAGE_TOKENS, "anyres_max_9", OV_CHAT_TEMPLATE)
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**OV_VISION), text_config=Qwen2Config(**spec["text"]),
         image_token_index=OV_IMAGE_TOKEN_ID, video_token_index=OV_SPECIAL["<video>"], projector_hidden_act="gelu",
