@@ -196,6 +196,11 @@ impl ModelFolder {
         lookup(&self.config, dotted)
     }
 
+    /// A string setting from `config.json` by dotted path; `None` when absent or not a string.
+    pub fn config_str(&self, dotted: &str) -> Option<&str> {
+        self.config_field(dotted).and_then(Value::as_str)
+    }
+
     /// A required unsigned integer from `config.json`, trying several dotted paths in order.
     pub fn config_usize(&self, paths: &[&str]) -> Result<usize> {
         json_usize(&self.config, &self.path("config.json"), paths)

@@ -51,10 +51,7 @@ impl Llava {
             return Err(Error::field(folder.path("config.json"), "vision_config.patch_size", "must divide image_size"));
         }
         let side = size / patch;
-        let strategy = folder
-            .config_field("vision_feature_select_strategy")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("default");
+        let strategy = folder.config_str("vision_feature_select_strategy").unwrap_or("default");
         let tokens = match strategy {
             "default" => side * side,
             "full" => side * side + 1,

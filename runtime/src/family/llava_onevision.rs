@@ -52,8 +52,7 @@ impl LlavaOnevision {
                 format!("{size} must be at least patch_size ({patch}) and equal the processor's size ({crop})"),
             ));
         }
-        let strategy =
-            folder.config_field("vision_feature_select_strategy").and_then(serde_json::Value::as_str).unwrap_or("full");
+        let strategy = folder.config_str("vision_feature_select_strategy").unwrap_or("full");
         if strategy != "full" {
             return Err(Error::field(
                 &config,
@@ -61,8 +60,7 @@ impl LlavaOnevision {
                 format!("{strategy:?} is not supported for llava_onevision (supported: full)"),
             ));
         }
-        let aspect =
-            folder.config_field("vision_aspect_ratio").and_then(serde_json::Value::as_str).unwrap_or("anyres_max_9");
+        let aspect = folder.config_str("vision_aspect_ratio").unwrap_or("anyres_max_9");
         let max_crops =
             aspect.strip_prefix("anyres_max_").and_then(|n| n.parse::<usize>().ok()).filter(|&n| n > 0).ok_or_else(
                 || Error::field(&config, "vision_aspect_ratio", format!("{aspect:?} (supported: anyres_max_N)")),

@@ -34,6 +34,16 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
+# llava-hf/llava-onevision-qwen2-*-ov-hf chat template (the {% generation %} tags dropped, as for LLaVA-1.5)
+OV_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
+    "{% endfor %}{{'<|im_end|>'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 # Tiny sizes. Text model is the same Llama for both families.
 TEXT = dict(
     hidden_size=64,
@@ -323,8 +333,6 @@ def _build_llava_onevision(seed: int) -> Bundle:
         LlavaOnevisionImageProcessorPil,
     )
 
-    from .realsize import OV_CHAT_TEMPLATE
-
     tok = wrap_tokenizer("llava_onevision", train_tokenizer("llava_onevision"), OV_CHAT_TEMPLATE)
     image_token_id = tok.convert_tokens_to_ids("<image>")
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -338,7 +346,7 @@ def _build_llava_onevision(seed: int) -> Bundle:
     processor = OnevisionProcessor(image_processor, tok, n_img, OV_ASPECT, OV_CHAT_TEMPLATE)
     text = Qwen2Config(
         vocab_size=len(tok), bos_token_id=None, eos_token_id=eos, pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-        use_sliding_window=False, **{k: v for k, v in TEXT.items()},
+        use_sliding_window=False, **TEXT,
     )
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**OV_VISION), text_config=text, image_token_index=image_token_id,

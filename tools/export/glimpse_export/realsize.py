@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .common import OPSET, ExportError, Timer, log, seed_everything
-from .families import SMOLVLM_CHAT_TEMPLATE, Bundle, OnevisionProcessor, _finish_model
+from .families import OV_CHAT_TEMPLATE, SMOLVLM_CHAT_TEMPLATE, Bundle, OnevisionProcessor, _finish_model
 from .onnx_parts import Decoder, EmbedTokens, Idefics3VisionEncoder, OnevisionVisionEncoder, kv_shape, name_outputs
 
 PROTOBUF_LIMIT = 2**31  # bytes: one serialized ONNX protobuf cannot exceed 2 GiB
@@ -99,15 +99,6 @@ OV_IMAGE_TOKEN_ID = 151646
 OV_NUM_IMAGE_TOKENS = 729
 OV_GRID_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
 
-# llava-hf/llava-onevision-qwen2-*-ov-hf chat template (the {% generation %} tags dropped, as for LLaVA-1.5)
-OV_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
-    "{% endfor %}{{'<|im_end|>'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
