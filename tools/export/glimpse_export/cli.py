@@ -51,12 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--text-init", type=float, default=None,
                     help="with --init-from: load only the vision encoder and re-initialise the rest with this std")
     tr.add_argument("--init-from", type=Path, default=None,
-                    help="skip stage 1: load a WORKDIR/<testbed>-stage1.pt checkpoint of an earlier run")
+                    help="skip stage 1: load a WORKDIR/<testbed>-stage1.pt checkpoint of an earlier run, or a trained "
+                         "model folder (model.safetensors; auxiliary heads from --heads-from)")
+    tr.add_argument("--heads-from", type=Path, default=None,
+                    help="with --init-from DIR: the checkpoint whose stage-1 auxiliary heads to load")
     tr.add_argument("--digit-steps", type=int, default=0,
                     help="after loading --init-from: stage-1b encoder steps on the view holding the number plus one "
                          "other view (LLaVA: the whole picture)")
     tr.add_argument("--shape-weight", type=float, default=1.0, help="stage 1b: weight of the per-patch shape loss")
     tr.add_argument("--lr1b", type=float, default=2e-3, help="stage 1b learning rate")
+    tr.add_argument("--count-weight", type=float, default=0.0,
+                    help="stage 1b: weight of the per-patch counting head (objects sharing the patch's shape)")
+    tr.add_argument("--vision-from", type=Path, default=None,
+                    help="SmolVLM: initialise the vision encoder from a trained LLaVA testbed folder (its CLIP "
+                         "layers up to the feature layer); the auxiliary heads start fresh")
+    tr.add_argument("--shape-global", action="store_true",
+                    help="stage 1b (SmolVLM): per-patch shape targets on the global view only, which is then each "
+                         "picture's second view")
     tr.add_argument("--pool", type=int, default=0,
                     help="stage 2 on N pre-encoded scenes with the encoder frozen (fast path; 0 = the original loop)")
     tr.add_argument("--count-centres", action="store_true",
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                              args.threads, pick(args.unfreeze_at, "unfreeze_at"), args.budget2, args.workdir, args.init_from,
                              args.aux_number_views, args.attn_sup, args.center_projector, args.lr2,
                              args.text_init, args.digit_steps, args.pool, args.shape_weight, args.lr1b,
-                             args.count_centres)
+                             args.count_centres, args.count_weight, args.heads_from, args.shape_global,
+                             args.vision_from)
             print(json.dumps(info, indent=2, default=str))
             return 0
         if args.cmd == "snapshot":

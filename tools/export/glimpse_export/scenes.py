@@ -371,6 +371,19 @@ def presence_vector(scene: Scene) -> np.ndarray:
     return v
 
 
+def shape_count_labels(scene: Scene, shape_lab: np.ndarray, whole: bool) -> np.ndarray:
+    """Per-patch counting target: on a view of the whole picture, a patch labelled with a shape gets the number of
+    objects of that shape in the scene minus one (0..2); everything else (background, digits, tiles that see part of
+    the picture) is -1 (ignored)."""
+    out = np.full(shape_lab.shape, -1, np.int64)
+    if not whole:
+        return out
+    shapes = [o.shape for o in scene.objects]
+    for k, sh in enumerate(SHAPES):
+        out[shape_lab == 1 + k] = shapes.count(sh) - 1
+    return out
+
+
 def vocabulary_corpus() -> list[str]:
     """Every question template and answer word, for training the testbed tokenizers."""
     lines = []

@@ -25,7 +25,7 @@ from .families import LLAVA_CHAT_TEMPLATE, SMOLVLM_CHAT_TEMPLATE, Bundle
 from .scenes import (
     token_objects,
     LLAVA_SCENE, N_COLOUR_CLS, N_DIGIT_CLS, N_SHAPE_CLS, QTYPES, SMOL_SCENE, make_scene, patch_labels,
-    presence_vector, question, render, vocabulary_corpus,
+    presence_vector, question, render, shape_count_labels, vocabulary_corpus,
 )
 from .tokenizer import train_tokenizer, wrap_tokenizer
 
@@ -243,6 +243,15 @@ class AuxHeads(nn.Module):
         self.xy = nn.Linear(dim, 2)
         self.presence = nn.Linear(dim, 34) if cls else None
         self.presence_last = nn.Linear(dim, 34) if cls else None
+        # patches of an object in a view of the whole picture: how many objects share its shape (1..3)
+        self.count = nn.Linear(dim, 3)
+
+    def load(self, state: dict) -> list[str]:
+        """Load heads saved by an earlier run; heads added since then (missing keys) start fresh and are returned."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ExportError(f"unexpected auxiliary-head keys {unexpected[:3]}")
+        return missing
 
 
 def _ce(logits, target, bg_weight=0.15):
@@ -251,11 +260,15 @@ def _ce(logits, target, bg_weight=0.15):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight=w)
 
 
-def aux_loss(heads: AuxHeads, hid, pooled, labels, family, shape_weight: float = 1.0):
+def aux_loss(heads: AuxHeads, hid, pooled, labels, family, shape_weight: float = 1.0, count_weight: float = 0.0):
     patches = hid if family == "idefics3" else hid[:, 1:]
     loss = (_ce(heads.colour(patches), labels["colour"]) + shape_weight * _ce(heads.shape(patches), labels["shape"])
             + _ce(heads.digit(patches), labels["digit"]) + _ce(heads.centre(patches), labels["centre"], 0.05)
             + 4.0 * F.mse_loss(torch.sigmoid(heads.xy(patches)), labels["xy"]))
+    cfg = labels["count"] >= 0
+    count_logits = heads.count(patches)
+    if count_weight and cfg.any():
+        loss = loss + count_weight * F.cross_entropy(count_logits[cfg], labels["count"][cfg])
     if heads.presence is not None:
         loss = loss + F.binary_cross_entropy_with_logits(heads.presence(hid[:, 0]), labels["presence"])
         loss = loss + F.binary_cross_entropy_with_logits(heads.presence_last(pooled), labels["presence"])
@@ -264,14 +277,21 @@ def aux_loss(heads: AuxHeads, hid, pooled, labels, family, shape_weight: float =
         acc = ((heads.colour(patches).argmax(-1) == labels["colour"]) & fg).sum() / fg.sum().clamp(min=1)
         dfg = labels["digit"] > 0
         dacc = ((heads.digit(patches).argmax(-1) == labels["digit"]) & dfg).sum() / dfg.sum().clamp(min=1)
-        sacc = ((heads.shape(patches).argmax(-1) == labels["shape"]) & fg).sum() / fg.sum().clamp(min=1)
-    return loss, {"fg_colour_acc": float(acc), "digit_acc": float(dacc), "fg_shape_acc": float(sacc)}
+        sfg = fg & (labels["shape"] >= 0)
+        sacc = ((heads.shape(patches).argmax(-1) == labels["shape"]) & sfg).sum() / sfg.sum().clamp(min=1)
+        cacc = ((count_logits.argmax(-1) == labels["count"]) & cfg).sum() / cfg.sum().clamp(min=1)
+    return loss, {"fg_colour_acc": float(acc), "digit_acc": float(dacc), "fg_shape_acc": float(sacc),
+                  "fg_count_acc": float(cacc)}
 
 
-def scene_batch(bundle: Bundle, prep: Prep, seeds: list[int]):
-    """Pixels [n_img * n_views, 3, H, W] + stacked patch labels for the given scene seeds."""
+def scene_batch(bundle: Bundle, prep: Prep, seeds: list[int], shape_global: bool = False):
+    """Pixels [n_img * n_views, 3, H, W] + stacked patch labels for the given scene seeds.
+
+    ``shape_global``: the shape target is kept only on views of the whole picture (SmolVLM's global view). In a
+    full-resolution tile most object patches lie inside an object several patches wide, where one patch cannot tell a
+    square from a circle; in the global view an object spans one or two patches, as in the LLaVA testbed."""
     spec = scene_spec(bundle.extra["testbed"])
-    pvs, labs, scenes = [], {k: [] for k in ("colour", "shape", "digit", "centre", "xy", "presence")}, []
+    pvs, labs, scenes = [], {k: [] for k in ("colour", "shape", "digit", "centre", "xy", "presence", "count")}, []
     for s in seeds:
         sc = make_scene(spec, s)
         img, ids = render(sc)
@@ -288,6 +308,9 @@ def scene_batch(bundle: Bundle, prep: Prep, seeds: list[int]):
             cm = centre_map[y0:y0 + side, x0:x0 + side].reshape(grid, cell, grid, cell).sum((1, 3)) > 0
             labs["centre"].append(cm.reshape(-1).astype(np.int64))
             labs["presence"].append(presence_vector(sc))
+            labs["count"].append(shape_count_labels(sc, lab["shape"], whole=side == spec.size))
+            if shape_global and side != spec.size:
+                labs["shape"][-1] = np.where(lab["shape"] > 0, -100, lab["shape"])
         scenes.append(sc)
     pv = torch.from_numpy(np.concatenate(pvs))
     lab = {k: torch.from_numpy(np.stack(v)) for k, v in labs.items()}
@@ -324,7 +347,7 @@ def train_stage1(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, lr: fl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hist.append((float(loss), m["fg_colour_acc"], m["digit_acc"]))
+        hist.append((float(loss.detach()), m["fg_colour_acc"], m["digit_acc"]))
         if step % log_every == 0 or step == steps - 1:
             h = np.asarray(hist[-log_every:])
             log(f"[stage1 {bundle.extra['testbed']}] step {step}/{steps} loss {h[:, 0].mean():.4f} fg-colour "
@@ -502,7 +525,7 @@ def train_stage2(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, q_per_
                     ok_t[ti] += good
                     n_t[ti] += 1
             weights = _update_type_weights(err, ok_t, n_t)
-        hist.append((float(loss), ok_t.sum() / max(1, n_t.sum())))
+        hist.append((float(loss.detach()), ok_t.sum() / max(1, n_t.sum())))
         if step % log_every == 0 or step == steps - 1:
             h = np.asarray(hist[-log_every:])
             acc = " ".join(f"{t}:{1 - e:.2f}" for t, e in zip(QTYPES, err))
@@ -523,7 +546,8 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
               init_from: Path | None = None, aux_number_views: int = 0, attn_sup: float = 0.0,
               center_projector: bool = False, lr2: float = 1.5e-3, text_init: float | None = None,
               digit_steps: int = 0, pool: int = 0, shape_weight: float = 1.0, lr1b: float = 2e-3,
-              count_centres: bool = False) -> dict:
+              count_centres: bool = False, count_weight: float = 0.0, heads_from: Path | None = None,
+              shape_global: bool = False, vision_from: Path | None = None) -> dict:
     seed_everything(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)  # the CPU kernels used here are deterministic anyway
@@ -540,8 +564,9 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     if init_from is not None:
-        # resume after stage 1 (a {testbed}-stage1.pt written by an earlier run with the same seed)
-        ck = torch.load(init_from)
+        # resume after stage 1 (a {testbed}-stage1.pt written by an earlier run with the same seed), or start from a
+        # trained model folder (its model.safetensors) with the auxiliary heads of a checkpoint (--heads-from)
+        ck = _folder_checkpoint(bundle, init_from, heads_from) if init_from.is_dir() else torch.load(init_from)
         if text_init is not None:
             # keep only the stage-1 vision encoder; decoder, embeddings, lm_head and connector start fresh
             sd = {k: v for k, v in ck["model"].items() if ".vision_model." in k or ".vision_tower." in k}
@@ -551,12 +576,18 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
             _reinit_text(bundle, text_init, seed)
         else:
             model.load_state_dict(ck["model"])
-        heads.load_state_dict(ck["heads"])
+        fresh = heads.load(ck["heads"])
+        if fresh:
+            log(f"[train {testbed}] auxiliary heads not in the checkpoint, starting fresh: {sorted(fresh)}")
         s1 = {"resumed_from": str(init_from), **ck.get("stage1", {})}
     else:
         s1 = train_stage1(bundle, heads, steps1, batch1, lr=2e-3)
+    if vision_from is not None:
+        s1 = {**s1, "vision_from": _vision_from_llava(bundle, vision_from)}
+        heads = AuxHeads(vdim, cls=False)  # the old heads read features of the replaced encoder
     if digit_steps:
-        s1 = {**s1, "stage1b": train_digits(bundle, heads, digit_steps, 16, lr=lr1b, shape_weight=shape_weight)}
+        s1 = {**s1, "stage1b": train_digits(bundle, heads, digit_steps, 16, lr=lr1b, shape_weight=shape_weight,
+                                            count_weight=count_weight, shape_global=shape_global)}
     if center_projector:
         _center_projector(bundle, prep)
     torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "stage1": s1}, workdir / f"{testbed}-stage1.pt")
@@ -574,6 +605,64 @@ def run_train(testbed: str, out: Path, seed: int, steps1: int, steps2: int, batc
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"[train {testbed}] done in {total:.0f}s -> {out}")
     return info
+
+
+@torch.no_grad()
+def _vision_from_llava(bundle: Bundle, folder: Path) -> dict:
+    """Initialise the SmolVLM testbed's vision encoder from a trained LLaVA testbed's CLIP tower (transfer learning).
+
+    The two encoders share width, heads, MLP size and patch size; LLaVA's features come from hidden_states[-2], i.e.
+    after its first 4 layers, which are copied onto the 4 Idefics3 layers. CLIP's pixel normalisation is folded into
+    the patch embedding (SmolVLM normalises with mean = std = 0.5), its 12 x 12 position embeddings are resized
+    (bicubic) to 16 x 16, and what has no counterpart starts neutral: no CLS token, no pre-layernorm, post-layernorm
+    = identity affine. Object shapes are learned slowly from scratch by both encoders (per-patch probe flat at ~0.3
+    for the first few thousand pictures); LLaVA's tower already separates them at the global view's scale."""
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    if bundle.family != "idefics3":
+        raise ExportError("--vision-from initialises the SmolVLM testbed (idefics3) from a LLaVA testbed")
+    if not (folder / "model.safetensors").is_file():
+        raise ExportError(f"{folder / 'model.safetensors'}: missing (--vision-from needs a trained LLaVA testbed)")
+    src = LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32)
+    vc, tc = src.config.vision_config, bundle.model.config.vision_config
+    n_copy = vc.num_hidden_layers + 1 + src.config.vision_feature_layer  # layers before the feature layer's output
+    for field in ("hidden_size", "intermediate_size", "num_attention_heads", "patch_size"):
+        if getattr(vc, field) != getattr(tc, field):
+            raise ExportError(f"{folder}/config.json: vision_config.{field} {getattr(vc, field)} != "
+                              f"{getattr(tc, field)} of the SmolVLM testbed")
+    if n_copy != tc.num_hidden_layers:
+        raise ExportError(f"{folder}: its features come after {n_copy} layers, the SmolVLM testbed has "
+                          f"{tc.num_hidden_layers}")
+    ip = AutoImageProcessor.from_pretrained(folder)
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    tower = getattr(src.model.vision_tower, "vision_model", src.model.vision_tower)
+    vm = bundle.model.model.vision_model
+    w = tower.embeddings.patch_embedding.weight
+    # CLIP sees (p - mean) / std; SmolVLM's input is x = (p - 0.5) / 0.5, so p = 0.5 x + 0.5
+    vm.embeddings.patch_embedding.weight.copy_(w * (0.5 / std)[None, :, None, None])
+    vm.embeddings.patch_embedding.bias.copy_((w.sum((2, 3)) * ((0.5 - mean) / std)[None]).sum(1))
+    g_src = vc.image_size // vc.patch_size
+    g_dst = tc.image_size // tc.patch_size
+    pos = tower.embeddings.position_embedding.weight[1:].reshape(g_src, g_src, -1).permute(2, 0, 1)[None]
+    pos = F.interpolate(pos, size=(g_dst, g_dst), mode="bicubic", align_corners=False)[0]
+    vm.embeddings.position_embedding.weight.copy_(pos.permute(1, 2, 0).reshape(g_dst * g_dst, -1))
+    for i in range(n_copy):
+        vm.encoder.layers[i].load_state_dict(tower.encoder.layers[i].state_dict())
+    vm.post_layernorm.weight.fill_(1.0)
+    vm.post_layernorm.bias.zero_()
+    log(f"[train {bundle.extra['testbed']}] vision encoder initialised from {folder} ({n_copy} CLIP layers)")
+    return {"folder": str(folder), "layers": n_copy, "position_grid": f"{g_src}x{g_src} -> {g_dst}x{g_dst}"}
+
+
+def _folder_checkpoint(bundle: Bundle, folder: Path, heads_from: Path | None) -> dict:
+    """A checkpoint dict from a trained model folder (weights as `save_trained` wrote them) plus the auxiliary heads
+    of a `{testbed}-stage1.pt` checkpoint (without one the heads start fresh)."""
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{weights}: missing (--init-from DIR needs a trained model folder)")
+    sd = type(bundle.model).from_pretrained(folder, torch_dtype=torch.float32).state_dict()
+    heads = torch.load(heads_from)["heads"] if heads_from is not None else {}
+    return {"model": sd, "heads": heads, "stage1": {"from_folder": str(folder), "heads_from": str(heads_from)}}
 
 
 def save_trained(bundle: Bundle, out: Path) -> None:
@@ -631,11 +720,15 @@ def _reinit_text(bundle: Bundle, std: float, seed: int) -> None:
 
 # ------------------------------------------------------------------------- stage 1b + fast stage 2 (frozen encoder)
 def train_digits(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, lr: float = 1e-3, log_every=50,
-                 shape_weight: float = 1.0) -> dict:
+                 shape_weight: float = 1.0, count_weight: float = 0.0, shape_global: bool = False) -> dict:
     """Stage 1b: dense supervision on the view holding the number plus one random other view per picture.
 
     The number is one small object per picture (one view in five for SmolVLM), so plain stage 1 sees few digits.
-    LLaVA has one view: these are plain stage-1 steps (``shape_weight`` > 1 stresses the shape head)."""
+    LLaVA has one view: these are plain stage-1 steps (``shape_weight`` > 1 stresses the shape head).
+    ``count_weight``: weight of the per-patch counting head (views of the whole picture only: LLaVA's view,
+    SmolVLM's global view), so that the tokens of an object also say how many objects share its shape.
+    ``shape_global``: shape targets on the global view only (see `scene_batch`), which is then always the second
+    view of each picture."""
     prep = Prep(bundle)
     params = _vision_params(bundle) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -645,33 +738,37 @@ def train_digits(bundle: Bundle, heads: AuxHeads, steps: int, batch: int, lr: fl
     hist = []
     for step in range(steps):
         seeds = [TRAIN_SEED_BASE[3] + step * batch + i for i in range(batch)]
-        pv, lab, scs = scene_batch(bundle, prep, seeds)
+        pv, lab, scs = scene_batch(bundle, prep, seeds, shape_global)
         sel = []
         for i, sc in enumerate(scs):
             q = sc.number_quadrant if nv > 1 else 0
             sel.append(i * nv + q)
             if nv > 1:
-                sel.append(i * nv + int((q + 1 + rng.integers(nv - 1)) % nv))
+                sel.append(i * nv + (nv - 1 if shape_global else int((q + 1 + rng.integers(nv - 1)) % nv)))
         sel = torch.tensor(sel)
         hid, pooled = vision_hidden(bundle, pv[sel])
-        loss, m = aux_loss(heads, hid, pooled, {k: v[sel] for k, v in lab.items()}, bundle.family, shape_weight)
+        loss, m = aux_loss(heads, hid, pooled, {k: v[sel] for k, v in lab.items()}, bundle.family, shape_weight,
+                           count_weight)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warm=20)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hist.append((float(loss), m["fg_colour_acc"], m["digit_acc"], m["fg_shape_acc"]))
+        hist.append((float(loss.detach()), m["fg_colour_acc"], m["digit_acc"], m["fg_shape_acc"], m["fg_count_acc"]))
         if step % log_every == 0 or step == steps - 1:
             h = np.asarray(hist[-log_every:])
             log(f"[stage1b {bundle.extra['testbed']}] step {step}/{steps} loss {h[:, 0].mean():.4f} fg-colour "
                 f"{h[:, 1].mean():.3f} fg-shape {h[:, 3].mean():.3f} digit {h[:, 2].mean():.3f} "
-                f"({time.perf_counter() - t0:.0f}s)")
+                f"count {h[:, 4].mean():.3f} ({time.perf_counter() - t0:.0f}s)")
     h = np.asarray(hist[-50:])
+    probe = {"fg_colour_acc": round(float(h[:, 1].mean()), 3), "digit_acc": round(float(h[:, 2].mean()), 3),
+             "fg_shape_acc": round(float(h[:, 3].mean()), 3)}
+    if count_weight:
+        probe["fg_count_acc"] = round(float(h[:, 4].mean()), 3)
     return {"steps": steps, "batch_images": batch, "lr": lr, "shape_weight": shape_weight,
-            "seconds": time.perf_counter() - t0,
-            "end_probe": {"fg_colour_acc": round(float(h[:, 1].mean()), 3), "digit_acc": round(float(h[:, 2].mean()), 3),
-                          "fg_shape_acc": round(float(h[:, 3].mean()), 3)}}
+            "count_weight": count_weight, "shape_global": shape_global, "seconds": time.perf_counter() - t0,
+            "end_probe": probe}
 
 
 @torch.no_grad()
@@ -862,7 +959,7 @@ def train_stage2_pool(bundle: Bundle, pool: tuple[torch.Tensor, list], steps: in
             ok_t = np.bincount(types[asked], weights=ok[asked], minlength=len(QTYPES))
             n_t = np.bincount(types[asked], minlength=len(QTYPES))
             weights = _update_type_weights(err, ok_t, n_t)
-        hist.append((float(loss), ok_t.sum() / max(1, n_t.sum())))
+        hist.append((float(loss.detach()), ok_t.sum() / max(1, n_t.sum())))
         if step % log_every == 0 or step == steps - 1:
             h = np.asarray(hist[-log_every:])
             acc = " ".join(f"{t}:{1 - e:.2f}" for t, e in zip(QTYPES, err))
