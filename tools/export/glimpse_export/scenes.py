@@ -374,8 +374,8 @@ def presence_vector(scene: Scene) -> np.ndarray:
 def shape_count_labels(scene: Scene, shape_lab: np.ndarray, whole: bool) -> np.ndarray:
     """Per-patch counting target: on a view of the whole picture, a patch labelled with a shape gets the number of
     objects of that shape in the scene minus one (0..2); everything else (background, digits, tiles that see part of
-    the picture) is -1 (ignored)."""
-    out = np.full(shape_lab.shape, -1, np.int64)
+    the picture) is -100, the ignore index the shape targets use too."""
+    out = np.full(shape_lab.shape, -100, np.int64)
     if not whole:
         return out
     shapes = [o.shape for o in scene.objects]

@@ -308,8 +308,9 @@ def scene_batch(bundle: Bundle, prep: Prep, seeds: list[int], shape_global: bool
             cm = centre_map[y0:y0 + side, x0:x0 + side].reshape(grid, cell, grid, cell).sum((1, 3)) > 0
             labs["centre"].append(cm.reshape(-1).astype(np.int64))
             labs["presence"].append(presence_vector(sc))
-            labs["count"].append(shape_count_labels(sc, lab["shape"], whole=side == spec.size))
-            if shape_global and side != spec.size:
+            whole = side == spec.size
+            labs["count"].append(shape_count_labels(sc, lab["shape"], whole))
+            if shape_global and not whole:
                 labs["shape"][-1] = np.where(lab["shape"] > 0, -100, lab["shape"])
         scenes.append(sc)
     pv = torch.from_numpy(np.concatenate(pvs))
@@ -621,9 +622,7 @@ def _vision_from_llava(bundle: Bundle, folder: Path) -> dict:
 
     if bundle.family != "idefics3":
         raise ExportError("--vision-from initialises the SmolVLM testbed (idefics3) from a LLaVA testbed")
-    if not (folder / "model.safetensors").is_file():
-        raise ExportError(f"{folder / 'model.safetensors'}: missing (--vision-from needs a trained LLaVA testbed)")
-    src = LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32)
+    src = _trained_model(LlavaForConditionalGeneration, folder, "--vision-from needs a trained LLaVA testbed")
     vc, tc = src.config.vision_config, bundle.model.config.vision_config
     n_copy = vc.num_hidden_layers + 1 + src.config.vision_feature_layer  # layers before the feature layer's output
     for field in ("hidden_size", "intermediate_size", "num_attention_heads", "patch_size"):
@@ -654,13 +653,18 @@ def _vision_from_llava(bundle: Bundle, folder: Path) -> dict:
     return {"folder": str(folder), "layers": n_copy, "position_grid": f"{g_src}x{g_src} -> {g_dst}x{g_dst}"}
 
 
+def _trained_model(cls, folder: Path, why: str):
+    """A model class loaded in f32 from a trained testbed folder, with an error naming the missing weights file."""
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{weights}: missing ({why})")
+    return cls.from_pretrained(folder, torch_dtype=torch.float32)
+
+
 def _folder_checkpoint(bundle: Bundle, folder: Path, heads_from: Path | None) -> dict:
     """A checkpoint dict from a trained model folder (weights as `save_trained` wrote them) plus the auxiliary heads
     of a `{testbed}-stage1.pt` checkpoint (without one the heads start fresh)."""
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise ExportError(f"{weights}: missing (--init-from DIR needs a trained model folder)")
-    sd = type(bundle.model).from_pretrained(folder, torch_dtype=torch.float32).state_dict()
+    sd = _trained_model(type(bundle.model), folder, "--init-from DIR needs a trained model folder").state_dict()
     heads = torch.load(heads_from)["heads"] if heads_from is not None else {}
     return {"model": sd, "heads": heads, "stage1": {"from_folder": str(folder), "heads_from": str(heads_from)}}
 
