@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::generate::GenerationOptions;
-use crate::pipeline::{EncodedImage, Pipeline, StageTimes};
+use crate::pipeline::{EncodedImage, ImageInput, Pipeline, Quiet, Request, Stage, StageTimes};
 
 /// One question of an eval set (`questions.jsonl`, one object per line).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -176,22 +176,17 @@ pub fn evaluate(
             }
         };
         let (_, img, encoded, decode) = cache.insert(entry);
-        let times = StageTimes { image_decode: *decode, ..StageTimes::default() };
-        let answer = match encoded {
-            Some(e) => pipeline.ask_encoded(e, &q.question, &gen, times, &mut |_| {})?,
-            None => pipeline.ask_image(Some(img), &q.question, &gen, times, &mut |_| {})?,
+        let image = match encoded {
+            Some(e) => ImageInput::Encoded(e),
+            None => ImageInput::Decoded(img),
         };
+        let mut answer = pipeline.answer(&Request::new(&q.question).with_image(image), &gen, &mut Quiet)?;
+        // the picture was decoded once for its questions; each reports that decode time
+        answer.stats.times.image_decode = *decode;
+        answer.stats.ttft_ms = answer.stats.times.ttft().as_secs_f64() * 1e3;
         let t = &answer.stats.times;
-        for (acc, x) in [
-            (&mut stage_sum.image_decode, t.image_decode),
-            (&mut stage_sum.preprocess, t.preprocess),
-            (&mut stage_sum.encode, t.encode),
-            (&mut stage_sum.select, t.select),
-            (&mut stage_sum.splice, t.splice),
-            (&mut stage_sum.prefill, t.prefill),
-            (&mut stage_sum.decode, t.decode),
-        ] {
-            *acc += x;
+        for stage in Stage::ALL {
+            *stage_sum.slot_mut(stage) += t.get(stage);
         }
         let predicted = normalize_answer(&answer.text);
         predictions.push(Prediction {
@@ -219,18 +214,7 @@ fn report(predictions: Vec<Prediction>, stage_sum: StageTimes, keep: bool) -> Ev
     }
     let correct = predictions.iter().filter(|p| p.correct).count();
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n;
-    let mean_stage_ms = [
-        ("image_decode", ms(stage_sum.image_decode)),
-        ("preprocess", ms(stage_sum.preprocess)),
-        ("encode", ms(stage_sum.encode)),
-        ("select", ms(stage_sum.select)),
-        ("splice", ms(stage_sum.splice)),
-        ("prefill", ms(stage_sum.prefill)),
-        ("decode", ms(stage_sum.decode)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let mean_stage_ms = Stage::ALL.iter().map(|&s| (s.name().to_string(), ms(stage_sum.get(s)))).collect();
     EvalReport {
         overall: Accuracy::new(correct, predictions.len()),
         by_type: by.into_iter().map(|(k, (c, t))| (k, Accuracy::new(c, t))).collect(),

@@ -10,8 +10,10 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// A model part in the onnx-community split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The role of a model part; which file plays it is data, from the folder's manifest
+/// ([`crate::manifest::Manifest::parts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Part {
     /// Image → `image_features` (post-connector rows ready to splice).
     VisionEncoder,
@@ -25,7 +27,16 @@ impl Part {
     /// All parts, in pipeline order.
     pub const ALL: [Part; 3] = [Part::VisionEncoder, Part::EmbedTokens, Part::Decoder];
 
-    /// File stem used by the onnx-community layout.
+    /// The role's name in the manifest (`vision_encoder`, `embed_tokens`, `decoder`).
+    pub fn role(self) -> &'static str {
+        match self {
+            Part::VisionEncoder => "vision_encoder",
+            Part::EmbedTokens => "embed_tokens",
+            Part::Decoder => "decoder",
+        }
+    }
+
+    /// File stem the onnx-community layout uses for this role (a manifest may name another).
     pub fn stem(self) -> &'static str {
         match self {
             Part::VisionEncoder => "vision_encoder",
@@ -127,6 +138,8 @@ pub struct ModelFolder {
     pub tokenizer_config: Value,
     /// `processor_config.json`, or an empty object when the folder has none.
     pub processor: Value,
+    /// `glimpse.json`, or the default three-part manifest when the folder has none.
+    pub manifest: crate::manifest::Manifest,
 }
 
 impl ModelFolder {
@@ -147,7 +160,8 @@ impl ModelFolder {
         if !tokenizer.is_file() {
             return Err(Error::MissingFile { path: tokenizer, what: "tokenizer".into() });
         }
-        Ok(ModelFolder { root, config, preprocessor, generation, tokenizer_config, processor })
+        let manifest = crate::manifest::Manifest::load(&root)?;
+        Ok(ModelFolder { root, config, preprocessor, generation, tokenizer_config, processor, manifest })
     }
 
     /// Path of a file in the folder.
@@ -165,7 +179,7 @@ impl ModelFolder {
 
     /// The file a part would have for a dtype (whether or not it exists).
     pub fn part_file(&self, part: Part, dtype: Dtype) -> PathBuf {
-        self.root.join("onnx").join(format!("{}{}.onnx", part.stem(), dtype.suffix()))
+        self.root.join("onnx").join(format!("{}{}.onnx", self.manifest.stem(part), dtype.suffix()))
     }
 
     /// The dtype variants present for a part.

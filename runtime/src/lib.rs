@@ -3,8 +3,10 @@
 //! encoder and the language model so that fewer image tokens can reach the LLM.
 //!
 //! The pipeline is preprocess → encode → select → splice → prefill → decode
-//! ([`pipeline::Pipeline`]); model families ([`family`]), backends ([`backend`]) and selection
-//! methods ([`select`]) each sit behind one small trait.
+//! ([`pipeline::Pipeline::answer`], one [`Request`] in, an [`Observer`] told of each stage);
+//! model families ([`family`]), backends ([`backend`]), selection methods and signals
+//! ([`select`]) each sit behind one small trait and one registry. `docs/architecture.md` lists
+//! the files each extension point touches.
 
 pub mod backend;
 pub mod calibrate;
@@ -14,6 +16,7 @@ pub mod eval;
 pub mod family;
 pub mod folder;
 pub mod generate;
+pub mod manifest;
 pub mod onnx_info;
 pub mod pipeline;
 pub mod preprocess;
@@ -25,7 +28,7 @@ pub use error::{Error, Result};
 pub use folder::{Dtype, ModelFolder, Part};
 pub use generate::{GenerationOptions, SamplingOptions};
 pub use pipeline::{
-    Answer, Encoded, EncodedImage, GenerationStats, Pipeline, PipelineOptions, Positions, SkippedTiles, StageTimes,
-    TileBudget, TileSkip,
+    Answer, Encoded, EncodedImage, GenerationStats, ImageInput, Observer, OnText, Pipeline, PipelineOptions, Positions,
+    Quiet, Request, SkippedTiles, Stage, StageTimes, TileBudget, TileSkip,
 };
 pub use select::{Budget, Scope, SelectConfig};

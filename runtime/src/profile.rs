@@ -12,10 +12,10 @@ use crate::cost::{TextShape, VisionShape};
 use crate::error::Result;
 use crate::folder::Part;
 use crate::generate::GenerationOptions;
-use crate::pipeline::{Pipeline, StageTimes};
+use crate::pipeline::{ImageInput, Pipeline, Quiet, Request, Stage};
 
 /// Stage names in pipeline order, as they appear in reports.
-pub const STAGES: [&str; 7] = ["image_decode", "preprocess", "encode", "select", "splice", "prefill", "decode"];
+pub const STAGES: [Stage; 7] = Stage::ALL;
 
 /// Median, minimum and maximum of one measurement over the runs, ms.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -139,10 +139,7 @@ pub fn profile(
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for run in 0..opts.warmup + opts.runs {
         let start = Instant::now();
-        let t = Instant::now();
-        let img = pipeline.load_image(image)?;
-        let times = StageTimes { image_decode: t.elapsed(), ..Default::default() };
-        let answer = pipeline.ask_image(Some(&img), prompt, &gen, times, &mut |_| {})?;
+        let answer = pipeline.answer(&Request::new(prompt).with_image(ImageInput::Path(image)), &gen, &mut Quiet)?;
         let e2e = start.elapsed();
         progress();
         if run < opts.warmup {
@@ -150,10 +147,8 @@ pub fn profile(
         }
         let t = answer.stats.times;
         let views = answer.stats.views;
-        for (name, d) in
-            STAGES.iter().zip([t.image_decode, t.preprocess, t.encode, t.select, t.splice, t.prefill, t.decode])
-        {
-            samples.entry(name).or_default().push(ms(d));
+        for stage in STAGES {
+            samples.entry(stage.name()).or_default().push(ms(t.get(stage)));
         }
         samples.entry("encode_per_view").or_default().push(ms(t.encode) / views.max(1) as f64);
         samples.entry("ttft").or_default().push(ms(t.ttft()));
@@ -172,7 +167,7 @@ pub fn profile(
     };
     let views = stats.views;
     let efficiency = efficiency(pipeline, &stats, views, &stages, calibration)?;
-    let dtypes: Vec<&str> = Part::ALL.iter().map(|&p| pipeline.part_dtype(p).name()).collect();
+    let dtypes: Vec<&str> = pipeline.parts().iter().map(|(_, d)| d.name()).collect();
     let dtype = if dtypes.iter().all(|d| *d == dtypes[0]) { dtypes[0].to_string() } else { dtypes.join("/") };
     Ok(ProfileRow {
         backend: pipeline.backend_name().into(),

@@ -132,6 +132,29 @@ impl Tensor {
     }
 }
 
+/// A session's outputs by declared name, each taken at most once.
+#[derive(Debug)]
+pub struct NamedOutputs {
+    named: Vec<(String, Option<Tensor>)>,
+}
+
+impl NamedOutputs {
+    /// Pairs outputs with the names a session declares (in declared order).
+    pub fn new(declared: &[TensorInfo], tensors: Vec<Tensor>) -> Self {
+        NamedOutputs { named: declared.iter().map(|o| o.name.clone()).zip(tensors.into_iter().map(Some)).collect() }
+    }
+
+    /// Takes the output called `name`, if declared and not taken yet.
+    pub fn take(&mut self, name: &str) -> Option<Tensor> {
+        self.named.iter_mut().find(|(n, _)| n == name).and_then(|(_, t)| t.take())
+    }
+
+    /// The first declared output's name.
+    pub fn first_name(&self) -> Option<String> {
+        self.named.first().map(|(n, _)| n.clone())
+    }
+}
+
 /// What became of one execution provider asked for when a part was loaded.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "status", content = "reason", rename_all = "snake_case")]

@@ -223,6 +223,29 @@ impl super::Family for LlavaOnevision {
         "<image>".repeat(kept.iter().sum())
     }
 
+    fn pack(
+        &self,
+        input: &VisionInput,
+        features: ndarray::Array2<f32>,
+        outputs: &mut crate::backend::NamedOutputs,
+    ) -> Result<ndarray::Array2<f32>> {
+        let Some(layout) = &input.anyres else { return Ok(features) };
+        let d = features.ncols();
+        let newline = outputs
+            .take("image_newline")
+            .ok_or_else(|| {
+                Error::interface(
+                    "vision_encoder",
+                    "anyres packing needs the `image_newline` output (export with `python -m glimpse_export`)",
+                )
+            })?
+            .into_f32("vision_encoder image_newline")?;
+        let newline = newline
+            .into_shape_with_order(d)
+            .map_err(|e| Error::interface("vision_encoder", format!("image_newline must have {d} values: {e}")))?;
+        layout.pack(features.view(), newline.view())
+    }
+
     fn fallback_prompt(&self, prompt: &str, with_image: bool) -> String {
         let image = if with_image { "<image>" } else { "" };
         format!("<|im_start|>user {image}\n{prompt}<|im_end|><|im_start|>assistant\n")

@@ -4,7 +4,9 @@
 
 use image::RgbImage;
 
-use crate::backend::Tensor;
+use ndarray::Array2;
+
+use crate::backend::{NamedOutputs, Tensor};
 use crate::error::{Error, Result};
 use crate::folder::ModelFolder;
 use crate::text::TextTokenizer;
@@ -121,6 +123,12 @@ pub trait Family: Send + Sync {
     /// Whether large images become tiles plus a global view, which tile skipping needs.
     fn splits_into_tiles(&self) -> bool {
         false
+    }
+    /// After the encoder: turns its rows `[encoder_rows, d]` into the views' rows, reading any
+    /// extra encoder output it needs (LLaVA-OneVision stitches and unpads anyres crops and adds
+    /// `image_newline` rows). The default passes the rows through.
+    fn pack(&self, _input: &VisionInput, features: Array2<f32>, _outputs: &mut NamedOutputs) -> Result<Array2<f32>> {
+        Ok(features)
     }
 }
 

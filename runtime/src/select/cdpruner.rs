@@ -8,6 +8,16 @@ use ndarray::{Array1, Array2, Axis};
 use super::{missing, normalized, Chosen, Method, Needs, Rows};
 use crate::error::Result;
 
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "cdpruner",
+    summary: "CDPruner: greedy DPP over prompt relevance x feature similarity",
+    uses: "text",
+    params: &["lambda"],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(CdPruner),
+};
+
 /// Conditional-DPP selection.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CdPruner;

@@ -8,6 +8,16 @@ use ndarray::{ArrayView1, Axis};
 use super::{normalized, top_k, Chosen, Method, Needs, Rows};
 use crate::error::Result;
 
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "dart",
+    summary: "DART: L1-norm pivots (image + prompt), keep the tokens least similar to them",
+    uses: "text",
+    params: &[],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(Dart::default()),
+};
+
 /// DART duplication-aware selection.
 #[derive(Debug, Clone, Copy)]
 pub struct Dart {

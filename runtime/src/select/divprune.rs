@@ -6,6 +6,16 @@
 use super::{argmax_free, normalized, Chosen, Method, Rows};
 use crate::error::Result;
 
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "divprune",
+    summary: "DivPrune: max-min diversity (k-centre) on feature cosine",
+    uses: "-",
+    params: &[],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(DivPrune),
+};
+
 /// Max-min diversity selection.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DivPrune;

@@ -41,9 +41,9 @@ fn thumbnail_token(tile: &View, global: &View, t: usize) -> usize {
 /// attention received).
 fn view_scores(input: &SelectionInput<'_>) -> Option<Vec<Array1<f32>>> {
     let s = input.signals;
-    let flat: Array1<f32> = match (&s.cls_attention, &s.attention_received) {
+    let flat: Array1<f32> = match (s.get("cls_attention"), s.get("attention_received")) {
         (Some(cls), _) => cls.sum_axis(ndarray::Axis(1)),
-        (None, Some(r)) => r.clone(),
+        (None, Some(r)) => r.column(0).to_owned(),
         (None, None) => return None,
     };
     let mut out = Vec::with_capacity(input.views.len());
@@ -61,7 +61,7 @@ impl Method for GlobalCom2 {
     }
 
     fn choose(&self, rows: &Rows<'_>, k: usize) -> Result<Chosen> {
-        let score = rows.cls.as_ref().or(rows.received.as_ref()).ok_or_else(no_signal)?;
+        let score = rows.cls().or_else(|| rows.received()).ok_or_else(no_signal)?;
         Ok(Chosen::keep(top_k(score.view(), k)))
     }
 
@@ -71,6 +71,16 @@ impl Method for GlobalCom2 {
 }
 
 use super::Chosen;
+
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "globalcom2",
+    summary: "GlobalCom2: the thumbnail's attention sets each tile's budget",
+    uses: "cls_attention | attention_received",
+    params: &[],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(GlobalCom2),
+};
 
 fn no_signal() -> crate::error::Error {
     missing(
@@ -155,7 +165,8 @@ mod tests {
         for t in [2, 3, 6, 7] {
             received[64 + t] = 40.0;
         }
-        let signals = Signals { attention_received: Some(received), ..Default::default() };
+        let mut signals = Signals::default();
+        signals.insert("attention_received", received.insert_axis(ndarray::Axis(1)));
         let f = Array2::from_elem((80, 4), 1.0f32);
         let cfg = SelectConfig { method: "globalcom2".into(), budget: Budget::Ratio(0.25), ..Default::default() };
         let sel = Selector::new(cfg)

@@ -10,6 +10,7 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 
 use crate::error::{Error, Result};
 use crate::family::View;
+pub use signals::Signals;
 
 pub mod cdpruner;
 pub mod dart;
@@ -17,37 +18,13 @@ pub mod divprune;
 pub mod globalcom2;
 pub mod pool;
 pub mod random;
+pub mod recoverable;
+pub mod signals;
+pub mod tiles;
 pub mod todre;
 pub mod uniform;
 pub mod visionzip;
 pub mod vtc_cls;
-
-/// Optional per-token signals a method may use, aligned row for row with the features
-/// (views concatenated, like the features).
-#[derive(Debug, Clone, Default)]
-pub struct Signals {
-    /// Head-averaged CLS→patch attention of the last layers before the final one, `[N, layers]`
-    /// (exported by `tools/export`; CLIP towers only).
-    pub cls_attention: Option<Array2<f32>>,
-    /// Attention received per token (heads and queries averaged), `[N]`.
-    pub attention_received: Option<Array1<f32>>,
-    /// Head-averaged keys of the feature layer, `[N, dk]`.
-    pub keys: Option<Array2<f32>>,
-    /// The language model's own embeddings of the instruction tokens, `[m, d]`.
-    pub text: Option<Array2<f32>>,
-}
-
-impl Signals {
-    /// The rows `rows` of every per-token signal (text is kept as is).
-    pub fn select_rows(&self, rows: &[usize]) -> Signals {
-        Signals {
-            cls_attention: self.cls_attention.as_ref().map(|a| a.select(Axis(0), rows)),
-            attention_received: self.attention_received.as_ref().map(|a| a.select(Axis(0), rows)),
-            keys: self.keys.as_ref().map(|a| a.select(Axis(0), rows)),
-            text: self.text.clone(),
-        }
-    }
-}
 
 /// The signals a method needs; the pipeline computes the optional ones only when asked.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -158,18 +135,39 @@ pub struct Rows<'a> {
     pub features: ArrayView2<'a, f32>,
     /// `(rows, cols)` patch grid when the rows are exactly one view.
     pub grid: Option<(usize, usize)>,
-    /// CLS attention summed over the exported layers, per row.
-    pub cls: Option<Array1<f32>>,
-    /// CLS attention of the last exported layer (layer -2), per row.
-    pub cls_last: Option<Array1<f32>>,
-    /// Attention received, per row.
-    pub received: Option<Array1<f32>>,
-    /// Keys, per row.
-    pub keys: Option<Array2<f32>>,
+    /// Per-token signals by registered name ([`signals::SIGNALS`]), `[rows, width]`.
+    pub signals: BTreeMap<&'static str, Array2<f32>>,
     /// Instruction embeddings (not rows to select; context only).
     pub text: Option<ArrayView2<'a, f32>>,
     pub seed: u64,
     pub lambda: f32,
+}
+
+impl Rows<'_> {
+    /// A per-token signal by name, `[rows, width]`.
+    pub fn signal(&self, name: &str) -> Option<&Array2<f32>> {
+        self.signals.get(name)
+    }
+
+    /// CLS attention summed over the exported layers, per row.
+    pub fn cls(&self) -> Option<Array1<f32>> {
+        self.signal("cls_attention").map(|a| a.sum_axis(Axis(1)))
+    }
+
+    /// CLS attention of the last exported layer (layer -2), per row.
+    pub fn cls_last(&self) -> Option<Array1<f32>> {
+        self.signal("cls_attention").map(|a| a.column(a.ncols().saturating_sub(1)).to_owned())
+    }
+
+    /// Attention received, per row.
+    pub fn received(&self) -> Option<Array1<f32>> {
+        self.signal("attention_received").map(|a| a.column(0).to_owned())
+    }
+
+    /// Encoder keys, per row.
+    pub fn keys(&self) -> Option<&Array2<f32>> {
+        self.signal("keys")
+    }
 }
 
 /// What a method chose among `Rows`: ascending indices, and new values for rows it merged into.
@@ -208,25 +206,76 @@ pub trait Method: Send + Sync {
     }
 }
 
-type Constructor = fn() -> Box<dyn Method>;
+/// Where in the pipeline a method acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Acts {
+    /// Before the vision encoder: decides what is encoded at all (e.g. tile skipping).
+    BeforeEncoder,
+    /// Between the encoder's block groups (token merging; needs a staged encoder).
+    InsideEncoder,
+    /// Between encoder and language model: chooses which feature rows are spliced in.
+    AfterEncoder,
+}
 
-/// Registered methods (`none` is handled by [`Selector`] itself).
-pub const METHODS: &[(&str, Constructor)] = &[
-    ("random", || Box::new(random::Random)),
-    ("uniform", || Box::new(uniform::Uniform)),
-    ("pool", || Box::new(pool::Pool)),
-    ("dart", || Box::new(dart::Dart::default())),
-    ("divprune", || Box::new(divprune::DivPrune)),
-    ("todre", || Box::new(todre::ToDre)),
-    ("cdpruner", || Box::new(cdpruner::CdPruner)),
-    ("vtc-cls", || Box::new(vtc_cls::VtcCls)),
-    ("visionzip", || Box::new(visionzip::VisionZip)),
-    ("globalcom2", || Box::new(globalcom2::GlobalCom2)),
+/// A registered selection method: what `--prune` accepts and what its help says.
+#[derive(Clone, Copy)]
+pub struct MethodSpec {
+    /// Name as typed on the command line.
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub summary: &'static str,
+    /// Signals it reads (`a | b`: either one), for help and docs.
+    pub uses: &'static str,
+    /// Its own knobs (`SelectConfig` fields), for help and docs.
+    pub params: &'static [&'static str],
+    pub acts: Acts,
+    pub make: fn() -> Box<dyn Method>,
+}
+
+impl fmt::Debug for MethodSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MethodSpec").field("name", &self.name).field("acts", &self.acts).finish_non_exhaustive()
+    }
+}
+
+/// Keeping every token: the default, handled by [`Selector`] itself.
+pub const NONE: MethodSpec = MethodSpec {
+    name: "none",
+    summary: "keep every visual token",
+    uses: "-",
+    params: &[],
+    acts: Acts::AfterEncoder,
+    make: || Box::new(random::Random),
+};
+
+/// The registry: one line per method, `none` first.
+pub const METHODS: &[MethodSpec] = &[
+    NONE,
+    random::SPEC,
+    uniform::SPEC,
+    pool::SPEC,
+    dart::SPEC,
+    divprune::SPEC,
+    todre::SPEC,
+    cdpruner::SPEC,
+    vtc_cls::SPEC,
+    visionzip::SPEC,
+    globalcom2::SPEC,
+    recoverable::SPEC,
 ];
 
 /// Every method name, `none` first.
 pub fn available() -> Vec<&'static str> {
-    std::iter::once("none").chain(METHODS.iter().map(|(n, _)| *n)).collect()
+    METHODS.iter().map(|m| m.name).collect()
+}
+
+/// The registered method called `name`.
+pub fn method_spec(name: &str) -> Result<&'static MethodSpec> {
+    METHODS
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| Error::invalid("pruning method", name, format!("available: {}", available().join(", "))))
 }
 
 /// Which rows of each view are kept (indices into the view, ascending = raster order), plus the
@@ -304,15 +353,8 @@ impl fmt::Debug for Selector {
 impl Selector {
     /// Builds the selector for a configuration, rejecting unknown methods.
     pub fn new(config: SelectConfig) -> Result<Self> {
-        let method = match config.method.as_str() {
-            "none" => None,
-            name => {
-                let make = METHODS.iter().find(|(n, _)| *n == name).map(|(_, m)| *m).ok_or_else(|| {
-                    Error::invalid("pruning method", name, format!("available: {}", available().join(", ")))
-                })?;
-                Some(make())
-            }
-        };
+        let spec = method_spec(&config.method)?;
+        let method = if spec.name == NONE.name { None } else { Some((spec.make)()) };
         Ok(Selector { config, method })
     }
 
@@ -397,10 +439,6 @@ impl Selector {
     ) -> Result<Rows<'a>> {
         let s = input.signals;
         let n = input.features.nrows();
-        let cls = s.cls_attention.as_ref().filter(|a| a.nrows() == n);
-        let last = cls.map(|a| a.ncols().saturating_sub(1));
-        let received = s.attention_received.as_ref().filter(|a| a.len() == n);
-        let keys = s.keys.as_ref().filter(|a| a.nrows() == n);
         if method.needs().text && s.text.is_none() {
             return Err(missing(
                 method.name(),
@@ -408,13 +446,17 @@ impl Selector {
                 "the pipeline computes them; call select with Signals::text set",
             ));
         }
+        let signals = signals::SIGNALS
+            .iter()
+            .filter_map(|spec| {
+                let a = s.get(spec.name).filter(|a| a.nrows() == n)?;
+                Some((spec.name, a.slice(ndarray::s![range.clone(), ..]).to_owned()))
+            })
+            .collect();
         Ok(Rows {
             features: input.features.slice(ndarray::s![range.clone(), ..]),
             grid,
-            cls: cls.map(|a| a.slice(ndarray::s![range.clone(), ..]).sum_axis(Axis(1))),
-            cls_last: cls.zip(last).map(|(a, l)| a.slice(ndarray::s![range.clone(), l]).to_owned()),
-            received: received.map(|a| a.slice(ndarray::s![range.clone()]).to_owned()),
-            keys: keys.map(|a| a.slice(ndarray::s![range.clone(), ..]).to_owned()),
+            signals,
             text: s.text.as_ref().map(|t| t.view()),
             seed: self.config.seed,
             lambda: self.config.lambda,
@@ -524,10 +566,7 @@ pub(crate) mod testutil {
         Rows {
             features: f.view(),
             grid: None,
-            cls: None,
-            cls_last: None,
-            received: None,
-            keys: None,
+            signals: BTreeMap::new(),
             text: None,
             seed: 7,
             lambda: 0.5,
@@ -542,12 +581,12 @@ mod tests {
 
     fn all_signals(views: &[View], d: usize) -> Signals {
         let n: usize = views.iter().map(|v| v.tokens).sum();
-        Signals {
-            cls_attention: Some(Array2::from_shape_fn((n, 3), |(j, l)| ((l * 7 + j * 13) % 17) as f32)),
-            attention_received: Some(Array1::from_shape_fn(n, |j| ((j * 5) % 11) as f32)),
-            keys: Some(features(n, 8, 3)),
-            text: Some(features(5, d, 4)),
-        }
+        let mut s = Signals::default();
+        s.insert("cls_attention", Array2::from_shape_fn((n, 3), |(j, l)| ((l * 7 + j * 13) % 17) as f32));
+        s.insert("attention_received", Array2::from_shape_fn((n, 1), |(j, _)| ((j * 5) % 11) as f32));
+        s.insert("keys", features(n, 8, 3));
+        s.text = Some(features(5, d, 4));
+        s
     }
 
     #[test]

@@ -7,6 +7,16 @@ use ndarray::Axis;
 use super::{Chosen, Method, Rows};
 use crate::error::Result;
 
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "pool",
+    summary: "2-D average pooling of each view's patch grid (baseline)",
+    uses: "-",
+    params: &[],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(Pool),
+};
+
 /// Average pooling to a smaller grid.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Pool;

@@ -7,6 +7,16 @@ use rand::SeedableRng;
 use super::{Chosen, Method, Rows};
 use crate::error::Result;
 
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "random",
+    summary: "seeded random subset (baseline)",
+    uses: "-",
+    params: &["seed"],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(Random),
+};
+
 /// Seeded random selection.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Random;

@@ -9,6 +9,16 @@ use rand::{Rng, SeedableRng};
 use super::{normalized, Chosen, Method, Rows};
 use crate::error::Result;
 
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "todre",
+    summary: "ToDRE: max-sum diversity from a CLS-attention (else seeded) pivot",
+    uses: "cls_attention (optional)",
+    params: &["seed"],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(ToDre),
+};
+
 /// Max-sum diversity selection.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ToDre;
@@ -21,7 +31,7 @@ impl Method for ToDre {
     fn choose(&self, rows: &Rows<'_>, k: usize) -> Result<Chosen> {
         let xn = normalized(rows.features);
         let n = xn.nrows();
-        let pivot = match &rows.cls {
+        let pivot = match &rows.cls() {
             Some(cls) => crate::generate::argmax(cls.as_slice().unwrap_or(&cls.to_vec())),
             None => StdRng::seed_from_u64(rows.seed ^ n as u64).random_range(0..n),
         };
@@ -55,7 +65,7 @@ mod tests {
     fn starts_at_the_cls_pivot_then_goes_far() {
         let f = array![[1.0f32, 0.0], [0.9, 0.1], [-1.0, 0.0], [0.0, 1.0]];
         let mut r = rows(&f);
-        r.cls = Some(array![0.0, 5.0, 0.0, 0.0]);
+        r.signals.insert("cls_attention", array![[0.0], [5.0], [0.0], [0.0]]);
         assert_eq!(ToDre.choose(&r, 2).unwrap().indices, vec![1, 2]);
     }
 }

@@ -3,6 +3,16 @@
 use super::{Chosen, Method, Rows};
 use crate::error::Result;
 
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "uniform",
+    summary: "evenly strided tokens in raster order (baseline)",
+    uses: "-",
+    params: &[],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(Uniform),
+};
+
 /// Evenly strided selection.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Uniform;

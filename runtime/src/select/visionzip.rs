@@ -12,6 +12,16 @@ use ndarray::Axis;
 use super::{missing, normalized, top_k, Chosen, Method, Rows};
 use crate::error::Result;
 
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "visionzip",
+    summary: "VisionZip: dominant tokens by attention + merged contextual tokens",
+    uses: "cls_attention | attention_received, keys",
+    params: &[],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(VisionZip),
+};
+
 /// Dominant + contextual selection.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct VisionZip;
@@ -31,14 +41,14 @@ impl Method for VisionZip {
     }
 
     fn choose(&self, rows: &Rows<'_>, k: usize) -> Result<Chosen> {
-        let score = rows.cls_last.as_ref().or(rows.received.as_ref()).ok_or_else(|| {
+        let score = rows.cls_last().or_else(|| rows.received()).ok_or_else(|| {
             missing(
                 "visionzip",
                 "CLS attention or attention received (glimpse_cls_attention / glimpse_attention_received)",
                 "export the model with `python -m glimpse_export` and its pruning-signals option",
             )
         })?;
-        let keys = rows.keys.as_ref().ok_or_else(|| {
+        let keys = rows.keys().ok_or_else(|| {
             missing("visionzip", "encoder keys (glimpse_keys)", "export the model with the pruning-signals option")
         })?;
         let n = rows.features.nrows();
@@ -97,8 +107,8 @@ mod tests {
         let keys =
             array![[1.0f32, 0.0], [0.0, 1.0], [0.0, 1.0], [0.1, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.1], [1.0, 0.0]];
         let mut r = rows(&f);
-        r.cls_last = Some(Array1::from_vec(vec![9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]));
-        r.keys = Some(keys);
+        r.signals.insert("cls_attention", Array1::from_vec(vec![9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]).insert_axis(Axis(1)));
+        r.signals.insert("keys", keys);
         // k = 3 splits into 2 dominant + 1 contextual: dominant 0 and (tie, lowest index) 1;
         // the single target is the middle leftover, 5, and every other leftover merges into it.
         let c = VisionZip.choose(&r, 3).unwrap();
@@ -109,8 +119,8 @@ mod tests {
         let f = Array2::from_shape_fn((16, 1), |(i, _)| i as f32);
         let keys = Array2::from_shape_fn((16, 2), |(i, j)| if (i < 12) == (j == 0) { 1.0 } else { 0.0 });
         let mut r = rows(&f);
-        r.cls_last = Some(Array1::from_shape_fn(16, |i| if i < 8 { 10.0 - i as f32 } else { 0.0 }));
-        r.keys = Some(keys);
+        r.signals.insert("cls_attention", Array1::from_shape_fn(16, |i| if i < 8 { 10.0 - i as f32 } else { 0.0 }).insert_axis(Axis(1)));
+        r.signals.insert("keys", keys);
         let c = VisionZip.choose(&r, 10).unwrap();
         assert_eq!(c.indices.len(), 10);
         assert!((0..8).all(|i| c.indices.contains(&i)), "{:?}", c.indices);

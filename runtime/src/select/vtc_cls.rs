@@ -5,6 +5,16 @@
 use super::{missing, top_k, Chosen, Method, Rows};
 use crate::error::Result;
 
+/// Registry entry ([`super::METHODS`]).
+pub const SPEC: super::MethodSpec = super::MethodSpec {
+    name: "vtc-cls",
+    summary: "VTC-CLS: top CLS attention summed over the last layers",
+    uses: "cls_attention",
+    params: &[],
+    acts: super::Acts::AfterEncoder,
+    make: || Box::new(VtcCls),
+};
+
 /// CLS-attention top-k.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct VtcCls;
@@ -15,7 +25,7 @@ impl Method for VtcCls {
     }
 
     fn choose(&self, rows: &Rows<'_>, k: usize) -> Result<Chosen> {
-        let cls = rows.cls.as_ref().ok_or_else(|| {
+        let cls = rows.cls().ok_or_else(|| {
             missing(
                 "vtc-cls",
                 "the CLS attention signal (glimpse_cls_attention)",
@@ -36,7 +46,7 @@ mod tests {
     fn keeps_the_most_attended_in_raster_order() {
         let f = features(5, 2, 1);
         let mut r = rows(&f);
-        r.cls = Some(array![0.1, 0.9, 0.2, 0.8, 0.05]);
+        r.signals.insert("cls_attention", array![[0.1], [0.9], [0.2], [0.8], [0.05]]);
         assert_eq!(VtcCls.choose(&r, 2).unwrap().indices, vec![1, 3]);
     }
 }

@@ -2,10 +2,9 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
-use glimpse_runtime::{GenerationOptions, Pipeline, SamplingOptions, StageTimes};
+use glimpse_runtime::{GenerationOptions, ImageInput, Observer, Pipeline, Request, SamplingOptions};
 
 use super::{ModelArgs, SelectArgs};
 
@@ -58,20 +57,16 @@ pub fn run(args: Args) -> Result<()> {
         ignore_eos: false,
     };
     let mut stdout = std::io::stdout().lock();
-    let stream = !args.json;
     // decode the image once: the answer and the --show-kept overlay both use it
-    let mut times = StageTimes::default();
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let image = args.image.as_deref().map(|p| pipeline.load_image(p)).transpose().context("reading the image")?;
-    times.image_decode = started.elapsed();
-    let answer = pipeline
-        .ask_image(image.as_ref(), &args.prompt, &opts, times, &mut |piece| {
-            if stream {
-                let _ = write!(stdout, "{piece}");
-                let _ = stdout.flush();
-            }
-        })
-        .context("answering")?;
+    let decode = started.elapsed();
+    let request =
+        Request::new(&args.prompt).with_image(image.as_ref().map_or(ImageInput::None, ImageInput::Decoded));
+    let mut out = Stdout { out: &mut stdout, stream: !args.json };
+    let mut answer = pipeline.answer(&request, &opts, &mut out).context("answering")?;
+    answer.stats.times.image_decode = decode;
+    answer.stats.ttft_ms = answer.stats.times.ttft().as_secs_f64() * 1e3;
     if let (Some(out), Some(layout), Some(img)) = (&args.show_kept, &answer.layout, &image) {
         super::overlay::show_kept(img, layout, out)?;
     }
@@ -111,4 +106,20 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Streams the answer to stdout (a closed pipe ends the stream quietly; the answer is still
+/// computed and the exit status reports write errors at the end).
+struct Stdout<'a, W: Write> {
+    out: &'a mut W,
+    stream: bool,
+}
+
+impl<W: Write> Observer for Stdout<'_, W> {
+    fn text(&mut self, piece: &str) {
+        if self.stream {
+            let _ = write!(self.out, "{piece}");
+            let _ = self.out.flush();
+        }
+    }
 }

@@ -159,11 +159,19 @@ impl ModelArgs {
     }
 }
 
+/// `--prune` values: every method of the selection registry, with its one-line summary.
+pub fn prune_values() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        glimpse_runtime::select::METHODS.iter().map(|m| clap::builder::PossibleValue::new(m.name).help(m.summary)),
+    )
+}
+
 /// Options of the token-selection (pruning) stage.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SelectArgs {
-    /// Pruning method: none, random, uniform, pool, dart, divprune, todre, cdpruner, vtc-cls, visionzip.
-    #[arg(long, default_value = "none")]
+    /// Token-selection method between encoder and LLM (from the selection registry; `--help` lists
+    /// each with what it does).
+    #[arg(long, default_value = "none", value_parser = prune_values())]
     pub prune: String,
     /// Visual tokens to keep: a ratio in (0, 1] (0.25) or a count (64).
     #[arg(long, default_value = "1.0")]
@@ -225,9 +233,10 @@ pub fn list(s: &str) -> Vec<String> {
 /// and `--tiles` run every combination in one run.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SweepArgs {
-    /// Pruning methods (comma-separated to sweep).
-    #[arg(long, default_value = "none")]
-    pub prune: String,
+    /// Token-selection methods, comma-separated to sweep (from the selection registry; `--help`
+    /// lists each with what it does).
+    #[arg(long, default_value = "none", value_delimiter = ',', value_parser = prune_values())]
+    pub prune: Vec<String>,
     /// Keep budgets: ratios or counts (comma-separated to sweep), e.g. 1.0,0.5,0.25.
     #[arg(long, default_value = "1.0")]
     pub keep: String,
@@ -251,7 +260,7 @@ pub struct SweepArgs {
 impl SweepArgs {
     /// The methods swept.
     pub fn methods(&self) -> Vec<String> {
-        list(&self.prune)
+        self.prune.clone()
     }
 
     /// The keep budgets swept.

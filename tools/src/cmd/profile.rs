@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use glimpse_runtime::backend;
 use glimpse_runtime::calibrate::{calibrate, Calibration};
-use glimpse_runtime::folder::Part;
 use glimpse_runtime::profile::{peak_rss_bytes, profile, ProfileOptions, ProfileRow};
 use glimpse_runtime::Pipeline;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -100,15 +99,13 @@ pub fn run(args: Args) -> Result<()> {
             b.clone(),
             pipeline
                 .placements()
-                .map(|(p, pl)| (p.stem().to_string(), pl))
                 .into_iter()
+                .map(|(p, pl)| (p.stem().to_string(), pl))
                 .collect::<std::collections::BTreeMap<_, _>>(),
         );
-        realsize = pipeline.folder.path("glimpse.json").is_file()
-            && std::fs::read_to_string(pipeline.folder.path("glimpse.json"))
-                .is_ok_and(|s| s.contains("\"realsize\": true"));
+        realsize = pipeline.folder.manifest.is_realsize();
         model_bytes =
-            Part::ALL.iter().map(|&p| glimpse_runtime::profile::part_bytes(&pipeline, p, pipeline.part_dtype(p))).sum();
+            pipeline.parts().iter().map(|&(p, d)| glimpse_runtime::profile::part_bytes(&pipeline, p, d)).sum();
         let cal = if args.calibrate && !calibrations.iter().any(|c: &Calibration| &c.backend == b) {
             bar.set_message(format!("calibrating {b}"));
             let be = backend::by_name(b, &backend_opts)?;

@@ -1,5 +1,10 @@
 //! Generation: the decoder with its KV cache kept as model I/O (`past_key_values.*` in,
-//! `present.*` out), and token sampling (greedy, temperature, top-k, top-p, seeded).
+//! `present.*` out), token sampling (greedy, temperature, top-k, top-p, seeded), and the
+//! prefill + decode loop with streaming ([`stream`]).
+
+pub mod stream;
+
+pub use stream::{Generator, StopReason};
 
 use ndarray::{Array1, Array3, ArrayD, Axis, IxDyn};
 use rand::rngs::StdRng;

@@ -1,0 +1,71 @@
+//! How a pipeline is built ([`PipelineOptions`]) and the position-id policy after pruning.
+
+use serde::Serialize;
+
+use crate::backend;
+use crate::error::{Error, Result};
+use crate::folder::{Dtype, Part};
+use crate::preprocess::ImageLimits;
+use crate::select::tiles::TileSkip;
+use crate::select::SelectConfig;
+
+/// How a pipeline is built.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Dtype variant of every part not listed in `part_dtypes`.
+    pub dtype: Dtype,
+    /// Per-part overrides (e.g. chosen by a target profile for `--dtype auto`).
+    pub part_dtypes: Vec<(Part, Dtype)>,
+    /// Backend name (`tract`, `ort`).
+    pub backend: String,
+    /// Backend settings (ONNX Runtime library, threads).
+    pub backend_options: backend::BackendOptions,
+    /// Token selection (method, budget, scope); the default keeps every token.
+    pub select: SelectConfig,
+    /// Position ids of the tokens after pruned image tokens.
+    pub positions: Positions,
+    /// Skip whole tiles before the encoder (tiled families only).
+    pub tiles: Option<TileSkip>,
+    /// Limits on input images.
+    pub image_limits: ImageLimits,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            dtype: Dtype::Fp32,
+            part_dtypes: Vec::new(),
+            backend: "tract".into(),
+            backend_options: backend::BackendOptions::default(),
+            select: SelectConfig::default(),
+            positions: Positions::Original,
+            tiles: None,
+            image_limits: ImageLimits::default(),
+        }
+    }
+}
+
+/// Position-id policy after pruning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    /// Renumber 0..n over the pruned sequence.
+    Contiguous,
+    /// Keep each token's position in the unpruned sequence (gaps where tokens were dropped), as
+    /// DART and FastV do. The default: RoPE decoders read where a token was from its position
+    /// (on testbed-llava at keep 0.25, DART holds 97% of full accuracy this way, 69% renumbered).
+    #[default]
+    Original,
+}
+
+impl std::str::FromStr for Positions {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "contiguous" => Ok(Positions::Contiguous),
+            "original" => Ok(Positions::Original),
+            _ => Err(Error::invalid("positions", s, "expected original or contiguous")),
+        }
+    }
+}
+

@@ -1,0 +1,113 @@
+//! What one call of [`super::Pipeline::answer`] takes (a [`Request`]) and who hears about it
+//! while it runs (an [`Observer`]: stage timings as each stage ends, streamed text).
+
+use std::path::Path;
+use std::time::Duration;
+
+use image::RgbImage;
+use serde::Serialize;
+
+use super::EncodedImage;
+use crate::select::SelectConfig;
+
+use super::Positions;
+
+/// The image of a request, in whatever form the caller has it.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum ImageInput<'a> {
+    /// Text only.
+    #[default]
+    None,
+    /// An image file, decoded within the pipeline's limits (timed as `image_decode`).
+    Path(&'a Path),
+    /// An already decoded image.
+    Decoded(&'a RgbImage),
+    /// An image preprocessed and encoded once ([`super::Pipeline::encode_image`]); its measured
+    /// preprocess and encode times are reported again, so time to first token stays that of a
+    /// fresh image.
+    Encoded(&'a EncodedImage),
+}
+
+/// One question: the prompt, the image, and per-request selection settings.
+#[derive(Debug, Clone, Default)]
+pub struct Request<'a> {
+    pub prompt: &'a str,
+    pub image: ImageInput<'a>,
+    /// Token selection for this request only (method, budget, positions); `None` uses the
+    /// pipeline's.
+    pub selection: Option<(SelectConfig, Positions)>,
+}
+
+impl<'a> Request<'a> {
+    /// A text-only request.
+    pub fn new(prompt: &'a str) -> Self {
+        Request { prompt, ..Default::default() }
+    }
+
+    /// The same request about an image.
+    pub fn with_image(mut self, image: ImageInput<'a>) -> Self {
+        self.image = image;
+        self
+    }
+
+    /// The same request with its own token selection.
+    pub fn with_selection(mut self, config: SelectConfig, positions: Positions) -> Self {
+        self.selection = Some((config, positions));
+        self
+    }
+}
+
+/// The named stages, in pipeline order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    ImageDecode,
+    Preprocess,
+    Encode,
+    Select,
+    Splice,
+    Prefill,
+    Decode,
+}
+
+impl Stage {
+    /// Every stage, in order.
+    pub const ALL: [Stage; 7] =
+        [Stage::ImageDecode, Stage::Preprocess, Stage::Encode, Stage::Select, Stage::Splice, Stage::Prefill, Stage::Decode];
+
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::ImageDecode => "image_decode",
+            Stage::Preprocess => "preprocess",
+            Stage::Encode => "encode",
+            Stage::Select => "select",
+            Stage::Splice => "splice",
+            Stage::Prefill => "prefill",
+            Stage::Decode => "decode",
+        }
+    }
+}
+
+/// Hears about a request while it runs. Every method has a no-op default.
+pub trait Observer {
+    /// A stage finished and took `took` (stages that do not run for a request are not reported).
+    fn stage(&mut self, _stage: Stage, _took: Duration) {}
+    /// A piece of the answer became final (pieces concatenate to the answer text).
+    fn text(&mut self, _piece: &str) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Quiet;
+
+impl Observer for Quiet {}
+
+/// An observer that passes streamed text to a closure.
+pub struct OnText<F: FnMut(&str)>(pub F);
+
+impl<F: FnMut(&str)> Observer for OnText<F> {
+    fn text(&mut self, piece: &str) {
+        (self.0)(piece)
+    }
+}
