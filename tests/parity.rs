@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use glimpse::runtime::backend::Tensor;
-use glimpse::runtime::{GenerationOptions, Pipeline, PipelineOptions, StageTimes};
+use glimpse::runtime::{GenerationOptions, ImageInput, Pipeline, PipelineOptions, Quiet, Request, StageTimes};
 
 fn load(name: &str) -> Pipeline {
     Pipeline::load(model(name), &PipelineOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -104,7 +104,7 @@ fn image_features_logits_and_greedy_tokens_match() {
                 ..Default::default()
             };
             let mut times = StageTimes::default();
-            let ids = p.generate(prepared, &opts, &mut times, &mut |_| {}).expect("generate");
+            let (ids, _) = p.generate(prepared, &opts, &mut times, &mut Quiet).expect("generate");
             assert_eq!(ids, case.ints("generated_ids"), "{name}/{}: greedy ids", case.name());
         }
     }
@@ -143,9 +143,11 @@ fn encoding_reused_across_prompts_gives_the_same_answers() {
             let encoded = p.encode_image(&img).expect("encode once");
             let opts = GenerationOptions { max_new_tokens: 12, ..Default::default() };
             for prompt in [case.prompt(), "Describe it."] {
-                let fresh = p.ask_image(Some(&img), prompt, &opts, StageTimes::default(), &mut |_| {}).expect("fresh");
-                let reused =
-                    p.ask_encoded(&encoded, prompt, &opts, StageTimes::default(), &mut |_| {}).expect("reused");
+                let fresh =
+                    p.answer(&Request::new(prompt).with_image(ImageInput::Decoded(&img)), &opts, &mut Quiet).expect("fresh");
+                let reused = p
+                    .answer(&Request::new(prompt).with_image(ImageInput::Encoded(&encoded)), &opts, &mut Quiet)
+                    .expect("reused");
                 assert_eq!(fresh.token_ids, reused.token_ids, "{name}/{}: {prompt}", case.name());
                 assert!(reused.stats.times.encode > std::time::Duration::ZERO);
             }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 # No network: nothing may be fetched from a hub. Set before transformers / huggingface_hub are imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -23,6 +24,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Needed by torch.use_deterministic_algorithms for some CUDA paths; harmless on CPU.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_SEED = 0
 OPSET = 18
 MAX_NEW_TOKENS = 20

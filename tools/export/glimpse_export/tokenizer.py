@@ -2,12 +2,14 @@
 
 Byte-level BPE (GPT-2 style pre-tokenizer and decoder) so that every string is encodable with no unknown token,
 the same kind of ``tokenizer.json`` the real SmolVLM tokenizer is. Training is deterministic for a fixed corpus and
-vocabulary size.
+vocabulary size. The special tokens, vocabulary sizes and wrapper arguments of each family are in its
+``families/<name>.py``.
 """
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 CORPUS = """\
 What is in the image? Describe the image in detail.
@@ -39,30 +41,19 @@ Hello! How are you today? I am fine, thank you.
 This is a test of the tokenizer with some punctuation: (a), [b], {c}; "d" - 'e'.
 """
 
-SMOLVLM_SPECIAL_TOKENS = (
-    ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
-    + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-)
-LLAVA_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
-# Qwen2 / LLaVA-OneVision: no BOS; <|im_end|> ends a turn.
-ONEVISION_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-SPECIAL_TOKENS = {"idefics3": SMOLVLM_SPECIAL_TOKENS, "llava": LLAVA_SPECIAL_TOKENS,
-                  "llava_onevision": ONEVISION_SPECIAL_TOKENS}
+def train_tokenizer(special: list[str], vocab_size: int, corpus: list[str] | None = None,
+                    bos_prefix: str | None = None) -> Tokenizer:
+    """Train the byte-level BPE with the family's ``special`` tokens (they get the lowest ids).
 
-VOCAB_SIZE = {"idefics3": 512, "llava": 480, "llava_onevision": 480}
-
-
-def train_tokenizer(family: str, corpus: list[str] | None = None, vocab_size: int | None = None) -> Tokenizer:
-    """Train the byte-level BPE for ``family`` ("idefics3" or "llava"); special tokens get the lowest ids.
-
-    ``corpus`` / ``vocab_size`` override the built-in corpus and size (the testbeds train on their question and
-    answer vocabulary); the defaults reproduce the tiny models' tokenizers exactly."""
-    special = SPECIAL_TOKENS[family]
+    ``corpus`` overrides the built-in corpus (the testbeds train on their question and answer vocabulary); the
+    defaults reproduce the tiny models' tokenizers exactly. ``bos_prefix``: a token the post-processor prepends
+    (Llama / LLaVA-1.5 style ``<s>``); without one nothing is added (GPT-2 / SmolLM2 / Qwen2 style: the chat template
+    writes ``<|im_start|>`` itself)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size or VOCAB_SIZE[family],
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -71,48 +62,22 @@ def train_tokenizer(family: str, corpus: list[str] | None = None, vocab_size: in
     lines = corpus if corpus is not None else [line for line in CORPUS.splitlines() if line]
     # Repeat the corpus so that pair counts are well above min_frequency; order is fixed -> deterministic merges.
     tok.train_from_iterator(lines * 3, trainer=trainer)
-    if family in ("idefics3", "llava_onevision"):
-        # GPT-2 / SmolLM2 / Qwen2 style: no BOS/EOS is added; the chat template writes <|im_start|> itself.
+    if bos_prefix is None:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     else:
-        # Llama style (LLaVA-1.5): the tokenizer prepends <s>.
-        bos = tok.token_to_id("<s>")
+        bos = tok.token_to_id(bos_prefix)
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+            single=f"{bos_prefix} $A", pair=f"{bos_prefix} $A {bos_prefix} $B", special_tokens=[(bos_prefix, bos)]
         )
     return tok
 
 
-def wrap_tokenizer(family: str, tok: Tokenizer, chat_template: str):
-    from transformers import PreTrainedTokenizerFast
-
-    if family == "idefics3":
-        kwargs = dict(
-            bos_token="<|im_start|>",
-            eos_token="<end_of_utterance>",
-            pad_token="<|endoftext|>",
-            unk_token="<|endoftext|>",
-            additional_special_tokens=[t for t in SMOLVLM_SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_start|>")],
-        )
-    elif family == "llava_onevision":
-        kwargs = dict(
-            eos_token="<|im_end|>",
-            pad_token="<|endoftext|>",
-            additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
-        )
-    else:
-        kwargs = dict(
-            bos_token="<s>",
-            eos_token="</s>",
-            pad_token="<pad>",
-            additional_special_tokens=["<image>"],
-        )
+def wrap_tokenizer(tok: Tokenizer, chat_template: str, attrs: dict[str, str], **kwargs) -> PreTrainedTokenizerFast:
+    """``PreTrainedTokenizerFast`` around ``tok``; ``kwargs``: its special tokens and ``model_max_length``;
+    ``attrs``: attributes the processors read (``image_token``, ``video_token``), set in order."""
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, chat_template=chat_template, model_max_length=512, clean_up_tokenization_spaces=False,
-        **kwargs,
+        tokenizer_object=tok, chat_template=chat_template, clean_up_tokenization_spaces=False, **kwargs,
     )
-    if family in ("llava", "llava_onevision"):
-        fast.image_token = "<image>"
-    if family == "llava_onevision":
-        fast.video_token = "<video>"
+    for name, value in attrs.items():
+        setattr(fast, name, value)
     return fast
