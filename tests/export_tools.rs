@@ -1,7 +1,9 @@
 //! The Python export tools are tested too: re-export a tiny model with transformers and check
 //! it against the committed fixtures (`python -m glimpse_export check`). Needs the venv that
 //! `.ci/run` creates from `tools/export/requirements.txt` (or `GLIMPSE_PYTHON` pointing at a
-//! Python with those packages); without it this test fails and says how to create it.
+//! Python with those packages); without it this test fails and says how to create it. Compiled
+//! with the `venv-tests` feature only, so `cargo test --workspace` needs Rust alone.
+#![cfg(feature = "venv-tests")]
 
 mod common;
 

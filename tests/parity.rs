@@ -143,8 +143,9 @@ fn encoding_reused_across_prompts_gives_the_same_answers() {
             let encoded = p.encode_image(&img).expect("encode once");
             let opts = GenerationOptions { max_new_tokens: 12, ..Default::default() };
             for prompt in [case.prompt(), "Describe it."] {
-                let fresh =
-                    p.answer(&Request::new(prompt).with_image(ImageInput::Decoded(&img)), &opts, &mut Quiet).expect("fresh");
+                let fresh = p
+                    .answer(&Request::new(prompt).with_image(ImageInput::Decoded(&img)), &opts, &mut Quiet)
+                    .expect("fresh");
                 let reused = p
                     .answer(&Request::new(prompt).with_image(ImageInput::Encoded(&encoded)), &opts, &mut Quiet)
                     .expect("reused");

@@ -5,7 +5,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use glimpse_runtime::family::{View, ViewKind};
 use glimpse_runtime::select::{available, Budget, SelectConfig, SelectionInput, Selector, Signals};
-use ndarray::{Array1, Array2};
+use ndarray::Array2;
 
 fn features(n: usize, d: usize, seed: u64) -> Array2<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -45,12 +45,11 @@ fn bench(c: &mut Criterion) {
             })
             .collect();
         let f = features(n, d, 1);
-        let signals = Signals {
-            cls_attention: Some(features(n, 3, 2).mapv(f32::abs)),
-            attention_received: Some(Array1::from_iter(features(n, 1, 3).iter().map(|x| x.abs()))),
-            keys: Some(features(n, 64, 4)),
-            text: Some(features(12, d, 5)),
-        };
+        let mut signals = Signals::default();
+        signals.insert("cls_attention", features(n, 3, 2).mapv(f32::abs));
+        signals.insert("attention_received", features(n, 1, 3).mapv(f32::abs));
+        signals.insert("keys", features(n, 64, 4));
+        signals.text = Some(features(12, d, 5));
         for method in available() {
             let cfg = SelectConfig { method: method.into(), budget: Budget::Ratio(0.25), ..Default::default() };
             let sel = Selector::new(cfg).expect("method");

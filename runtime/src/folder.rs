@@ -10,47 +10,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// The role of a model part; which file plays it is data, from the folder's manifest
-/// ([`crate::manifest::Manifest::parts`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Part {
-    /// Image → `image_features` (post-connector rows ready to splice).
-    VisionEncoder,
-    /// `input_ids` → `inputs_embeds`.
-    EmbedTokens,
-    /// The language model with KV cache as I/O (`past_key_values.*` → `present.*`).
-    Decoder,
-}
-
-impl Part {
-    /// All parts, in pipeline order.
-    pub const ALL: [Part; 3] = [Part::VisionEncoder, Part::EmbedTokens, Part::Decoder];
-
-    /// The role's name in the manifest (`vision_encoder`, `embed_tokens`, `decoder`).
-    pub fn role(self) -> &'static str {
-        match self {
-            Part::VisionEncoder => "vision_encoder",
-            Part::EmbedTokens => "embed_tokens",
-            Part::Decoder => "decoder",
-        }
-    }
-
-    /// File stem the onnx-community layout uses for this role (a manifest may name another).
-    pub fn stem(self) -> &'static str {
-        match self {
-            Part::VisionEncoder => "vision_encoder",
-            Part::EmbedTokens => "embed_tokens",
-            Part::Decoder => "decoder_model_merged",
-        }
-    }
-}
-
-impl fmt::Display for Part {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.stem())
-    }
-}
+pub use glimpse_targets::Part;
 
 /// Weight/compute dtype variant of an ONNX file, chosen by its file-name suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

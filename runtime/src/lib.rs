@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod profile;
 pub mod select;
+pub mod settings;
 pub mod text;
 
 pub use error::{Error, Result};

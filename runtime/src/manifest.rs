@@ -77,7 +77,8 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
             Err(source) => return Err(Error::Io { path, source }),
         };
-        let m: Manifest = serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.clone(), source })?;
+        let m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.clone(), source })?;
         m.validate(&path)?;
         Ok(m)
     }
@@ -160,7 +161,10 @@ mod tests {
             (r#"{"manifest_version": 9}"#, "manifest_version"),
             (r#"{"kind": "audio"}"#, "kind"),
             (r#"{"parts": [{"role": "decoder", "stem": "d"}]}"#, "parts"),
-            (r#"{"parts": [{"role": "vision_encoder", "stem": "../x"}, {"role": "embed_tokens", "stem": "e"}, {"role": "decoder", "stem": "d"}]}"#, "parts"),
+            (
+                r#"{"parts": [{"role": "vision_encoder", "stem": "../x"}, {"role": "embed_tokens", "stem": "e"}, {"role": "decoder", "stem": "d"}]}"#,
+                "parts",
+            ),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains("glimpse.json") && e.contains(field), "{text}: {e}");

@@ -60,18 +60,3 @@ pub enum DetectError {
         path: PathBuf,
     },
 }
-
-/// Why a SIMD call was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SimdError {
-    /// Matrix/vector/output lengths of [`crate::simd::dots`] do not agree.
-    #[error("dots: matrix has {matrix_len} values, expected rows ({rows}) x cols ({cols})")]
-    Shape {
-        /// `matrix.len()`.
-        matrix_len: usize,
-        /// `out.len()`, the number of rows.
-        rows: usize,
-        /// `vector.len()`, the number of columns.
-        cols: usize,
-    },
-}

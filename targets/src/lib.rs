@@ -5,19 +5,20 @@
 //!   `--dtype auto`.
 //! - [`mod@detect`]: board / Jetson L4T / CPU features / GPU detection from `/proc` and `/etc`
 //!   (testable against fixture trees) and the recommended [`Profile`].
-//! - [`simd`]: run-time dispatched vector kernels (AVX-512, AVX2+FMA, NEON, NEON `sdot`, scalar)
-//!   for token selection.
-//! - [`hal`]: embedded-hal 1.0 adapters (busy indicator, trigger input) for robot apps.
+//! - `hal` (feature `hal`): embedded-hal 1.0 adapters (busy indicator, trigger input) for robot
+//!   apps.
 
 pub mod detect;
 pub mod error;
+#[cfg(feature = "hal")]
 pub mod hal;
+pub mod part;
 pub mod profile;
-pub mod simd;
 
 pub use detect::{detect, detect_from_root, Detected, GpuInfo, GpuKind, JetsonInfo};
-pub use error::{DetectError, ProfileError, SimdError};
-pub use profile::{profiles, Backend, ExecutionProvider, ModelPart, Profile, Threads};
+pub use error::{DetectError, ProfileError};
+pub use part::Part;
+pub use profile::{profiles, ExecutionProvider, Profile, Threads};
 
 /// CPU features relevant to inference kernels, detected at run time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -6,12 +6,12 @@
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ProfileError;
+use crate::part::Part;
 
 /// The registry: file name and embedded text of every built-in profile, in display order
 /// (most specific devices first, `generic` last).
@@ -52,77 +52,6 @@ pub const KNOWN_CPU_FEATURES: [&str; 19] = [
     "sve",
     "sve2",
 ];
-
-/// One of the three onnx-community model parts a dtype is chosen for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ModelPart {
-    /// `vision_encoder*.onnx`.
-    VisionEncoder,
-    /// `embed_tokens*.onnx`.
-    EmbedTokens,
-    /// `decoder_model_merged*.onnx`.
-    DecoderModelMerged,
-}
-
-impl ModelPart {
-    /// Every part, in pipeline order.
-    pub const ALL: [ModelPart; 3] = [ModelPart::VisionEncoder, ModelPart::EmbedTokens, ModelPart::DecoderModelMerged];
-
-    /// The file stem (`vision_encoder`, `embed_tokens`, `decoder_model_merged`), also the TOML key.
-    pub fn stem(self) -> &'static str {
-        match self {
-            ModelPart::VisionEncoder => "vision_encoder",
-            ModelPart::EmbedTokens => "embed_tokens",
-            ModelPart::DecoderModelMerged => "decoder_model_merged",
-        }
-    }
-}
-
-impl fmt::Display for ModelPart {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.stem())
-    }
-}
-
-impl FromStr for ModelPart {
-    type Err = String;
-
-    /// Parses a file stem; `decoder` is accepted for `decoder_model_merged`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "vision_encoder" => Ok(ModelPart::VisionEncoder),
-            "embed_tokens" => Ok(ModelPart::EmbedTokens),
-            "decoder_model_merged" | "decoder" => Ok(ModelPart::DecoderModelMerged),
-            other => Err(format!("unknown model part `{other}` (vision_encoder, embed_tokens, decoder_model_merged)")),
-        }
-    }
-}
-
-/// Inference backend, in the order a profile prefers them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// ONNX Runtime (dynamically loaded), needed for GPU/NPU execution providers.
-    Ort,
-    /// tract: pure Rust, no native dependency, CPU only.
-    Tract,
-}
-
-impl Backend {
-    /// Lowercase name, as in the TOML and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Ort => "ort",
-            Backend::Tract => "tract",
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// An ONNX Runtime execution provider, spelled as ONNX Runtime names it (without the
 /// `ExecutionProvider` suffix). tract ignores these.
@@ -248,11 +177,11 @@ pub struct DtypePreference {
 
 impl DtypePreference {
     /// The list for one part.
-    pub fn for_part(&self, part: ModelPart) -> &[String] {
+    pub fn for_part(&self, part: Part) -> &[String] {
         match part {
-            ModelPart::VisionEncoder => &self.vision_encoder,
-            ModelPart::EmbedTokens => &self.embed_tokens,
-            ModelPart::DecoderModelMerged => &self.decoder_model_merged,
+            Part::VisionEncoder => &self.vision_encoder,
+            Part::EmbedTokens => &self.embed_tokens,
+            Part::Decoder => &self.decoder_model_merged,
         }
     }
 }
@@ -281,8 +210,9 @@ pub struct Profile {
     /// Profile to try when this one's CPU requirements are not met (none for `generic`).
     #[serde(default)]
     pub fallback: Option<String>,
-    /// Backends in order of preference.
-    pub backends: Vec<Backend>,
+    /// Backends in order of preference, by their registered names (`glimpse-runtime`'s backend
+    /// registry checks them when the profile is applied).
+    pub backends: Vec<String>,
     /// ONNX Runtime execution providers in order of preference.
     pub execution_providers: Vec<ExecutionProvider>,
     /// Worker threads.
@@ -331,7 +261,7 @@ impl Profile {
     /// The first dtype of this profile's preference for `part` that appears in `available`
     /// (case-insensitive), returned as the caller's string; `None` if none matches.
     /// This is `--dtype auto`: pass the dtypes whose files exist in the model folder.
-    pub fn choose_dtype<'a>(&self, part: ModelPart, backend: Backend, available: &[&'a str]) -> Option<&'a str> {
+    pub fn choose_dtype<'a>(&self, part: Part, backend: &str, available: &[&'a str]) -> Option<&'a str> {
         self.dtypes_for(backend)
             .for_part(part)
             .iter()
@@ -339,9 +269,9 @@ impl Profile {
     }
 
     /// The dtype preference that applies to `backend`.
-    pub fn dtypes_for(&self, backend: Backend) -> &DtypePreference {
+    pub fn dtypes_for(&self, backend: &str) -> &DtypePreference {
         match (backend, &self.tract_dtypes) {
-            (Backend::Tract, Some(t)) => t,
+            ("tract", Some(t)) => t,
             _ => &self.dtypes,
         }
     }
@@ -376,6 +306,11 @@ impl Profile {
         if self.backends.is_empty() {
             return Err(bad("backends", "must list at least one backend".into()));
         }
+        for b in &self.backends {
+            if b.is_empty() || !b.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+                return Err(bad("backends", format!("`{b}` is not a backend name (tract, ort, ...)")));
+            }
+        }
         if self.execution_providers.is_empty() {
             return Err(bad("execution_providers", "must list at least one provider (e.g. \"CPU\")".into()));
         }
@@ -390,7 +325,7 @@ impl Profile {
         let tables =
             std::iter::once(("dtypes", &self.dtypes)).chain(self.tract_dtypes.iter().map(|t| ("tract_dtypes", t)));
         for (table, prefs) in tables {
-            for part in ModelPart::ALL {
+            for part in Part::ALL {
                 let list = prefs.for_part(part);
                 let field = format!("{table}.{}", part.stem());
                 if list.is_empty() {
@@ -434,11 +369,11 @@ impl fmt::Display for Profile {
         writeln!(f, "  backends:    {}", join(&self.backends))?;
         writeln!(f, "  providers:   {}", join(&self.execution_providers))?;
         writeln!(f, "  threads:     {}", self.threads)?;
-        for part in ModelPart::ALL {
+        for part in Part::ALL {
             writeln!(f, "  {:<20} {}", format!("{part}:"), join(self.dtypes.for_part(part)))?;
         }
         if let Some(t) = &self.tract_dtypes {
-            for part in ModelPart::ALL {
+            for part in Part::ALL {
                 writeln!(f, "  {:<20} {}", format!("{part} (tract):"), join(t.for_part(part)))?;
             }
         }
@@ -577,31 +512,32 @@ mod tests {
 
     #[test]
     fn choose_dtype_picks_first_preferred_available() {
-        let ort = Backend::Ort;
+        let ort = "ort";
         let jetson = Profile::by_name("jetson-orin-nano").unwrap();
         let avail = ["fp32", "q4", "Q4F16", "int8"];
-        assert_eq!(jetson.choose_dtype(ModelPart::DecoderModelMerged, ort, &avail), Some("Q4F16"));
-        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, ort, &avail), Some("fp32"));
-        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, ort, &["fp16", "fp32"]), Some("fp16"));
-        assert_eq!(jetson.choose_dtype(ModelPart::VisionEncoder, ort, &["bnb4"]), None);
-        assert_eq!(jetson.choose_dtype(ModelPart::EmbedTokens, ort, &[]), None);
+        assert_eq!(jetson.choose_dtype(Part::Decoder, ort, &avail), Some("Q4F16"));
+        assert_eq!(jetson.choose_dtype(Part::VisionEncoder, ort, &avail), Some("fp32"));
+        assert_eq!(jetson.choose_dtype(Part::VisionEncoder, ort, &["fp16", "fp32"]), Some("fp16"));
+        assert_eq!(jetson.choose_dtype(Part::VisionEncoder, ort, &["bnb4"]), None);
+        assert_eq!(jetson.choose_dtype(Part::EmbedTokens, ort, &[]), None);
         let pi = Profile::by_name("raspberry-pi-5").unwrap();
-        assert_eq!(pi.choose_dtype(ModelPart::DecoderModelMerged, ort, &avail), Some("q4"));
-        assert_eq!(pi.choose_dtype(ModelPart::VisionEncoder, ort, &avail), Some("int8"));
+        assert_eq!(pi.choose_dtype(Part::Decoder, ort, &avail), Some("q4"));
+        assert_eq!(pi.choose_dtype(Part::VisionEncoder, ort, &avail), Some("int8"));
         let x86 = Profile::by_name("x86-avx512").unwrap();
-        assert_eq!(x86.choose_dtype(ModelPart::VisionEncoder, ort, &avail), Some("fp32"));
-        assert_eq!(x86.choose_dtype(ModelPart::DecoderModelMerged, ort, &avail), Some("int8"));
+        assert_eq!(x86.choose_dtype(Part::VisionEncoder, ort, &avail), Some("fp32"));
+        assert_eq!(x86.choose_dtype(Part::Decoder, ort, &avail), Some("int8"));
         // tract on x86: fp32 first (its int8 and q4 paths prefill slower there), q4 when only that exists
         for name in ["x86-avx2", "x86-avx512"] {
             let x86 = Profile::by_name(name).unwrap();
-            assert_eq!(x86.choose_dtype(ModelPart::DecoderModelMerged, Backend::Tract, &avail), Some("fp32"));
-            assert_eq!(x86.choose_dtype(ModelPart::VisionEncoder, Backend::Tract, &avail), Some("fp32"));
-            assert_eq!(x86.choose_dtype(ModelPart::DecoderModelMerged, Backend::Tract, &["q4", "int8"]), Some("q4"));
+            assert_eq!(x86.choose_dtype(Part::Decoder, "tract", &avail), Some("fp32"));
+            assert_eq!(x86.choose_dtype(Part::VisionEncoder, "tract", &avail), Some("fp32"));
+            assert_eq!(x86.choose_dtype(Part::Decoder, "tract", &["q4", "int8"]), Some("q4"));
         }
         // profiles without a tract table use the same preference for both backends
-        assert_eq!(pi.dtypes_for(Backend::Tract), pi.dtypes_for(ort));
+        assert_eq!(pi.dtypes_for("tract"), pi.dtypes_for(ort));
         assert_eq!(x86.pruning.method, "none");
-        assert_eq!("decoder".parse::<ModelPart>(), Ok(ModelPart::DecoderModelMerged));
+        assert_eq!("decoder".parse::<Part>(), Ok(Part::Decoder));
+        assert_eq!("decoder_model_merged".parse::<Part>(), Ok(Part::Decoder));
     }
 
     #[test]
@@ -626,7 +562,7 @@ mod tests {
             ("keep_ratio = 0.25", "keep_ratio = 1.5", "pruning.keep_ratio", "1.5"),
             ("keep_ratio = 0.25", "keep_ratio = \"a lot\"", "pruning.keep_ratio", "expected f32"),
             ("[\"XNNPACK\", \"CPU\"]", "[\"NNAPI\", \"CPU\"]", "execution_providers", "NNAPI"),
-            ("backends = [\"ort\", \"tract\"]", "backends = [\"ort\", \"onnx\"]", "backends", "onnx"),
+            ("backends = [\"ort\", \"tract\"]", "backends = [\"ort\", \"On NX\"]", "backends", "On NX"),
             ("threads = 4\n", "", "threads", "missing field"),
             ("keep_ratio = 0.25\n", "", "pruning.keep_ratio", "missing field"),
             ("[\"neon\", \"dotprod\"]", "[\"neon\", \"dotprd\"]", "required_cpu_features", "dotprd"),

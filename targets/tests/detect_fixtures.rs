@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use glimpse_targets::{detect_from_root, Backend, DetectError, Detected, GpuKind, ModelPart};
+use glimpse_targets::{detect_from_root, DetectError, Detected, GpuKind, Part};
 
 fn fixture(name: &str) -> Detected {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
@@ -39,7 +39,7 @@ fn jetson_orin_nano() {
     assert!(text.contains("L4T 36.4.3") && text.contains("profile:   jetson-orin-nano"), "{text}");
     let text = p.to_string();
     assert!(text.contains("TensorRT, CUDA, CPU") && text.contains("q4f16, q4, fp16, fp32"), "{text}");
-    assert_eq!(p.choose_dtype(ModelPart::DecoderModelMerged, Backend::Ort, &["fp32", "q4", "q4f16"]), Some("q4f16"));
+    assert_eq!(p.choose_dtype(Part::Decoder, "ort", &["fp32", "q4", "q4f16"]), Some("q4f16"));
 }
 
 #[test]

@@ -25,13 +25,18 @@ pub fn ort_library() -> PathBuf {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         return p.into();
     }
-    let venv = repo().join(".venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
-    assert!(
-        venv.is_file(),
-        "no ONNX Runtime library: set ORT_DYLIB_PATH or create the venv (`bash .ci/run` does) so that {} exists",
-        venv.display()
-    );
-    venv
+    // whichever python3.X the venv was made with
+    let lib = repo().join(".venv/lib");
+    let found = std::fs::read_dir(&lib).into_iter().flatten().flatten().find_map(|e| {
+        let p = e.path().join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
+        (e.file_name().to_string_lossy().starts_with("python3") && p.is_file()).then_some(p)
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no ONNX Runtime library: set ORT_DYLIB_PATH or create the venv with `python3 -m venv .venv && .venv/bin/pip install -r tools/export/requirements.txt` (`bash .ci/run` does) so that {}/python3.*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 exists",
+            lib.display()
+        )
+    })
 }
 
 /// The tiny models with transformers fixtures.

@@ -243,34 +243,71 @@ pub struct BackendOptions {
     pub engine_cache: Option<std::path::PathBuf>,
 }
 
-/// Backend names this build can run.
-pub fn available() -> Vec<&'static str> {
-    let mut v = vec!["tract"];
-    if cfg!(feature = "ort") {
-        v.push("ort");
-    }
-    v
+/// A registered backend: its name, what it is, the cargo feature that compiles it in, the
+/// [`BackendOptions`] fields it reads, and its constructor.
+#[derive(Clone, Copy)]
+pub struct BackendSpec {
+    pub name: &'static str,
+    /// One line for `--help` and `glimpse targets`.
+    pub summary: &'static str,
+    /// Cargo feature of `glimpse-runtime` that compiles it (`None`: always built).
+    pub feature: Option<&'static str>,
+    /// Whether this build contains it.
+    pub compiled: bool,
+    /// `BackendOptions` fields it reads.
+    pub options: &'static [&'static str],
+    pub make: fn(&BackendOptions) -> Result<Box<dyn Backend>>,
 }
 
-/// The backend registered under `name`.
+impl fmt::Debug for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendSpec")
+            .field("name", &self.name)
+            .field("compiled", &self.compiled)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "ort")]
+const ORT: BackendSpec = ort::SPEC;
+/// ONNX Runtime in a build without the `ort` feature: listed, not constructible.
+#[cfg(not(feature = "ort"))]
+const ORT: BackendSpec = BackendSpec {
+    name: "ort",
+    summary: "ONNX Runtime (not in this build: compile glimpse-runtime with feature `ort`)",
+    feature: Some("ort"),
+    compiled: false,
+    options: &[],
+    make: |_| Err(Error::invalid("backend", "ort", "this build lacks the `ort` feature")),
+};
+
+/// The registry, in the order `--help` lists them: one line per backend.
+pub const BACKENDS: &[BackendSpec] = &[tract::SPEC, ORT];
+
+/// Backend names this build can run.
+pub fn available() -> Vec<&'static str> {
+    BACKENDS.iter().filter(|b| b.compiled).map(|b| b.name).collect()
+}
+
+/// The registered backend called `name` (compiled in or not).
+pub fn spec(name: &str) -> Option<&'static BackendSpec> {
+    BACKENDS.iter().find(|b| b.name == name)
+}
+
+/// The backend registered under `name`, constructed with `opts`.
 pub fn by_name(name: &str, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
-    match name {
-        "tract" => Ok(Box::new(tract::TractBackend)),
-        #[cfg(feature = "ort")]
-        "ort" => Ok(Box::new(ort::OrtBackend::new(&ort::OrtOptions {
-            library: opts.ort_library.clone(),
-            threads: opts.threads,
-            execution_providers: opts.execution_providers.clone(),
-            engine_cache: opts.engine_cache.clone(),
-        })?)),
-        other => {
-            let _ = opts;
-            Err(Error::invalid(
-                "backend",
-                other,
-                format!("available backends in this build: {}", available().join(", ")),
-            ))
-        }
+    match spec(name) {
+        Some(b) if b.compiled => (b.make)(opts),
+        Some(b) => Err(Error::invalid(
+            "backend",
+            name,
+            format!("this build lacks it (cargo feature `{}`)", b.feature.unwrap_or("?")),
+        )),
+        None => Err(Error::invalid(
+            "backend",
+            name,
+            format!("available backends in this build: {}", available().join(", ")),
+        )),
     }
 }
 

@@ -17,6 +17,23 @@ use crate::onnx_info::{graph_io, read_proto};
 
 const NAME: &str = "ort";
 
+/// Registry entry ([`super::BACKENDS`]).
+pub const SPEC: super::BackendSpec = super::BackendSpec {
+    name: "ort",
+    summary: "ONNX Runtime, loaded at run time (ORT_DYLIB_PATH / --ort-lib); execution providers for GPUs and NPUs",
+    feature: Some("ort"),
+    compiled: true,
+    options: &["ort_library", "threads", "execution_providers", "engine_cache"],
+    make: |opts| {
+        Ok(Box::new(OrtBackend::new(&OrtOptions {
+            library: opts.ort_library.clone(),
+            threads: opts.threads,
+            execution_providers: opts.execution_providers.clone(),
+            engine_cache: opts.engine_cache.clone(),
+        })?))
+    },
+};
+
 /// How to find and configure ONNX Runtime.
 #[derive(Debug, Clone, Default)]
 pub struct OrtOptions {

@@ -15,6 +15,16 @@ pub struct TractBackend;
 
 const NAME: &str = "tract";
 
+/// Registry entry ([`super::BACKENDS`]).
+pub const SPEC: super::BackendSpec = super::BackendSpec {
+    name: NAME,
+    summary: "tract: pure Rust, no native dependency, CPU (single-threaded in this build)",
+    feature: None,
+    compiled: true,
+    options: &[],
+    make: |_| Ok(Box::new(TractBackend)),
+};
+
 impl Backend for TractBackend {
     fn name(&self) -> &'static str {
         NAME

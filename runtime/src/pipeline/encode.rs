@@ -125,8 +125,7 @@ impl Pipeline {
         let features: Vec<_> = parts.iter().map(|(enc, rows)| enc.features.select(Axis(0), rows)).collect();
         let signals: Vec<_> = parts.iter().map(|(enc, rows)| enc.signals.select_rows(rows)).collect();
         let f_views: Vec<_> = features.iter().map(|f| f.view()).collect();
-        let features =
-            ndarray::concatenate(Axis(0), &f_views).map_err(|e| Error::interface("tiles", e.to_string()))?;
+        let features = ndarray::concatenate(Axis(0), &f_views).map_err(|e| Error::interface("tiles", e.to_string()))?;
         let mut frames = chosen;
         frames.push(g);
         let mut reduced = input.subset(&frames);

@@ -245,7 +245,19 @@ impl Pipeline {
                 record(&mut times, Stage::Encode, e.encode, obs);
                 let tokens = e.input.total_tokens();
                 let views = e.input.views.clone();
-                self.select_and_splice(&rendered, render_time, &e.input, &e.encoded, views, tokens, selector, positions, &mut scratch, &mut times, obs)?
+                self.select_and_splice(
+                    &rendered,
+                    render_time,
+                    &e.input,
+                    &e.encoded,
+                    views,
+                    tokens,
+                    selector,
+                    positions,
+                    &mut scratch,
+                    &mut times,
+                    obs,
+                )?
             }
             (_, Some(img)) => {
                 let started = Instant::now();
@@ -265,7 +277,19 @@ impl Pipeline {
                     }
                 };
                 record(&mut times, Stage::Encode, started.elapsed(), obs);
-                self.select_and_splice(&rendered, render_time, &input, &encoded, original_views, original_tokens, selector, positions, &mut scratch, &mut times, obs)?
+                self.select_and_splice(
+                    &rendered,
+                    render_time,
+                    &input,
+                    &encoded,
+                    original_views,
+                    original_tokens,
+                    selector,
+                    positions,
+                    &mut scratch,
+                    &mut times,
+                    obs,
+                )?
             }
             (_, None) => return Err(Error::interface("pipeline", "image input without an image")),
         };
@@ -350,7 +374,8 @@ impl Pipeline {
         if selector.needs().text {
             signals.text = Some(self.scratch_text(scratch)?.clone());
         }
-        let sel = selector.select(&SelectionInput { features: &encoded.features, views: &input.views, signals: &signals })?;
+        let sel =
+            selector.select(&SelectionInput { features: &encoded.features, views: &input.views, signals: &signals })?;
         if sel.kept.len() != input.views.len() {
             return Err(Error::interface("select", "selector returned a different number of views"));
         }

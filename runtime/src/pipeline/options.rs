@@ -68,4 +68,3 @@ impl std::str::FromStr for Positions {
         }
     }
 }
-

@@ -134,7 +134,6 @@ impl Pipeline {
         }
         Ok(Prepared { input_ids, embeds, positions, visual_tokens, visual_tokens_kept: rows, views: 0, layout: None })
     }
-
 }
 
 /// Position ids of a pruned sequence in the unpruned one: every token keeps the position it had
@@ -199,4 +198,3 @@ mod tests {
         assert_eq!(original_positions(&ids, I, &input, &all).unwrap(), (0..10).collect::<Vec<i64>>());
     }
 }
-

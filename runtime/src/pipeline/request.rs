@@ -72,8 +72,15 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in order.
-    pub const ALL: [Stage; 7] =
-        [Stage::ImageDecode, Stage::Preprocess, Stage::Encode, Stage::Select, Stage::Splice, Stage::Prefill, Stage::Decode];
+    pub const ALL: [Stage; 7] = [
+        Stage::ImageDecode,
+        Stage::Preprocess,
+        Stage::Encode,
+        Stage::Select,
+        Stage::Splice,
+        Stage::Prefill,
+        Stage::Decode,
+    ];
 
     /// The name used in reports.
     pub fn name(self) -> &'static str {

@@ -563,14 +563,7 @@ pub(crate) mod testutil {
 
     /// Rows over all of `f` with no signals.
     pub fn rows(f: &Array2<f32>) -> Rows<'_> {
-        Rows {
-            features: f.view(),
-            grid: None,
-            signals: BTreeMap::new(),
-            text: None,
-            seed: 7,
-            lambda: 0.5,
-        }
+        Rows { features: f.view(), grid: None, signals: BTreeMap::new(), text: None, seed: 7, lambda: 0.5 }
     }
 }
 

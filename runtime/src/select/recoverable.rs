@@ -146,8 +146,8 @@ mod tests {
         assert_eq!(c.indices, vec![0, 3]);
         // token 1 joins 0 (similar feature), tokens 2 and 4 join 3; weights are attentions
         let merged: std::collections::BTreeMap<usize, Array1<f32>> = c.replaced.into_iter().collect();
-        let want0 = (&f.row(0) * 5.0 + &f.row(1)) / 6.0;
-        let want3 = (&f.row(3) + &f.row(2) + &f.row(4)) / 3.0;
+        let want0 = (&f.row(0) * 5.0 + f.row(1)) / 6.0;
+        let want3 = (&f.row(3) + &f.row(2) + f.row(4)) / 3.0;
         assert!((&merged[&0] - &want0).iter().all(|d| d.abs() < 1e-6), "{:?}", merged[&0]);
         assert!((&merged[&3] - &want3).iter().all(|d| d.abs() < 1e-6), "{:?}", merged[&3]);
     }

@@ -134,7 +134,7 @@ pub fn choose_tiles(views: &[View], global: usize, scores: &[f32], budget: TileB
 pub fn stand_in(tile: &View, global: &View, rows: usize) -> View {
     let gw = global.grid.1;
     let side_w = ((tile.region[2] - tile.region[0]) * gw as f32).round().max(1.0) as usize;
-    let grid = if rows % side_w == 0 { (rows / side_w, side_w) } else { (1, rows) };
+    let grid = if rows.is_multiple_of(side_w) { (rows / side_w, side_w) } else { (1, rows) };
     View { tokens: rows, grid, ..tile.clone() }
 }
 

@@ -107,7 +107,10 @@ mod tests {
         let keys =
             array![[1.0f32, 0.0], [0.0, 1.0], [0.0, 1.0], [0.1, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.1], [1.0, 0.0]];
         let mut r = rows(&f);
-        r.signals.insert("cls_attention", Array1::from_vec(vec![9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]).insert_axis(Axis(1)));
+        r.signals.insert(
+            "cls_attention",
+            Array1::from_vec(vec![9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]).insert_axis(Axis(1)),
+        );
         r.signals.insert("keys", keys);
         // k = 3 splits into 2 dominant + 1 contextual: dominant 0 and (tie, lowest index) 1;
         // the single target is the middle leftover, 5, and every other leftover merges into it.
@@ -119,7 +122,10 @@ mod tests {
         let f = Array2::from_shape_fn((16, 1), |(i, _)| i as f32);
         let keys = Array2::from_shape_fn((16, 2), |(i, j)| if (i < 12) == (j == 0) { 1.0 } else { 0.0 });
         let mut r = rows(&f);
-        r.signals.insert("cls_attention", Array1::from_shape_fn(16, |i| if i < 8 { 10.0 - i as f32 } else { 0.0 }).insert_axis(Axis(1)));
+        r.signals.insert(
+            "cls_attention",
+            Array1::from_shape_fn(16, |i| if i < 8 { 10.0 - i as f32 } else { 0.0 }).insert_axis(Axis(1)),
+        );
         r.signals.insert("keys", keys);
         let c = VisionZip.choose(&r, 10).unwrap();
         assert_eq!(c.indices.len(), 10);

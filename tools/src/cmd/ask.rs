@@ -44,7 +44,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let pipeline = Pipeline::load(&args.model.model, &args.model.pipeline_options(&args.select)?)
+    let (options, applied) = args.model.pipeline_options(&args.select)?;
+    let pipeline = Pipeline::load(&args.model.model, &options)
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
     let opts = GenerationOptions {
         max_new_tokens: args.max_new_tokens,
@@ -61,8 +62,7 @@ pub fn run(args: Args) -> Result<()> {
     let started = std::time::Instant::now();
     let image = args.image.as_deref().map(|p| pipeline.load_image(p)).transpose().context("reading the image")?;
     let decode = started.elapsed();
-    let request =
-        Request::new(&args.prompt).with_image(image.as_ref().map_or(ImageInput::None, ImageInput::Decoded));
+    let request = Request::new(&args.prompt).with_image(image.as_ref().map_or(ImageInput::None, ImageInput::Decoded));
     let mut out = Stdout { out: &mut stdout, stream: !args.json };
     let mut answer = pipeline.answer(&request, &opts, &mut out).context("answering")?;
     answer.stats.times.image_decode = decode;
@@ -75,6 +75,7 @@ pub fn run(args: Args) -> Result<()> {
             "model": pipeline.folder.root,
             "family": pipeline.family.name(),
             "backend": pipeline.backend_name(),
+            "applied": applied,
             "placement": pipeline.placements().iter().map(|(p, pl)| (p.stem().to_string(), pl.clone())).collect::<std::collections::BTreeMap<_, _>>(),
             "answer": answer.text,
             "token_ids": answer.token_ids,

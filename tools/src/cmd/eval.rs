@@ -44,10 +44,9 @@ struct Row {
 pub fn run(args: Args) -> Result<()> {
     let set_dir = args.set.clone().unwrap_or_else(|| args.model.model.join("eval"));
     let set = EvalSet::load(&set_dir).with_context(|| format!("loading eval set {}", set_dir.display()))?;
-    let methods = args.sweep.methods();
-    let keeps = args.sweep.keeps()?;
     let tiles = args.sweep.tile_budgets()?;
-    let mut po = args.model.pipeline_options(&super::SelectArgs::default_none())?;
+    let (mut po, applied) = args.model.pipeline_options(&args.sweep.first()?)?;
+    let (methods, keeps) = args.sweep.methods_and_keeps(&applied)?;
     let n = args.limit.map_or(set.questions.len(), |l| l.min(set.questions.len()));
     let opts = EvalOptions { max_new_tokens: args.max_new_tokens, limit: args.limit, keep_predictions: args.json };
     let configs = tiles.len() * methods.len() * keeps.len();
@@ -96,6 +95,8 @@ pub fn run(args: Args) -> Result<()> {
             "model": args.model.model,
             "set": set_dir,
             "dtype": args.model.dtype_label(),
+            "backend": po.backend,
+            "applied": applied,
             "keep_scope": format!("{:?}", args.sweep.keep_scope),
             "positions": args.sweep.positions,
             "runs": v,

@@ -11,7 +11,9 @@ pub mod targets;
 
 use std::path::PathBuf;
 
+use glimpse_runtime::backend::BackendOptions;
 use glimpse_runtime::preprocess::ImageLimits;
+use glimpse_runtime::settings::{self, Applied, Asked};
 use glimpse_runtime::{
     Budget, Dtype, PipelineOptions, Positions, Scope, SelectConfig, SkippedTiles, TileBudget, TileSkip,
 };
@@ -29,18 +31,20 @@ pub struct ModelArgs {
     /// `auto` to pick per part from the target profile among the files present.
     #[arg(long, default_value = "fp32")]
     pub dtype: DtypeArg,
-    /// Target profile for `--dtype auto` (default: detected; see `glimpse targets`).
+    /// Target profile whose defaults apply: backend, threads, execution providers, pruning and
+    /// `--dtype auto` (default: detected; see `glimpse targets`). Flags override it.
     #[arg(long)]
     pub target: Option<String>,
-    /// Inference backend.
-    #[arg(long, default_value = "tract")]
-    pub backend: String,
+    /// Inference backend (default: the first of the target profile's backends that starts).
+    #[arg(long, value_parser = backend_values())]
+    pub backend: Option<String>,
     /// ONNX Runtime library for `--backend ort` (else ORT_DYLIB_PATH, else next to the binary).
     #[arg(long)]
     pub ort_lib: Option<PathBuf>,
-    /// Intra-op threads for ONNX Runtime (0 = its default); tract runs single-threaded.
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    /// Intra-op threads for ONNX Runtime (default: the target profile's; 0 = ONNX Runtime's own
+    /// default); tract runs single-threaded in this build.
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// ONNX Runtime execution providers in priority order, comma-separated (TensorRT, CUDA,
     /// XNNPACK, ACL, CPU); default: the target profile's list. Providers the library lacks are
     /// skipped and reported.
@@ -71,61 +75,41 @@ impl std::str::FromStr for DtypeArg {
     }
 }
 
-/// The target profile named by `--target`, or the detected one.
-pub fn target_profile(name: Option<&str>) -> anyhow::Result<&'static glimpse_targets::Profile> {
-    Ok(match name {
-        Some(n) => glimpse_targets::Profile::by_name(n)?,
-        None => glimpse_targets::detect().choose_profile(),
-    })
-}
-
-/// Per-part dtypes a profile picks among the variants present in a model folder.
-pub fn auto_dtypes(
-    folder: &glimpse_runtime::ModelFolder,
-    profile: &glimpse_targets::Profile,
-    backend: &str,
-) -> anyhow::Result<Vec<(glimpse_runtime::Part, Dtype)>> {
-    let backend = target_backend(backend)?;
-    let mut out = Vec::new();
-    for part in glimpse_runtime::Part::ALL {
-        let present: Vec<&str> = folder.variants(part).iter().map(|d| d.name()).collect();
-        let tpart: glimpse_targets::ModelPart = part.stem().parse().map_err(anyhow::Error::msg)?;
-        let chosen = profile.choose_dtype(tpart, backend, &present).ok_or_else(|| {
-            anyhow::anyhow!(
-                "target {} prefers {:?} for {part} with {backend} but the folder has only {:?}",
-                profile.name,
-                profile.dtypes_for(backend).for_part(tpart),
-                present
-            )
-        })?;
-        out.push((part, chosen.parse()?));
-    }
-    Ok(out)
-}
-
-/// The target-profile backend for a `--backend` name.
-pub fn target_backend(name: &str) -> anyhow::Result<glimpse_targets::Backend> {
-    match name {
-        "tract" => Ok(glimpse_targets::Backend::Tract),
-        "ort" => Ok(glimpse_targets::Backend::Ort),
-        other => anyhow::bail!("unknown backend `{other}` (tract, ort)"),
-    }
+/// `--backend` values: the backend registry (those compiled into this build).
+pub fn backend_values() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        glimpse_runtime::backend::BACKENDS
+            .iter()
+            .filter(|b| b.compiled)
+            .map(|b| clap::builder::PossibleValue::new(b.name).help(b.summary)),
+    )
 }
 
 impl ModelArgs {
-    /// Backend settings: `--ep` or else the target profile's execution providers (tract ignores them).
-    pub fn backend_options(&self) -> anyhow::Result<glimpse_runtime::backend::BackendOptions> {
-        let execution_providers = if self.ep.is_empty() {
-            target_profile(self.target.as_deref())?.execution_providers.iter().map(|p| p.name().to_string()).collect()
-        } else {
-            self.ep.clone()
-        };
-        Ok(glimpse_runtime::backend::BackendOptions {
-            ort_library: self.ort_lib.clone(),
+    /// What these flags ask for, with a selection's `--prune` / `--keep` (`None` = not given).
+    pub fn asked(&self, prune: Option<String>, keep: Option<Budget>) -> Asked {
+        Asked {
+            target: self.target.clone(),
+            backend: self.backend.clone(),
             threads: self.threads,
-            execution_providers,
+            prune,
+            keep,
+            execution_providers: self.ep.clone(),
+        }
+    }
+
+    /// Backend settings these flags give before the profile is applied.
+    fn base_backend_options(&self) -> glimpse_runtime::backend::BackendOptions {
+        glimpse_runtime::backend::BackendOptions {
+            ort_library: self.ort_lib.clone(),
             engine_cache: self.trt_cache.clone(),
-        })
+            ..Default::default()
+        }
+    }
+
+    /// Settles flags against the target profile (see `glimpse_runtime::settings`).
+    pub fn settle(&self, prune: Option<String>, keep: Option<Budget>) -> anyhow::Result<(Applied, BackendOptions)> {
+        Ok(settings::settle(&self.asked(prune, keep), &self.base_backend_options())?)
     }
 
     /// A short description of the dtype choice for reports.
@@ -136,26 +120,35 @@ impl ModelArgs {
         }
     }
 
-    /// The pipeline options these arguments describe, with a token-selection setup.
-    pub fn pipeline_options(&self, select: &SelectArgs) -> anyhow::Result<PipelineOptions> {
+    /// The pipeline options these arguments describe for one selection, and what was applied.
+    pub fn pipeline_options(&self, select: &SelectArgs) -> anyhow::Result<(PipelineOptions, Applied)> {
+        let (applied, backend_options) = self.settle(select.prune.clone(), select.keep)?;
         let (dtype, part_dtypes) = match self.dtype {
             DtypeArg::Fixed(d) => (d, Vec::new()),
             DtypeArg::Auto => {
                 let folder = glimpse_runtime::ModelFolder::open(&self.model)?;
-                let profile = target_profile(self.target.as_deref())?;
-                (Dtype::Fp32, auto_dtypes(&folder, profile, &self.backend)?)
+                let (profile, _) = settings::profile(Some(&applied.profile.value))?;
+                (Dtype::Fp32, settings::auto_dtypes(&folder, profile, &applied.backend.value)?)
             }
         };
-        Ok(PipelineOptions {
+        let config = SelectConfig {
+            method: applied.prune.value.clone(),
+            budget: applied.keep.value.parse()?,
+            scope: select.keep_scope,
+            seed: select.prune_seed,
+            lambda: select.lambda,
+        };
+        let opts = PipelineOptions {
             dtype,
             part_dtypes,
-            backend: self.backend.clone(),
+            backend: applied.backend.value.clone(),
             image_limits: ImageLimits { max_pixels: self.max_image_pixels, ..ImageLimits::default() },
-            select: select.config(),
+            select: config,
             positions: select.positions,
             tiles: select.tiles.map(|budget| TileSkip { budget, skipped: select.skipped_tiles }),
-            backend_options: self.backend_options()?,
-        })
+            backend_options,
+        };
+        Ok((opts, applied))
     }
 }
 
@@ -171,11 +164,13 @@ pub fn prune_values() -> clap::builder::PossibleValuesParser {
 pub struct SelectArgs {
     /// Token-selection method between encoder and LLM (from the selection registry; `--help` lists
     /// each with what it does).
-    #[arg(long, default_value = "none", value_parser = prune_values())]
-    pub prune: String,
-    /// Visual tokens to keep: a ratio in (0, 1] (0.25) or a count (64).
-    #[arg(long, default_value = "1.0")]
-    pub keep: Budget,
+    /// Default: the target profile's pruning.
+    #[arg(long, value_parser = prune_values())]
+    pub prune: Option<String>,
+    /// Visual tokens to keep: a ratio in (0, 1] (0.25) or a count (64); default: the target
+    /// profile's when its method is used, else 1 (everything).
+    #[arg(long)]
+    pub keep: Option<Budget>,
     /// Spend the budget over all views together (global) or within each view (per-view).
     #[arg(long, default_value = "global")]
     pub keep_scope: Scope,
@@ -198,28 +193,17 @@ pub struct SelectArgs {
 }
 
 impl SelectArgs {
-    /// No pruning (profile sets its own sweep).
+    /// No pruning (eval and profile sweep their own).
     pub fn default_none() -> Self {
         SelectArgs {
-            prune: "none".into(),
-            keep: Budget::Ratio(1.0),
+            prune: Some("none".into()),
+            keep: Some(Budget::Ratio(1.0)),
             keep_scope: Scope::Global,
             positions: Positions::Original,
             prune_seed: 0,
             lambda: 0.5,
             tiles: None,
             skipped_tiles: SkippedTiles::Drop,
-        }
-    }
-
-    /// The selection configuration.
-    pub fn config(&self) -> SelectConfig {
-        SelectConfig {
-            method: self.prune.clone(),
-            budget: self.keep,
-            scope: self.keep_scope,
-            seed: self.prune_seed,
-            lambda: self.lambda,
         }
     }
 }
@@ -235,11 +219,13 @@ pub fn list(s: &str) -> Vec<String> {
 pub struct SweepArgs {
     /// Token-selection methods, comma-separated to sweep (from the selection registry; `--help`
     /// lists each with what it does).
-    #[arg(long, default_value = "none", value_delimiter = ',', value_parser = prune_values())]
+    /// Default: the target profile's pruning.
+    #[arg(long, value_delimiter = ',', value_parser = prune_values())]
     pub prune: Vec<String>,
-    /// Keep budgets: ratios or counts (comma-separated to sweep), e.g. 1.0,0.5,0.25.
-    #[arg(long, default_value = "1.0")]
-    pub keep: String,
+    /// Keep budgets: ratios or counts (comma-separated to sweep), e.g. 1.0,0.5,0.25; default: the
+    /// target profile's when its method is used, else 1.
+    #[arg(long)]
+    pub keep: Option<String>,
     /// Budget scope: global or per-view.
     #[arg(long, default_value = "global")]
     pub keep_scope: Scope,
@@ -258,14 +244,32 @@ pub struct SweepArgs {
 }
 
 impl SweepArgs {
-    /// The methods swept.
-    pub fn methods(&self) -> Vec<String> {
-        self.prune.clone()
+    /// The methods and keep budgets swept: the flags, or the target profile's pruning (as
+    /// `applied` says) where a flag is absent.
+    pub fn methods_and_keeps(&self, applied: &Applied) -> anyhow::Result<(Vec<String>, Vec<Budget>)> {
+        let methods = if self.prune.is_empty() { vec![applied.prune.value.clone()] } else { self.prune.clone() };
+        let keeps = match &self.keep {
+            Some(k) => list(k).iter().map(|k| k.parse()).collect::<Result<_, _>>()?,
+            None => vec![applied.keep.value.parse()?],
+        };
+        Ok((methods, keeps))
     }
 
-    /// The keep budgets swept.
-    pub fn keeps(&self) -> anyhow::Result<Vec<Budget>> {
-        Ok(list(&self.keep).iter().map(|k| k.parse()).collect::<Result<_, _>>()?)
+    /// The flags' `--prune` / `--keep` as a single selection, for settling against the profile
+    /// (the first value of each; sweeps use [`SweepArgs::methods_and_keeps`]).
+    pub fn first(&self) -> anyhow::Result<SelectArgs> {
+        let keep = match &self.keep {
+            Some(k) => list(k).first().map(|k| k.parse()).transpose()?,
+            None => None,
+        };
+        Ok(SelectArgs {
+            prune: self.prune.first().cloned(),
+            keep,
+            keep_scope: self.keep_scope,
+            positions: self.positions,
+            prune_seed: self.prune_seed,
+            ..SelectArgs::default_none()
+        })
     }
 
     /// The tile budgets swept (`None` = no skipping).

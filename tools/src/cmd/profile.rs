@@ -54,14 +54,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let backends = if args.backends.is_empty() { vec![args.model.backend.clone()] } else { list(&args.backends) };
-    let methods = args.sweep.methods();
-    let keeps = args.sweep.keeps()?;
+    let (_, applied) = args.model.pipeline_options(&args.sweep.first()?)?;
+    let backends = if args.backends.is_empty() { vec![applied.backend.value.clone()] } else { list(&args.backends) };
+    let (methods, keeps) = args.sweep.methods_and_keeps(&applied)?;
     if methods.is_empty() || keeps.is_empty() {
         bail!("--prune and --keep need at least one value each");
     }
     let opts = ProfileOptions { warmup: args.warmup, runs: args.runs.max(1), new_tokens: args.new_tokens };
-    let backend_opts = args.model.backend_options()?;
+    let (_, backend_opts) = args.model.settle(None, None)?;
     let tiles = args.sweep.tile_budgets()?;
     let n_dtypes = if args.dtypes.is_empty() { 1 } else { list(&args.dtypes).len() };
     let total = n_dtypes * backends.len() * tiles.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
@@ -90,8 +90,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     for (dtype, b, tile) in configs {
         let model_args = super::ModelArgs { dtype, ..args.model.clone() };
-        let mut po = model_args.pipeline_options(&super::SelectArgs::default_none())?;
-        po.backend = b.clone();
+        let model_args = super::ModelArgs { backend: Some(b.clone()), ..model_args };
+        let (mut po, _) = model_args.pipeline_options(&args.sweep.first()?)?;
         po.tiles = args.sweep.tile_skip(tile);
         let mut pipeline = Pipeline::load(&args.model.model, &po)
             .with_context(|| format!("loading {} with backend {b}", args.model.model.display()))?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use glimpse_runtime::ModelFolder;
-use glimpse_targets::{detect, detect_from_root, profiles, simd};
+use glimpse_targets::{detect, detect_from_root, profiles};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The backend `--dtype auto` picks for (tract and ONNX Runtime rank dtypes differently).
-    #[arg(long, default_value = "tract")]
+    #[arg(long, default_value = "tract", value_parser = super::backend_values())]
     pub backend: String,
     /// Detect from a directory tree holding proc/ and etc/ files (for testing).
     #[arg(long, hide = true)]
@@ -36,15 +36,15 @@ pub fn run(args: Args) -> Result<()> {
         None => detected.choose_profile(),
     };
     let folder = args.model.as_ref().map(ModelFolder::open).transpose()?;
-    let backend = super::target_backend(&args.backend)?;
+    let backend = args.backend.as_str();
     let mut table = Vec::new();
     for p in profiles() {
         let picks = match &folder {
-            Some(f) => match super::auto_dtypes(f, p, &args.backend) {
+            Some(f) => match glimpse_runtime::settings::auto_dtypes(f, p, backend) {
                 Ok(v) => v.iter().map(|(part, d)| format!("{part}={d}")).collect::<Vec<_>>().join(" "),
                 Err(e) => format!("unavailable: {e}"),
             },
-            None => glimpse_targets::ModelPart::ALL
+            None => glimpse_targets::Part::ALL
                 .iter()
                 .map(|part| format!("{}={}", part.stem(), p.dtypes_for(backend).for_part(*part).join("|")))
                 .collect::<Vec<_>>()
@@ -56,15 +56,13 @@ pub fn run(args: Args) -> Result<()> {
         let v = serde_json::json!({
             "detected": detected,
             "profile": chosen,
-            "simd": simd::active_isa().name(),
-            "backend": backend.name(),
+            "backend": backend,
             "dtype_auto": table.iter().map(|(p, picks)| serde_json::json!({"profile": p.name, "choice": picks})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!("{detected}");
-    println!("selection kernels: {}", simd::active_isa().name());
     println!("\nusing profile: {chosen}");
     println!(
         "\n{:<18} {}",

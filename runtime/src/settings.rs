@@ -1,0 +1,238 @@
+//! One config layer: what the user asked for ([`Asked`], `None` = flag not given), the target
+//! profile in use (detected, or named by `--target`) and the built-in defaults settle into the
+//! settings a pipeline is built with. Every setting records where it came from ([`Applied`]), so
+//! `glimpse ask --json` can say what was applied and why.
+
+use serde::Serialize;
+
+use crate::backend::{self, BackendOptions};
+use crate::error::{Error, Result};
+use crate::folder::{Dtype, ModelFolder, Part};
+use crate::select::{self, Budget};
+use glimpse_targets::Profile;
+
+/// Where a setting came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// A command-line flag (or the library caller).
+    Flag,
+    /// The target profile in use.
+    Profile,
+    /// Glimpse's built-in default.
+    Default,
+    /// Detected on this machine.
+    Detected,
+}
+
+/// A settled value, where it came from, and a note when something was skipped or does not
+/// apply.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Choice<T> {
+    pub value: T,
+    pub from: Source,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl<T> Choice<T> {
+    fn new(value: T, from: Source) -> Self {
+        Choice { value, from, note: None }
+    }
+
+    fn noted(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
+    }
+}
+
+/// What the user asked for; `None` leaves the choice to the profile or the default.
+#[derive(Debug, Clone, Default)]
+pub struct Asked {
+    /// `--target`: a built-in profile name.
+    pub target: Option<String>,
+    /// `--backend`.
+    pub backend: Option<String>,
+    /// `--threads`.
+    pub threads: Option<usize>,
+    /// `--prune`.
+    pub prune: Option<String>,
+    /// `--keep`.
+    pub keep: Option<Budget>,
+    /// `--ep`: ONNX Runtime execution providers (empty: the profile's).
+    pub execution_providers: Vec<String>,
+}
+
+/// The settled choices.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Applied {
+    /// The target profile in use.
+    pub profile: Choice<String>,
+    pub backend: Choice<String>,
+    /// Intra-op threads.
+    pub threads: Choice<usize>,
+    /// Selection method.
+    pub prune: Choice<String>,
+    /// Keep budget (`1` keeps everything).
+    pub keep: Choice<String>,
+    /// ONNX Runtime execution providers, in priority order.
+    pub execution_providers: Choice<Vec<String>>,
+}
+
+/// The profile named by `target`, or the one detected for this machine.
+pub fn profile(target: Option<&str>) -> Result<(&'static Profile, Source)> {
+    match target {
+        Some(name) => {
+            Profile::by_name(name).map(|p| (p, Source::Flag)).map_err(|e| Error::invalid("target", name, e.to_string()))
+        }
+        None => Ok((glimpse_targets::detect().choose_profile(), Source::Detected)),
+    }
+}
+
+/// Settles the choices of `asked` against the profile in use. Without `--backend`, the first of
+/// the profile's backends that this build has and that starts (ONNX Runtime needs its library)
+/// is used; the ones skipped are noted.
+pub fn settle(asked: &Asked, opts: &BackendOptions) -> Result<(Applied, BackendOptions)> {
+    let (profile, profile_from) = profile(asked.target.as_deref())?;
+    let name = profile.name.clone();
+    let mut opts = opts.clone();
+    let execution_providers = if asked.execution_providers.is_empty() {
+        Choice::new(profile.execution_providers.iter().map(|p| p.name().to_string()).collect(), Source::Profile)
+    } else {
+        Choice::new(asked.execution_providers.clone(), Source::Flag)
+    };
+    opts.execution_providers = execution_providers.value.clone();
+    let threads = match asked.threads {
+        Some(n) => Choice::new(n, Source::Flag),
+        None => Choice::new(profile.threads.resolve(), Source::Profile),
+    };
+    opts.threads = threads.value;
+    let backend = match &asked.backend {
+        Some(b) => Choice::new(b.clone(), Source::Flag),
+        None => profile_backend(profile, &|b| backend::by_name(b, &opts).map(drop))?,
+    };
+    let threads = if backend.value == "tract" {
+        threads.noted("tract runs single-threaded in this build; the count applies to ONNX Runtime")
+    } else {
+        threads
+    };
+    let (prune, method_from_profile) = match &asked.prune {
+        Some(m) => (Choice::new(m.clone(), Source::Flag), false),
+        None => (Choice::new(profile.pruning.method.clone(), Source::Profile), true),
+    };
+    select::method_spec(&prune.value).map_err(|e| match prune.from {
+        Source::Profile => Error::invalid("target profile pruning.method", &name, e.to_string()),
+        _ => e,
+    })?;
+    let keep = match (asked.keep, method_from_profile) {
+        (Some(k), _) => Choice::new(k.to_string(), Source::Flag),
+        (None, true) => Choice::new(profile.pruning.keep_ratio.to_string(), Source::Profile),
+        (None, false) => Choice::new("1".to_string(), Source::Default),
+    };
+    let profile = Choice::new(name, profile_from);
+    Ok((Applied { profile, backend, threads, prune, keep, execution_providers }, opts))
+}
+
+/// The first of the profile's backends that is compiled in and for which `start` succeeds.
+fn profile_backend(profile: &Profile, start: &dyn Fn(&str) -> Result<()>) -> Result<Choice<String>> {
+    let mut skipped = Vec::new();
+    for b in &profile.backends {
+        let spec = backend::spec(b).ok_or_else(|| {
+            Error::invalid(
+                "target profile backends",
+                format!("{} lists {b}", profile.name),
+                format!(
+                    "registered backends: {}",
+                    backend::BACKENDS.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?;
+        if !spec.compiled {
+            skipped.push(format!("{b}: not in this build"));
+            continue;
+        }
+        match start(b) {
+            Ok(_) => {
+                let c = Choice::new(b.clone(), Source::Profile);
+                return Ok(if skipped.is_empty() { c } else { c.noted(format!("skipped {}", skipped.join("; "))) });
+            }
+            Err(e) => skipped.push(format!("{b}: {e}")),
+        }
+    }
+    Err(Error::invalid(
+        "backend",
+        profile.name.clone(),
+        format!("no backend of the profile starts ({})", skipped.join("; ")),
+    ))
+}
+
+/// Per-part dtypes a profile picks among the variants present in a model folder (`--dtype auto`).
+pub fn auto_dtypes(folder: &ModelFolder, profile: &Profile, backend: &str) -> Result<Vec<(Part, Dtype)>> {
+    let mut out = Vec::new();
+    for entry in &folder.manifest.parts {
+        let part = entry.role;
+        let present: Vec<&str> = folder.variants(part).iter().map(|d| d.name()).collect();
+        let chosen = profile.choose_dtype(part, backend, &present).ok_or_else(|| {
+            Error::invalid(
+                "dtype auto",
+                format!("{part}"),
+                format!(
+                    "target {} prefers {:?} with {backend} but the folder has only {present:?}",
+                    profile.name,
+                    profile.dtypes_for(backend).for_part(part),
+                ),
+            )
+        })?;
+        out.push((part, chosen.parse()?));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_profile_names_registered_backends_and_methods() {
+        for p in glimpse_targets::profiles() {
+            for b in &p.backends {
+                assert!(backend::spec(b).is_some(), "{}: backend {b}", p.name);
+            }
+            assert!(select::method_spec(&p.pruning.method).is_ok(), "{}: method {}", p.name, p.pruning.method);
+        }
+    }
+
+    #[test]
+    fn flags_override_the_profile_and_the_profile_fills_the_rest() {
+        let asked =
+            Asked { target: Some("raspberry-pi-5".into()), backend: Some("tract".into()), ..Default::default() };
+        let (a, opts) = settle(&asked, &BackendOptions::default()).unwrap();
+        assert_eq!((a.profile.value.as_str(), a.profile.from), ("raspberry-pi-5", Source::Flag));
+        assert_eq!((a.backend.value.as_str(), a.backend.from), ("tract", Source::Flag));
+        assert_eq!((a.threads.value, a.threads.from), (4, Source::Profile));
+        assert!(a.threads.note.is_some(), "tract ignores the thread count: say so");
+        assert_eq!(opts.threads, 4);
+        assert_eq!((a.prune.value.as_str(), a.keep.value.as_str()), ("dart", "0.25"));
+        assert_eq!(a.prune.from, Source::Profile);
+        assert_eq!(opts.execution_providers, vec!["XNNPACK", "CPU"]);
+        let asked = Asked { prune: Some("divprune".into()), threads: Some(1), ..asked };
+        let (a, _) = settle(&asked, &BackendOptions::default()).unwrap();
+        assert_eq!((a.prune.from, a.keep.value.as_str(), a.keep.from), (Source::Flag, "1", Source::Default));
+        assert_eq!(a.threads.from, Source::Flag);
+    }
+
+    #[test]
+    fn a_profile_backend_that_cannot_start_is_skipped_with_a_note() {
+        let pi = Profile::by_name("raspberry-pi-5").unwrap();
+        assert_eq!(pi.backends, vec!["ort", "tract"]);
+        let no_ort = |b: &str| if b == "ort" { Err(Error::invalid("backend", b, "library missing")) } else { Ok(()) };
+        let c = profile_backend(pi, &no_ort).unwrap();
+        assert_eq!((c.value.as_str(), c.from), ("tract", Source::Profile));
+        assert!(c.note.as_deref().is_some_and(|n| n.contains("ort") && n.contains("library missing")), "{c:?}");
+        let nothing = |b: &str| Err(Error::invalid("backend", b, "broken"));
+        let e = profile_backend(pi, &nothing).unwrap_err().to_string();
+        assert!(e.contains("raspberry-pi-5") && e.contains("broken"), "{e}");
+        let opts = BackendOptions::default();
+        assert!(settle(&Asked { target: Some("nope".into()), ..Default::default() }, &opts).is_err());
+    }
+}
