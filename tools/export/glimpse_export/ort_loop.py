@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 PARTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 
@@ -20,8 +21,6 @@ class OrtResult:
 
 class OrtModel:
     def __init__(self, onnx_dir: Path):
-        import onnxruntime as ort
-
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1

@@ -1,4 +1,6 @@
-"""Deterministic synthetic scenes + one-word-answer questions for the accuracy testbeds.
+"""Synthetic scenes + one-word-answer questions for the testbeds (~420 lines: one Scene model for all of it).
+
+Deterministic: the renderer, the questions and the per-patch labels all read the same ``Scene``.
 
 A scene is a square picture with a blocky noise background (a few dull tones, so palette PNGs stay small), several
 small objects (shape x colour x size, some tiny) each lying fully inside one quadrant, and one small one- or

@@ -1,0 +1,84 @@
+"""The ``export-testbed`` command: export a trained testbed with the tiny models' exporter, self-check, and compare
+the onnxruntime greedy loop's answers with transformers' on the eval set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..common import ExportError, seed_everything
+from ..families import Bundle
+from ..folder import write_export_info
+from ..images import load_rgb
+from ..onnx_parts import export_all
+from ..ort_loop import OrtModel
+from ..parity import compute_case, messages, self_check
+from ..signals import export_signals
+from .eval import MAX_ANSWER_TOKENS, groups, normalize, predict, read_evalset, summarize
+from .model import load_testbed
+
+
+def ort_predict(onnx_dir: Path, bundle: Bundle, eval_dir: Path, rows: list[dict]) -> list[str]:
+    """The Rust runtime's loop (ort_loop.OrtModel): full prompt per question, vision once per picture."""
+    ort_model = OrtModel(onnx_dir)
+    proc = bundle.processor
+    preds = []
+    for grp in groups(rows):
+        img = load_rgb(eval_dir / grp[0]["image"])
+        feats = None
+        for r in grp:
+            text = proc.apply_chat_template(messages(r["question"]), add_generation_prompt=True)
+            inputs = proc(images=[img], text=[text], return_tensors="np")
+            if feats is None:
+                feats = ort_model.image_features(inputs["pixel_values"], inputs.get("pixel_attention_mask"))
+            ids = inputs["input_ids"].astype(np.int64)
+            embeds = ort_model.splice(ids, bundle.image_token_id, feats)
+            seq = ids.shape[1]
+            attn = np.ones((1, seq), dtype=np.int64)
+            pos = np.arange(seq, dtype=np.int64)[None]
+            past = ort_model.empty_past(1)
+            gen = []
+            for _ in range(MAX_ANSWER_TOKENS):
+                logits, past = ort_model.decode(embeds, attn, pos, past)
+                t = int(logits[0, -1].argmax())
+                gen.append(t)
+                if t in bundle.eos_token_ids:
+                    break
+                embeds = ort_model.embed(np.asarray([[t]], dtype=np.int64))
+                attn = np.ones((1, attn.shape[1] + 1), dtype=np.int64)
+                pos = np.asarray([[attn.shape[1] - 1]], dtype=np.int64)
+            preds.append(normalize(bundle.tokenizer.decode(gen, skip_special_tokens=True)))
+    return preds
+
+
+def run_testbed_export(model_dir: Path, parity_items: int, signals: bool = False) -> dict:
+    """Export the trained weights in MODEL_DIR with the tiny models' exporter, self-check, and compare ORT greedy
+    answers with transformers on the first PARITY_ITEMS eval questions."""
+    seed_everything(0)
+    bundle = load_testbed(model_dir)
+    for p in bundle.model.parameters():
+        p.requires_grad_(False)
+    eval_dir = model_dir / "eval"
+    rows = read_evalset(eval_dir)
+    img_path = eval_dir / rows[0]["image"]
+    case = compute_case(bundle, "eval0", img_path)
+    onnx_dir = model_dir / "onnx"
+    if onnx_dir.is_dir():
+        for f in onnx_dir.iterdir():
+            f.unlink()
+    export_all(bundle, onnx_dir, case.torch_inputs)
+    if signals:
+        export_signals(bundle, model_dir, case.torch_inputs)
+    report = self_check(bundle, model_dir, [case])
+    write_export_info(model_dir, bundle)
+    sub = rows[:parity_items]
+    hf = predict(bundle, eval_dir, sub, progress=False)
+    ort = ort_predict(onnx_dir, bundle, eval_dir, sub)
+    agree = sum(a == b for a, b in zip(hf, ort)) / len(sub)
+    acc_hf = summarize(sub, hf)["overall"]["accuracy"]
+    acc_ort = summarize(sub, ort)["overall"]["accuracy"]
+    if abs(acc_hf - acc_ort) > 0.005:
+        raise ExportError(f"ORT accuracy {acc_ort} vs transformers {acc_hf} on {len(sub)} items")
+    return {"self_check": report, "parity_items": len(sub), "answer_agreement": agree,
+            "accuracy_transformers": acc_hf, "accuracy_onnxruntime": acc_ort}

@@ -1,0 +1,1 @@
+"""Tiny random-weight parity fixtures: the ``tiny`` command (``pipeline``) and ``check`` (``check``)."""
