@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace -q
 g=target/release/glimpse
-methods=random,uniform,pool,dart,divprune,todre,cdpruner,vtc-cls,visionzip,globalcom2
+methods=random,uniform,pool,dart,divprune,todre,cdpruner,vtc-cls,visionzip,globalcom2,recoverable
 echo "## testbed-smolvlm (Idefics3: 4 tiles + global view, 64 tokens each)"
 echo
 $g eval --model models/testbed-smolvlm --markdown --prune "none,${methods//,vtc-cls/}" --keep 1.0,0.5,0.25,0.125 --positions original

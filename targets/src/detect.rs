@@ -115,19 +115,16 @@ impl Detected {
         self.cpu_features.iter().any(|f| f == feature)
     }
 
+    /// The profile detection starts from: the first whose `[detect]` board rules match the
+    /// device, else the first `default_for_arch` profile for this architecture (`generic` last).
     fn board_profile(&self) -> &'static str {
         let device = self.device.as_deref().unwrap_or("");
-        if device.contains("Orin") && (device.contains("Jetson") || self.jetson.is_some()) {
-            return if device.contains("AGX") { "jetson-agx-orin" } else { "jetson-orin-nano" };
-        }
-        if device.contains("Raspberry Pi 5") {
-            return "raspberry-pi-5";
-        }
-        match self.arch.as_str() {
-            "x86_64" => "x86-avx512",
-            "aarch64" => "generic-aarch64",
-            _ => "generic",
-        }
+        let all = profiles();
+        let rules = |p: &&Profile| p.detect.clone().unwrap_or_default();
+        all.iter()
+            .find(|p| rules(p).matches_board(device, self.jetson.is_some()))
+            .or_else(|| all.iter().find(|p| rules(p).default_for_arch && (p.arch == self.arch || p.arch == "any")))
+            .map_or("generic", |p| p.name.as_str())
     }
 
     fn finish(mut self) -> Detected {

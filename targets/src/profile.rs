@@ -197,6 +197,34 @@ pub struct Pruning {
     pub keep_ratio: f32,
 }
 
+/// How detection recognises the machine a profile is for (the `[detect]` table). A board
+/// matches when its device name (device tree, or cpuinfo's `Model:`) contains every string of
+/// `device_all` and none of `device_none`, and, with `jetson`, the machine runs Jetson Linux or
+/// calls itself a Jetson. Without a board match, the first profile marked `default_for_arch`
+/// whose `arch` fits is the starting point. A new board is one TOML file with this table.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectRules {
+    #[serde(default)]
+    pub device_all: Vec<String>,
+    #[serde(default)]
+    pub device_none: Vec<String>,
+    #[serde(default)]
+    pub jetson: bool,
+    #[serde(default)]
+    pub default_for_arch: bool,
+}
+
+impl DetectRules {
+    /// Whether a board with this device name (and Jetson Linux or not) is this profile's.
+    pub fn matches_board(&self, device: &str, jetson_linux: bool) -> bool {
+        !self.device_all.is_empty()
+            && self.device_all.iter().all(|s| device.contains(s.as_str()))
+            && !self.device_none.iter().any(|s| device.contains(s.as_str()))
+            && (!self.jetson || jetson_linux || device.contains("Jetson"))
+    }
+}
+
 /// A device profile: the defaults Glimpse uses on one class of machine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -228,6 +256,9 @@ pub struct Profile {
     pub tract_dtypes: Option<DtypePreference>,
     /// Default pruning budget.
     pub pruning: Pruning,
+    /// How detection recognises this profile's machines (none: only by `--target` or fallback).
+    #[serde(default)]
+    pub detect: Option<DetectRules>,
 }
 
 impl Profile {
@@ -344,6 +375,14 @@ impl Profile {
         let r = self.pruning.keep_ratio;
         if !(r > 0.0 && r <= 1.0) {
             return Err(bad("pruning.keep_ratio", format!("{r} is not in (0, 1]")));
+        }
+        if let Some(d) = &self.detect {
+            if d.device_all.is_empty() && (d.jetson || !d.device_none.is_empty()) {
+                return Err(bad("detect.device_all", "board rules need at least one device string".into()));
+            }
+            if d.device_all.iter().chain(&d.device_none).any(String::is_empty) {
+                return Err(bad("detect", "device strings must not be empty".into()));
+            }
         }
         if self.pruning.method.is_empty() {
             return Err(bad("pruning.method", "must not be empty (use \"none\")".into()));
@@ -578,6 +617,22 @@ mod tests {
         }
         let e = bad("name = ", "name = = ");
         assert!(e.contains("my-pi.toml") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn detect_rules_match_boards_and_are_validated() {
+        let nano = Profile::by_name("jetson-orin-nano").unwrap().detect.clone().unwrap();
+        assert!(nano.matches_board("NVIDIA Jetson Orin Nano Developer Kit", false));
+        assert!(nano.matches_board("Orin NX", true), "Jetson Linux stands in for the name");
+        assert!(!nano.matches_board("Orin NX", false));
+        assert!(!nano.matches_board("NVIDIA Jetson AGX Orin", true), "AGX is the other profile");
+        let agx = Profile::by_name("jetson-agx-orin").unwrap().detect.clone().unwrap();
+        assert!(agx.matches_board("NVIDIA Jetson AGX Orin", true));
+        assert!(!DetectRules { default_for_arch: true, ..Default::default() }.matches_board("anything", true));
+        let e = bad("[detect]\ndevice_all = [\"Raspberry Pi 5\"]", "[detect]\ndevice_all = []\njetson = true");
+        assert!(e.contains("detect.device_all"), "{e}");
+        let e = bad("device_all = [\"Raspberry Pi 5\"]", "device_al = [\"Raspberry Pi 5\"]");
+        assert!(e.contains("device_al"), "{e}");
     }
 
     #[test]

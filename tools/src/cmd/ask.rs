@@ -58,17 +58,14 @@ pub fn run(args: Args) -> Result<()> {
         ignore_eos: false,
     };
     let mut stdout = std::io::stdout().lock();
-    // decode the image once: the answer and the --show-kept overlay both use it
-    let started = std::time::Instant::now();
-    let image = args.image.as_deref().map(|p| pipeline.load_image(p)).transpose().context("reading the image")?;
-    let decode = started.elapsed();
-    let request = Request::new(&args.prompt).with_image(image.as_ref().map_or(ImageInput::None, ImageInput::Decoded));
+    let request =
+        Request::new(&args.prompt).with_image(args.image.as_deref().map_or(ImageInput::None, ImageInput::Path));
     let mut out = Stdout { out: &mut stdout, stream: !args.json };
-    let mut answer = pipeline.answer(&request, &opts, &mut out).context("answering")?;
-    answer.stats.times.image_decode = decode;
-    answer.stats.ttft_ms = answer.stats.times.ttft().as_secs_f64() * 1e3;
-    if let (Some(out), Some(layout), Some(img)) = (&args.show_kept, &answer.layout, &image) {
-        super::overlay::show_kept(img, layout, out)?;
+    let answer = pipeline.answer(&request, &opts, &mut out).context("answering")?;
+    if let (Some(out), Some(layout), Some(path)) = (&args.show_kept, &answer.layout, &args.image) {
+        // decoded again for the drawing only, after the timed answer
+        let img = pipeline.load_image(path).context("reading the image")?;
+        super::overlay::show_kept(&img, layout, out)?;
     }
     if args.json {
         let v = serde_json::json!({

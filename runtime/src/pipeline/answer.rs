@@ -1,0 +1,276 @@
+//! The straight line of one request: image → preprocess → encode (with tile skipping) → select →
+//! splice → prefill → decode, each stage timed and reported to the observer.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use ndarray::Array2;
+
+use super::{
+    original_positions, Answer, Encoded, EncodedImage, GenerationStats, ImageInput, KeptLayout, Observer, OnText,
+    Pipeline, Positions, Prepared, Request, Stage, StageTimes,
+};
+use crate::error::{Error, Result};
+use crate::family::{self, ViewKind, VisionInput};
+use crate::generate::{GenerationOptions, Generator, StopReason};
+use crate::select::{Selection, SelectionInput, Selector};
+
+/// Sets a stage's time and tells the observer.
+fn record(times: &mut StageTimes, stage: Stage, took: Duration, obs: &mut dyn Observer) {
+    *times.slot_mut(stage) = took;
+    obs.stage(stage, took);
+}
+
+/// Per-request state: the prompt's text embeddings are computed at most once, whichever stage
+/// (tile scoring, a text-guided method) asks first.
+struct Scratch<'a> {
+    prompt: &'a str,
+    text: Option<Array2<f32>>,
+}
+
+impl Pipeline {
+    /// Answers one request: every stage in order, each timed and reported to `obs`, the answer
+    /// streamed to `obs` as it is generated.
+    pub fn answer(&self, req: &Request<'_>, opts: &GenerationOptions, obs: &mut dyn Observer) -> Result<Answer> {
+        let custom = match &req.selection {
+            Some((config, positions)) => Some((Selector::new(config.clone())?, *positions)),
+            None => None,
+        };
+        let (selector, positions) = custom.as_ref().map_or((&self.selector, self.positions), |(s, p)| (s, *p));
+        let mut times = StageTimes::default();
+        let mut scratch = Scratch { prompt: req.prompt, text: None };
+        let decoded;
+        let image = match req.image {
+            ImageInput::None => None,
+            ImageInput::Path(path) => {
+                let started = Instant::now();
+                decoded = self.load_image(path)?;
+                record(&mut times, Stage::ImageDecode, started.elapsed(), obs);
+                Some(&decoded)
+            }
+            ImageInput::Decoded(img) => Some(img),
+            ImageInput::Encoded(_) => None,
+        };
+        let started = Instant::now();
+        let rendered = self.render_prompt(req.prompt, !matches!(req.image, ImageInput::None))?;
+        let render_time = started.elapsed();
+        let prepared = match (req.image, image) {
+            (ImageInput::None, _) => {
+                let started = Instant::now();
+                let ids = self.expand_and_tokenize(&rendered, None)?;
+                let prepared = self.splice(ids, None, 0, None)?;
+                record(&mut times, Stage::Splice, render_time + started.elapsed(), obs);
+                prepared
+            }
+            (ImageInput::Encoded(e), _) => {
+                record(&mut times, Stage::Preprocess, e.preprocess, obs);
+                record(&mut times, Stage::Encode, e.encode, obs);
+                let tokens = e.input.total_tokens();
+                let views = e.input.views.clone();
+                self.select_and_splice(
+                    &rendered,
+                    render_time,
+                    &e.input,
+                    &e.encoded,
+                    views,
+                    tokens,
+                    selector,
+                    positions,
+                    &mut scratch,
+                    &mut times,
+                    obs,
+                )?
+            }
+            (_, Some(img)) => {
+                let started = Instant::now();
+                let input = self.preprocess(img)?;
+                record(&mut times, Stage::Preprocess, started.elapsed(), obs);
+                let original_views = input.views.clone();
+                let original_tokens = input.total_tokens();
+                let started = Instant::now();
+                let (input, encoded) = match self.tiles {
+                    Some(skip) if input.rows * input.cols > 0 => {
+                        let text = self.scratch_text(&mut scratch)?.clone();
+                        self.encode_skipping_tiles(&input, &text, skip)?
+                    }
+                    _ => {
+                        let encoded = self.encode(&input)?;
+                        (input, encoded)
+                    }
+                };
+                record(&mut times, Stage::Encode, started.elapsed(), obs);
+                self.select_and_splice(
+                    &rendered,
+                    render_time,
+                    &input,
+                    &encoded,
+                    original_views,
+                    original_tokens,
+                    selector,
+                    positions,
+                    &mut scratch,
+                    &mut times,
+                    obs,
+                )?
+            }
+            (_, None) => return Err(Error::interface("pipeline", "image input without an image")),
+        };
+        let (prompt_tokens, visual, kept, views) =
+            (prepared.input_ids.len(), prepared.visual_tokens, prepared.visual_tokens_kept, prepared.views);
+        let layout = prepared.layout.clone();
+        let (ids, stop) = self.generate(prepared, opts, &mut times, obs)?;
+        let started = Instant::now();
+        let text = self.tokenizer.decode(&ids)?;
+        times.decode += started.elapsed();
+        obs.stage(Stage::Decode, times.decode);
+        let decode_s = times.decode.as_secs_f64();
+        let stats = GenerationStats {
+            times,
+            ttft_ms: times.ttft().as_secs_f64() * 1e3,
+            prompt_tokens,
+            visual_tokens: visual,
+            visual_tokens_kept: kept,
+            views,
+            new_tokens: ids.len(),
+            decode_tokens_per_s: if ids.len() > 1 && decode_s > 0.0 { (ids.len() - 1) as f64 / decode_s } else { 0.0 },
+            stop,
+        };
+        Ok(Answer { text, token_ids: ids, stats, layout })
+    }
+
+    /// [`Pipeline::answer`] for the common case: an optional image file, text streamed to a
+    /// closure.
+    pub fn ask(
+        &self,
+        image: Option<&Path>,
+        prompt: &str,
+        opts: &GenerationOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer> {
+        let req = Request::new(prompt).with_image(image.map_or(ImageInput::None, ImageInput::Path));
+        self.answer(&req, opts, &mut OnText(on_text))
+    }
+
+    /// Preprocesses and encodes an image once, to ask several prompts about it with
+    /// [`ImageInput::Encoded`] (`glimpse eval` asks about eight questions per picture). Not
+    /// available with tile skipping, whose choice of tiles depends on the prompt.
+    pub fn encode_image(&self, image: &RgbImage) -> Result<EncodedImage> {
+        if self.tiles.is_some() {
+            return Err(Error::invalid(
+                "tile skipping",
+                "on",
+                "the tiles encoded depend on the prompt, so one encoding cannot serve several prompts",
+            ));
+        }
+        let started = Instant::now();
+        let input = self.preprocess(image)?;
+        let preprocess = started.elapsed();
+        let started = Instant::now();
+        let encoded = self.encode(&input)?;
+        Ok(EncodedImage { input, encoded, preprocess, encode: started.elapsed() })
+    }
+
+    /// The prompt's text embeddings, computed on first use within a request.
+    fn scratch_text<'s>(&self, scratch: &'s mut Scratch<'_>) -> Result<&'s Array2<f32>> {
+        if scratch.text.is_none() {
+            scratch.text = Some(self.text_embeddings(scratch.prompt)?);
+        }
+        scratch.text.as_ref().ok_or_else(|| Error::interface("pipeline", "text embeddings"))
+    }
+
+    /// Chooses which rows reach the language model; computes the prompt's text embeddings
+    /// first when the method needs them.
+    pub fn select(&self, encoded: &Encoded, input: &VisionInput, prompt: &str) -> Result<Selection> {
+        let mut scratch = Scratch { prompt, text: None };
+        self.select_with(&self.selector, encoded, input, &mut scratch)
+    }
+
+    fn select_with(
+        &self,
+        selector: &Selector,
+        encoded: &Encoded,
+        input: &VisionInput,
+        scratch: &mut Scratch<'_>,
+    ) -> Result<Selection> {
+        let mut signals = encoded.signals.clone();
+        if selector.needs().text {
+            signals.text = Some(self.scratch_text(scratch)?.clone());
+        }
+        let sel =
+            selector.select(&SelectionInput { features: &encoded.features, views: &input.views, signals: &signals })?;
+        if sel.kept.len() != input.views.len() {
+            return Err(Error::interface("select", "selector returned a different number of views"));
+        }
+        Ok(sel)
+    }
+
+    /// Selection, prompt expansion and splice after the encoder.
+    #[allow(clippy::too_many_arguments)]
+    fn select_and_splice(
+        &self,
+        rendered: &str,
+        render_time: Duration,
+        input: &VisionInput,
+        encoded: &Encoded,
+        original_views: Vec<family::View>,
+        original_tokens: usize,
+        selector: &Selector,
+        positions: Positions,
+        scratch: &mut Scratch<'_>,
+        times: &mut StageTimes,
+        obs: &mut dyn Observer,
+    ) -> Result<Prepared> {
+        let started = Instant::now();
+        let sel = self.select_with(selector, encoded, input, scratch)?;
+        let kept_rows = sel.gather(&encoded.features, &input.views);
+        times.select = started.elapsed();
+        obs.stage(Stage::Select, times.select);
+        let started = Instant::now();
+        let ids = self.expand_and_tokenize(rendered, Some((input, &sel.counts())))?;
+        let positions = match positions {
+            Positions::Contiguous => None,
+            Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), input, &sel)?),
+        };
+        let mut prepared = self.splice(ids, Some(&kept_rows), original_tokens, positions)?;
+        prepared.views = input.encoder_views();
+        let skipped_tiles = original_views
+            .into_iter()
+            .filter(|o| {
+                matches!(o.kind, ViewKind::Tile { .. })
+                    && !input.views.iter().any(|v| v.kind == o.kind && v.tokens == o.tokens)
+            })
+            .collect();
+        prepared.layout = Some(KeptLayout { views: input.views.clone(), kept: sel.kept.clone(), skipped_tiles });
+        drop((sel, kept_rows));
+        times.splice = render_time + started.elapsed();
+        obs.stage(Stage::Splice, times.splice);
+        Ok(prepared)
+    }
+
+    /// Runs the prefill alone and returns the last position's logits (used by parity tests and
+    /// profiling).
+    pub fn prefill_logits(&self, prepared: &Prepared) -> Result<ndarray::Array1<f32>> {
+        let mut cache = self.decoder_io.empty_cache()?;
+        self.decoder_io.step(self.decoder.as_ref(), prepared.embeds.clone(), &prepared.positions, &mut cache)
+    }
+
+    /// Prefill then decode until EOS, the token budget or the context, streaming to `obs`.
+    pub fn generate(
+        &self,
+        prepared: Prepared,
+        opts: &GenerationOptions,
+        times: &mut StageTimes,
+        obs: &mut dyn Observer,
+    ) -> Result<(Vec<i64>, StopReason)> {
+        let generator = Generator {
+            io: &self.decoder_io,
+            decoder: self.decoder.as_ref(),
+            embed: self.embed.as_ref(),
+            tokenizer: &self.tokenizer,
+            eos: &self.eos,
+            context: self.context.0,
+        };
+        generator.run(prepared.embeds, &prepared.positions, opts, times, obs)
+    }
+}
