@@ -147,8 +147,7 @@ mod tests {
     use ndarray::Array2;
 
     fn tile(row: usize, col: usize) -> View {
-        let (x0, y0) = (col as f32 * 0.5, row as f32 * 0.5);
-        View { kind: ViewKind::Tile { row, col }, tokens: 16, grid: (4, 4), region: [x0, y0, x0 + 0.5, y0 + 0.5] }
+        crate::select::testutil::quadrant_tile(row, col, 4)
     }
 
     #[test]

@@ -234,6 +234,17 @@ pub(crate) mod testutil {
         View { kind: ViewKind::Whole, tokens: n, grid, region: [0.0, 0.0, 1.0, 1.0] }
     }
 
+    /// Tile (row, col) of a 2 × 2 split, with a `side × side` patch grid.
+    pub fn quadrant_tile(row: usize, col: usize, side: usize) -> View {
+        let (x0, y0) = (col as f32 * 0.5, row as f32 * 0.5);
+        View {
+            kind: ViewKind::Tile { row, col },
+            tokens: side * side,
+            grid: (side, side),
+            region: [x0, y0, x0 + 0.5, y0 + 0.5],
+        }
+    }
+
     /// Deterministic pseudo-random features.
     pub fn features(n: usize, d: usize, seed: u64) -> Array2<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

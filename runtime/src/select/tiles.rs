@@ -143,8 +143,7 @@ mod tests {
     use super::*;
 
     fn tile(row: usize, col: usize) -> View {
-        let (x0, y0) = (col as f32 * 0.5, row as f32 * 0.5);
-        View { kind: ViewKind::Tile { row, col }, tokens: 4, grid: (2, 2), region: [x0, y0, x0 + 0.5, y0 + 0.5] }
+        crate::select::testutil::quadrant_tile(row, col, 2)
     }
 
     #[test]
