@@ -38,12 +38,14 @@ pub enum Error {
     UnknownModelType { path: PathBuf, found: String, supported: String },
 
     /// The requested dtype variant of a model part is not in the folder.
-    #[error("{path}: no `{dtype}` variant of {part}; variants present: {available}")]
+    #[error("{path}: no `{dtype}` variant of {part}; variants present: {available} (pick per part, e.g. `--dtype {part}={first}`, or `--dtype auto`)", first = available.split(", ").next().unwrap_or("fp32"))]
     MissingVariant { path: PathBuf, part: String, dtype: String, available: String },
 
     /// An ONNX file names external data outside the model folder.
-    #[error("{path}: external data location {location:?} resolves outside the model folder {root}; refusing to load")]
-    ExternalDataOutside { path: PathBuf, location: String, root: PathBuf },
+    #[error(
+        "{path}: external data location {location:?} resolves outside the model folder {root}{note}; refusing to load"
+    )]
+    ExternalDataOutside { path: PathBuf, location: String, root: PathBuf, note: String },
 
     /// An ONNX file could not be parsed, typed or planned by the backend.
     #[error("{path}: cannot load ONNX model with {backend}: {message}")]

@@ -90,8 +90,11 @@ pub struct ModelFolder {
     pub root: PathBuf,
     /// `config.json`.
     pub config: Value,
-    /// `preprocessor_config.json`.
+    /// The image processor's settings: `preprocessor_config.json`, or (transformers v5
+    /// `processor.save_pretrained`) the `image_processor` object of `processor_config.json`.
     pub preprocessor: Value,
+    /// The file [`ModelFolder::preprocessor`] came from (named in errors).
+    pub preprocessor_file: PathBuf,
     /// `generation_config.json`, or an empty object when the folder has none.
     pub generation: Value,
     /// `tokenizer_config.json`, or an empty object when the folder has none.
@@ -112,16 +115,25 @@ impl ModelFolder {
         }
         let root = root.canonicalize().map_err(|source| Error::Io { path: root.to_path_buf(), source })?;
         let config = read_json(&root.join("config.json"), true)?;
-        let preprocessor = read_json(&root.join("preprocessor_config.json"), true)?;
         let generation = read_json(&root.join("generation_config.json"), false)?;
         let tokenizer_config = read_json(&root.join("tokenizer_config.json"), false)?;
         let processor = read_json(&root.join("processor_config.json"), false)?;
+        let (preprocessor, preprocessor_file) = image_processor_settings(&root, &processor)?;
         let tokenizer = root.join("tokenizer.json");
         if !tokenizer.is_file() {
             return Err(Error::MissingFile { path: tokenizer, what: "tokenizer".into() });
         }
         let manifest = crate::manifest::Manifest::load(&root)?;
-        Ok(ModelFolder { root, config, preprocessor, generation, tokenizer_config, processor, manifest })
+        Ok(ModelFolder {
+            root,
+            config,
+            preprocessor,
+            preprocessor_file,
+            generation,
+            tokenizer_config,
+            processor,
+            manifest,
+        })
     }
 
     /// Path of a file in the folder.
@@ -180,9 +192,9 @@ impl ModelFolder {
         json_usize(&self.config, &self.path("config.json"), paths)
     }
 
-    /// A required unsigned integer from `preprocessor_config.json`.
+    /// A required unsigned integer from the image processor's settings.
     pub fn preprocessor_usize(&self, paths: &[&str]) -> Result<usize> {
-        json_usize(&self.preprocessor, &self.path("preprocessor_config.json"), paths)
+        json_usize(&self.preprocessor, &self.preprocessor_file, paths)
     }
 
     /// The model's context length (`max_position_embeddings` of the text model).
@@ -251,6 +263,31 @@ pub fn json_f32s(v: &Value, file: &Path, path: &str) -> Result<Vec<f32>> {
     }
 }
 
+/// The image processor's settings, with transformers' precedence: `preprocessor_config.json`
+/// when present, else the `image_processor` object that transformers v5 nests in
+/// `processor_config.json`. The error names both files and what each lacked.
+fn image_processor_settings(root: &Path, processor: &Value) -> Result<(Value, PathBuf)> {
+    let pre = root.join("preprocessor_config.json");
+    let proc_file = root.join("processor_config.json");
+    match read_json(&pre, false)? {
+        Value::Object(m) if !m.is_empty() || pre.is_file() => return Ok((Value::Object(m), pre)),
+        _ => {}
+    }
+    match processor.get("image_processor") {
+        Some(v @ Value::Object(_)) => Ok((v.clone(), proc_file)),
+        Some(other) => Err(Error::field(proc_file, "image_processor", format!("expected an object, found {other}"))),
+        None => {
+            let proc_state = if proc_file.is_file() { "has no `image_processor` object" } else { "is absent too" };
+            Err(Error::MissingFile {
+                path: root.to_path_buf(),
+                what: format!(
+                    "image processor settings: looked for preprocessor_config.json (absent) and processor_config.json's `image_processor` (the file {proc_state})"
+                ),
+            })
+        }
+    }
+}
+
 fn read_json(path: &Path, required: bool) -> Result<Value> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source }),
@@ -265,16 +302,19 @@ fn read_json(path: &Path, required: bool) -> Result<Value> {
 
 /// Checks that an ONNX external-data `location` stays inside `root` when resolved against the
 /// directory of `onnx_file`. Lexical check first (no absolute paths, no `..` escaping), then a
-/// canonical check that also catches symbolic links pointing out of the folder.
+/// canonical check that also catches symbolic links pointing out of the folder. One exception:
+/// a Hugging Face cache snapshot (`models--org--name/snapshots/<rev>/`), whose files are symlinks
+/// into the same cache repo's `blobs/`, may resolve there.
 pub fn check_external_location(onnx_file: &Path, location: &str, root: &Path) -> Result<PathBuf> {
-    let refuse = || Error::ExternalDataOutside {
+    let refuse = |note: &str| Error::ExternalDataOutside {
         path: onnx_file.to_path_buf(),
         location: location.to_string(),
         root: root.to_path_buf(),
+        note: note.to_string(),
     };
     let loc = Path::new(location);
     if loc.is_absolute() || loc.components().any(|c| matches!(c, Component::Prefix(_) | Component::RootDir)) {
-        return Err(refuse());
+        return Err(refuse(""));
     }
     let base = onnx_file.parent().unwrap_or(Path::new("."));
     let mut resolved = base.to_path_buf();
@@ -282,18 +322,31 @@ pub fn check_external_location(onnx_file: &Path, location: &str, root: &Path) ->
         match c {
             Component::Normal(p) => resolved.push(p),
             // `pop` in the guard climbs one level; failing to climb means leaving the root.
-            Component::ParentDir if !resolved.pop() => return Err(refuse()),
+            Component::ParentDir if !resolved.pop() => return Err(refuse("")),
             _ => {}
         }
     }
     let root_c = root.canonicalize().map_err(|source| Error::Io { path: root.to_path_buf(), source })?;
     let lexical_ok = resolved.starts_with(root) || resolved.starts_with(&root_c);
     if !lexical_ok {
-        return Err(refuse());
+        return Err(refuse(""));
     }
     match resolved.canonicalize() {
         Ok(c) if c.starts_with(&root_c) => Ok(c),
-        Ok(_) => Err(refuse()),
+        Ok(c) if hf_cache_blobs(&root_c).is_some_and(|blobs| c.starts_with(blobs)) => Ok(c),
+        Ok(c) => Err(refuse(&format!(
+            " (through a symbolic link to {}; only a Hugging Face cache snapshot may link into its own blobs/)",
+            c.display()
+        ))),
         Err(_) => Err(Error::MissingFile { path: resolved, what: format!("external data of {}", onnx_file.display()) }),
     }
+}
+
+/// The `blobs/` folder of the Hugging Face cache repo when `root` is one of its snapshots
+/// (`.../models--org--name/snapshots/<rev>`), canonicalised.
+pub fn hf_cache_blobs(root: &Path) -> Option<PathBuf> {
+    let snapshots = root.parent()?;
+    let repo = snapshots.parent()?;
+    let is_repo = repo.file_name()?.to_str()?.starts_with("models--");
+    (snapshots.file_name()? == "snapshots" && is_repo).then(|| repo.join("blobs").canonicalize().ok()).flatten()
 }

@@ -3,7 +3,7 @@
 //! external-data safety check.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tract_onnx::pb;
 use tract_onnx::prelude::Framework;
@@ -136,6 +136,53 @@ fn value_info(v: &pb::ValueInfoProto) -> TensorInfo {
 }
 
 /// Refuses external-data locations that leave the model folder, in the graph and any subgraph.
+/// Points every external-data `location` of a checked model at its resolved file, relative to
+/// the one folder that holds them all, and returns that folder: backends that resolve locations
+/// against a directory (tract) then read the same files the check allowed, also when they are
+/// symlinks into a Hugging Face cache's `blobs/`. `None` when the model has no external data.
+pub fn rebase_external_data(proto: &mut pb::ModelProto, onnx_file: &Path, root: &Path) -> Result<Option<PathBuf>> {
+    fn walk(g: &mut pb::GraphProto, onnx_file: &Path, root: &Path, dirs: &mut Vec<PathBuf>) -> Result<()> {
+        for t in &mut g.initializer {
+            if let Some(loc) = t.external_data.iter_mut().find(|kv| kv.key == "location") {
+                let file = check_external_location(onnx_file, &loc.value, root)?;
+                let (Some(dir), Some(name)) = (file.parent(), file.file_name().and_then(|n| n.to_str())) else {
+                    continue;
+                };
+                if !dirs.iter().any(|d| d == dir) {
+                    dirs.push(dir.to_path_buf());
+                }
+                loc.value = name.to_string();
+            }
+        }
+        for node in &mut g.node {
+            for attr in &mut node.attribute {
+                if let Some(sub) = attr.g.as_mut() {
+                    walk(sub, onnx_file, root, dirs)?;
+                }
+                for sub in &mut attr.graphs {
+                    walk(sub, onnx_file, root, dirs)?;
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut dirs = Vec::new();
+    if let Some(g) = proto.graph.as_mut() {
+        walk(g, onnx_file, root, &mut dirs)?;
+    }
+    match dirs.len() {
+        0 | 1 => Ok(dirs.pop()),
+        _ => Err(Error::OnnxLoad {
+            path: onnx_file.to_path_buf(),
+            backend: "tract".into(),
+            message: format!(
+                "external data lies in several folders ({}); tract reads it from one",
+                dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        }),
+    }
+}
+
 pub fn check_graph_external_data(graph: &pb::GraphProto, onnx_file: &Path, root: &Path) -> Result<()> {
     for t in &graph.initializer {
         if let Some(loc) = t.external_data.iter().find(|kv| kv.key == "location") {

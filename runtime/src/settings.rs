@@ -166,10 +166,93 @@ fn profile_backend(profile: &Profile, start: &dyn Fn(&str) -> Result<()>) -> Res
     ))
 }
 
+/// `--dtype`: one default for every part (a dtype, or `auto` for the profile's pick among the
+/// files present) and per-part overrides: `int8`, `auto`, `decoder=int8`,
+/// `decoder=int8,vision_encoder=fp32` (the rest fp32), `auto,decoder=q4`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DtypeRequest {
+    /// `None`: `auto`.
+    pub default: Option<Dtype>,
+    pub parts: Vec<(Part, Dtype)>,
+}
+
+impl Default for DtypeRequest {
+    fn default() -> Self {
+        DtypeRequest { default: Some(Dtype::Fp32), parts: Vec::new() }
+    }
+}
+
+impl std::str::FromStr for DtypeRequest {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let mut default = None;
+        let mut parts: Vec<(Part, Dtype)> = Vec::new();
+        let mut saw_default = false;
+        for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            match item.split_once('=') {
+                Some((part, dtype)) => {
+                    let part: Part = part.trim().parse().map_err(|e: String| Error::invalid("dtype", s, e))?;
+                    if parts.iter().any(|(p, _)| *p == part) {
+                        return Err(Error::invalid("dtype", s, format!("{part} given twice")));
+                    }
+                    parts.push((part, dtype.trim().parse()?));
+                }
+                None if saw_default => {
+                    return Err(Error::invalid("dtype", s, "one default dtype at most (the rest are PART=DTYPE)"))
+                }
+                None => {
+                    saw_default = true;
+                    default = if item == "auto" { None } else { Some(item.parse()?) };
+                }
+            }
+        }
+        if !saw_default {
+            default = Some(Dtype::Fp32);
+        }
+        Ok(DtypeRequest { default, parts })
+    }
+}
+
+impl std::fmt::Display for DtypeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut items = vec![self.default.map_or("auto".to_string(), |d| d.name().to_string())];
+        items.extend(self.parts.iter().map(|(p, d)| format!("{}={d}", p.role())));
+        f.write_str(&items.join(","))
+    }
+}
+
+/// The dtype of every part for a request: explicit per-part choices, else the default, else
+/// (`auto`) the profile's pick among the files present. Returns the default and the per-part list.
+pub fn resolve_dtypes(
+    req: &DtypeRequest,
+    folder: &ModelFolder,
+    profile: &Profile,
+    backend: &str,
+) -> Result<(Dtype, Vec<(Part, Dtype)>)> {
+    match req.default {
+        Some(d) => Ok((d, req.parts.clone())),
+        None => {
+            let mut out = req.parts.clone();
+            let skip: Vec<Part> = req.parts.iter().map(|(p, _)| *p).collect();
+            out.extend(auto_dtypes_except(folder, profile, backend, &skip)?);
+            Ok((Dtype::Fp32, out))
+        }
+    }
+}
+
 /// Per-part dtypes a profile picks among the variants present in a model folder (`--dtype auto`).
 pub fn auto_dtypes(folder: &ModelFolder, profile: &Profile, backend: &str) -> Result<Vec<(Part, Dtype)>> {
+    auto_dtypes_except(folder, profile, backend, &[])
+}
+
+fn auto_dtypes_except(
+    folder: &ModelFolder,
+    profile: &Profile,
+    backend: &str,
+    skip: &[Part],
+) -> Result<Vec<(Part, Dtype)>> {
     let mut out = Vec::new();
-    for entry in &folder.manifest.parts {
+    for entry in folder.manifest.parts.iter().filter(|e| !skip.contains(&e.role)) {
         let part = entry.role;
         let present: Vec<&str> = folder.variants(part).iter().map(|d| d.name()).collect();
         let chosen = profile.choose_dtype(part, backend, &present).ok_or_else(|| {
@@ -191,6 +274,21 @@ pub fn auto_dtypes(folder: &ModelFolder, profile: &Profile, backend: &str) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dtype_requests_parse_defaults_and_parts() {
+        let r: DtypeRequest = "int8".parse().unwrap();
+        assert_eq!((r.default, r.parts.len()), (Some(Dtype::Int8), 0));
+        let r: DtypeRequest = "decoder=int8,vision_encoder=fp32".parse().unwrap();
+        assert_eq!(r.default, Some(Dtype::Fp32));
+        assert_eq!(r.parts, vec![(Part::Decoder, Dtype::Int8), (Part::VisionEncoder, Dtype::Fp32)]);
+        let r: DtypeRequest = "auto,decoder_model_merged=q4".parse().unwrap();
+        assert_eq!((r.default, r.to_string().as_str()), (None, "auto,decoder=q4"));
+        for bad in ["int8,fp16", "decoder=int8,decoder=q4", "tokenizer=int8", "decoder=int9"] {
+            let e = bad.parse::<DtypeRequest>().unwrap_err().to_string();
+            assert!(e.contains("dtype") || e.contains("int9"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn every_builtin_profile_names_registered_backends_and_methods() {

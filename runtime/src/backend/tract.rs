@@ -33,14 +33,15 @@ impl Backend for TractBackend {
     fn load(&self, onnx_file: &Path, root: &Path, part: &str) -> Result<Box<dyn Session>> {
         let load_err =
             |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
-        let proto = read_proto(onnx_file, root)?;
+        let mut proto = read_proto(onnx_file, root)?;
+        let data_dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?;
         let graph = proto.graph.as_ref().ok_or_else(|| load_err("the file has no graph".into()))?;
         let (inputs, outputs) = graph_io(graph);
         // Intermediate value_info written by other tools (e.g. ORT shape inference during
         // quantization) can name the same length with unrelated symbols (`total_sequence_length`
         // vs `sequence_length + past_sequence_length`); tract infers those shapes itself.
         let framework = tract_onnx::onnx().with_ignore_value_info(true);
-        let dir = onnx_file.parent().and_then(Path::to_str);
+        let dir = data_dir.as_deref().or(onnx_file.parent()).and_then(Path::to_str);
         let parsed = framework.parse(&proto, dir).map_err(|e| load_err(format!("{e:#}")))?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(load_err(format!("unresolved inputs {:?}", parsed.unresolved_inputs)));

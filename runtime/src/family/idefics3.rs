@@ -35,7 +35,7 @@ pub struct Idefics3 {
 impl Idefics3 {
     /// Reads the family's settings from the folder.
     pub fn new(folder: &ModelFolder, tokenizer: &TextTokenizer) -> Result<Self> {
-        let pre = folder.path("preprocessor_config.json");
+        let pre = folder.preprocessor_file.clone();
         let tile = json_usize(&folder.preprocessor, &pre, &["max_image_size.longest_edge"])
             .or_else(|_| folder.config_usize(&["vision_config.image_size"]))?;
         let longest_edge = json_usize(&folder.preprocessor, &pre, &["size.longest_edge"]).unwrap_or(4 * tile);

@@ -31,7 +31,7 @@ pub struct Llava {
 impl Llava {
     /// Reads the family's settings from the folder.
     pub fn new(folder: &ModelFolder, tokenizer: &TextTokenizer) -> Result<Self> {
-        let pre = folder.path("preprocessor_config.json");
+        let pre = folder.preprocessor_file.clone();
         let p = &folder.preprocessor;
         let shortest_edge = if super::flag(folder, "do_resize", true) {
             Some(json_usize(p, &pre, &["size.shortest_edge", "size"])?)

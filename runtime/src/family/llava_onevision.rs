@@ -40,7 +40,7 @@ impl LlavaOnevision {
     /// Reads the family's settings from the folder.
     pub fn new(folder: &ModelFolder, tokenizer: &TextTokenizer) -> Result<Self> {
         let config = folder.path("config.json");
-        let pre = folder.path("preprocessor_config.json");
+        let pre = folder.preprocessor_file.clone();
         let crop = json_usize(&folder.preprocessor, &pre, &["size.height", "size.shortest_edge"])?;
         let size = folder.config_usize(&["vision_config.image_size"])?;
         let patch = folder.config_usize(&["vision_config.patch_size"])?;
@@ -88,7 +88,7 @@ impl LlavaOnevision {
 /// pixels, all positive.
 fn pinpoints(folder: &ModelFolder) -> Result<Vec<(usize, usize)>> {
     let (value, file) = match folder.preprocessor.get("image_grid_pinpoints") {
-        Some(v) => (v, folder.path("preprocessor_config.json")),
+        Some(v) => (v, folder.preprocessor_file.clone()),
         None => (
             folder.config.get("image_grid_pinpoints").ok_or_else(|| {
                 Error::field(

@@ -166,7 +166,7 @@ pub(crate) fn triple(folder: &ModelFolder, field: &str, default: [f32; 3]) -> Re
     if folder.preprocessor.get(field).is_none() {
         return Ok(default);
     }
-    let file = folder.path("preprocessor_config.json");
+    let file = folder.preprocessor_file.clone();
     let v = crate::folder::json_f32s(&folder.preprocessor, &file, field)?;
     match v.as_slice() {
         [a] => Ok([*a; 3]),
@@ -181,7 +181,7 @@ pub(crate) fn filter(folder: &ModelFolder, default: crate::preprocess::Filter) -
         None | Some(serde_json::Value::Null) => Ok(default),
         Some(v) => v.as_u64().and_then(crate::preprocess::Filter::from_pil_code).ok_or_else(|| {
             Error::field(
-                folder.path("preprocessor_config.json"),
+                folder.preprocessor_file.clone(),
                 "resample",
                 format!("unsupported resample filter {v} (supported: 1 lanczos, 2 bilinear, 3 bicubic)"),
             )

@@ -28,7 +28,9 @@ pub struct ModelArgs {
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Dtype variant of the ONNX parts (fp32, fp16, int8, uint8, quantized, q4, q4f16), or
-    /// `auto` to pick per part from the target profile among the files present.
+    /// `auto` to pick per part from the target profile among the files present; per part with
+    /// PART=DTYPE, comma-separated (`decoder=int8,vision_encoder=fp32`; parts not named get the
+    /// default, fp32 unless one is given: `auto,decoder=q4`).
     #[arg(long, default_value = "fp32")]
     pub dtype: DtypeArg,
     /// Target profile whose defaults apply: backend, threads, execution providers, pruning and
@@ -58,22 +60,8 @@ pub struct ModelArgs {
     pub max_image_pixels: u64,
 }
 
-/// `--dtype`: one variant for every part, or `auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DtypeArg {
-    Auto,
-    Fixed(Dtype),
-}
-
-impl std::str::FromStr for DtypeArg {
-    type Err = glimpse_runtime::Error;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "auto" {
-            return Ok(DtypeArg::Auto);
-        }
-        s.parse().map(DtypeArg::Fixed)
-    }
-}
+/// `--dtype`: a default (a dtype or `auto`) and per-part overrides (`decoder=int8`).
+pub type DtypeArg = settings::DtypeRequest;
 
 /// `--backend` values: the backend registry (those compiled into this build).
 pub fn backend_values() -> clap::builder::PossibleValuesParser {
@@ -114,22 +102,18 @@ impl ModelArgs {
 
     /// A short description of the dtype choice for reports.
     pub fn dtype_label(&self) -> String {
-        match self.dtype {
-            DtypeArg::Auto => "auto".into(),
-            DtypeArg::Fixed(d) => d.name().into(),
-        }
+        self.dtype.to_string()
     }
 
     /// The pipeline options these arguments describe for one selection, and what was applied.
     pub fn pipeline_options(&self, select: &SelectArgs) -> anyhow::Result<(PipelineOptions, Applied)> {
         let (applied, backend_options) = self.settle(select.prune.clone(), select.keep)?;
-        let (dtype, part_dtypes) = match self.dtype {
-            DtypeArg::Fixed(d) => (d, Vec::new()),
-            DtypeArg::Auto => {
-                let folder = glimpse_runtime::ModelFolder::open(&self.model)?;
-                let (profile, _) = settings::profile(Some(&applied.profile.value))?;
-                (Dtype::Fp32, settings::auto_dtypes(&folder, profile, &applied.backend.value)?)
-            }
+        let (dtype, part_dtypes) = if self.dtype.default.is_none() {
+            let folder = glimpse_runtime::ModelFolder::open(&self.model)?;
+            let (profile, _) = settings::profile(Some(&applied.profile.value))?;
+            settings::resolve_dtypes(&self.dtype, &folder, profile, &applied.backend.value)?
+        } else {
+            (self.dtype.default.unwrap_or(Dtype::Fp32), self.dtype.parts.clone())
         };
         let config = SelectConfig {
             method: applied.prune.value.clone(),

@@ -76,15 +76,15 @@ pub fn run(args: Args) -> Result<()> {
     let mut realsize = false;
     let mut placements = std::collections::BTreeMap::new();
     let dtypes: Vec<super::DtypeArg> = if args.dtypes.is_empty() {
-        vec![args.model.dtype]
+        vec![args.model.dtype.clone()]
     } else {
         list(&args.dtypes).iter().map(|d| d.parse()).collect::<Result<_, _>>()?
     };
     let mut configs = Vec::new();
-    for &d in &dtypes {
+    for d in &dtypes {
         for b in &backends {
             for &t in &tiles {
-                configs.push((d, b, t));
+                configs.push((d.clone(), b, t));
             }
         }
     }
