@@ -153,3 +153,37 @@ fn profile_json_accounts_for_every_stage() {
         assert!(r["efficiency"]["prefill_flops"].as_f64().unwrap_or(0.0) > 0.0);
     }
 }
+
+/// A reader that goes away (`glimpse inspect | head -c1`) ends the command quietly; a full disk
+/// is an error naming stdout. Neither panics.
+#[test]
+fn closed_and_full_stdout_are_handled() {
+    let tiny = model("tiny-llava");
+    let tiny = tiny.to_str().expect("path");
+    let set = repo().join("models/testbed-llava/eval");
+    let set = set.to_str().expect("path");
+    let commands: [&[&str]; 3] = [
+        &["inspect", "--model", tiny],
+        &["targets"],
+        &["eval", "--model", "models/testbed-llava", "--set", set, "--limit", "2"],
+    ];
+    for args in commands {
+        let mut child = glimpse()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?} with a closed pipe: {stderr}");
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+        let out = glimpse().args(args).stdout(full).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(1), "{args:?} on a full disk: {stderr}");
+        assert!(stderr.contains("writing to stdout") && stderr.contains("No space left"), "{args:?}: {stderr}");
+    }
+}

@@ -101,16 +101,16 @@ pub fn run(args: Args) -> Result<()> {
             "positions": args.sweep.positions,
             "runs": v,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let types: Vec<String> = rows.first().map(|r| r.report.by_type.keys().cloned().collect()).unwrap_or_default();
     let pct = |a: &Accuracy| format!("{:.1}", a.accuracy * 100.0);
     if args.markdown {
-        println!("| method | keep | tiles | tokens | accuracy % [95% CI] | {} | TTFT ms |", types.join(" | "));
-        println!("|---|---|---|---|---|{}---|", "---|".repeat(types.len()));
+        out!("| method | keep | tiles | tokens | accuracy % [95% CI] | {} | TTFT ms |", types.join(" | "));
+        out!("|---|---|---|---|---|{}---|", "---|".repeat(types.len()));
     } else {
-        println!("{} ({} questions, dtype {})", args.model.model.display(), n, args.model.dtype_label());
+        out!("{} ({} questions, dtype {})", args.model.model.display(), n, args.model.dtype_label());
     }
     for r in &rows {
         let o = &r.report.overall;
@@ -118,7 +118,7 @@ pub fn run(args: Args) -> Result<()> {
         let tokens = format!("{:.0}/{:.0}", r.report.mean_visual_tokens_kept, r.report.mean_visual_tokens);
         let overall = format!("{:.1} [{:.1}, {:.1}]", o.accuracy * 100.0, o.ci95[0] * 100.0, o.ci95[1] * 100.0);
         if args.markdown {
-            println!(
+            out!(
                 "| {} | {} | {} | {tokens} | {overall} | {} | {:.1} |",
                 r.method,
                 r.keep,
@@ -127,9 +127,9 @@ pub fn run(args: Args) -> Result<()> {
                 r.report.mean_ttft_ms
             );
         } else {
-            println!("{:<10} keep {:<5} tiles {:<4} tokens {tokens:<9} overall {overall}", r.method, r.keep, r.tiles);
+            out!("{:<10} keep {:<5} tiles {:<4} tokens {tokens:<9} overall {overall}", r.method, r.keep, r.tiles);
             for (t, a) in &r.report.by_type {
-                println!(
+                out!(
                     "    {t:<12} {:5.1}% [{:.1}, {:.1}] ({}/{})",
                     a.accuracy * 100.0,
                     a.ci95[0] * 100.0,
@@ -138,7 +138,7 @@ pub fn run(args: Args) -> Result<()> {
                     a.total
                 );
             }
-            println!("    mean TTFT {:.1} ms", r.report.mean_ttft_ms);
+            out!("    mean TTFT {:.1} ms", r.report.mean_ttft_ms);
         }
     }
     Ok(())

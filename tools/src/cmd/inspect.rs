@@ -48,27 +48,23 @@ pub fn run(args: Args) -> Result<()> {
         "parts": parts,
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("model        {}", folder.root.display());
-    println!("model_type   {} (family {})", folder.model_type()?, fam.name());
-    println!(
-        "context      {context} tokens; image token id {}; eos {:?}",
-        fam.image_token_id(),
-        folder.eos_token_ids()
-    );
-    println!("chat template {}", if tokenizer.has_chat_template() { "yes" } else { "no (family fallback)" });
+    out!("model        {}", folder.root.display());
+    out!("model_type   {} (family {})", folder.model_type()?, fam.name());
+    out!("context      {context} tokens; image token id {}; eos {:?}", fam.image_token_id(), folder.eos_token_ids());
+    out!("chat template {}", if tokenizer.has_chat_template() { "yes" } else { "no (family fallback)" });
     for part in &parts {
         let name = part["part"].as_str().unwrap_or_default();
         let variants = part["variants"].as_array().cloned().unwrap_or_default();
         if variants.is_empty() {
-            println!("\n{name}: MISSING");
+            out!("\n{name}: MISSING");
             continue;
         }
         for v in variants {
             let s = &v["summary"];
-            println!(
+            out!(
                 "\n{name} [{}] {} ({:.2} MB, {} parameters)",
                 v["dtype"].as_str().unwrap_or_default(),
                 v["file"].as_str().unwrap_or_default(),
@@ -77,7 +73,7 @@ pub fn run(args: Args) -> Result<()> {
             );
             for (label, key) in [("in ", "inputs"), ("out", "outputs")] {
                 for io in s[key].as_array().into_iter().flatten() {
-                    println!("  {label} {}", io.as_str().unwrap_or_default());
+                    out!("  {label} {}", io.as_str().unwrap_or_default());
                 }
             }
         }

@@ -1,5 +1,14 @@
 //! One module per subcommand, plus the options they share.
 
+/// `println!` that returns the write error instead of panicking (a closed pipe, a full disk);
+/// `main` ends quietly on a closed pipe and reports any other write error.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        anyhow::Context::context(writeln!(std::io::stdout().lock(), $($arg)*), "writing to stdout")?
+    }};
+}
+
 pub mod ask;
 pub mod eval;
 pub mod inspect;

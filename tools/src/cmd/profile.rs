@@ -155,11 +155,11 @@ pub fn run(args: Args) -> Result<()> {
             "placement": placements,
             "rows": rows,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     print_table(&rows);
-    println!(
+    out!(
         "model {:.1} MB on disk; peak RSS {:.1} MB; {} timed runs after {} warm-up; {note}",
         model_bytes as f64 / 1e6,
         peak.unwrap_or(0) as f64 / 1e6,
@@ -168,10 +168,10 @@ pub fn run(args: Args) -> Result<()> {
     );
     for (b, parts) in &placements {
         let text: Vec<String> = parts.iter().map(|(p, pl)| format!("{p}: {pl}")).collect();
-        println!("placement {b}: {}", text.join("; "));
+        out!("placement {b}: {}", text.join("; "));
     }
     for c in &calibrations {
-        println!(
+        out!(
             "calibration {}: GEMM {:.1} GFLOP/s ({}x{}x{}), memory read {:.1} GB/s ({} threads)",
             c.backend,
             c.gemm_gflops,

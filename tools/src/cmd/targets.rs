@@ -59,12 +59,12 @@ pub fn run(args: Args) -> Result<()> {
             "backend": backend,
             "dtype_auto": table.iter().map(|(p, picks)| serde_json::json!({"profile": p.name, "choice": picks})).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("{detected}");
-    println!("\nusing profile: {chosen}");
-    println!(
+    out!("{detected}");
+    out!("\nusing profile: {chosen}");
+    out!(
         "\n{:<18} {}",
         "profile",
         if folder.is_some() {
@@ -75,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     for (p, picks) in table {
         let mark = if p.name == chosen.name { "*" } else { " " };
-        println!("{mark}{:<17} {picks}", p.name);
+        out!("{mark}{:<17} {picks}", p.name);
     }
     Ok(())
 }
