@@ -152,7 +152,7 @@ fn corrupt_truncated_and_oversized_images_are_errors() {
 
     // A real image over a small configured limit.
     let opts = PipelineOptions {
-        image_limits: glimpse::runtime::preprocess::ImageLimits { max_pixels: 100, max_side: 16384 },
+        image_limits: glimpse::runtime::preprocess::ImageLimits { max_pixels: 100, ..Default::default() },
         ..Default::default()
     };
     let small_limit = Pipeline::load(model("tiny-smolvlm"), &opts).unwrap();
@@ -227,4 +227,95 @@ fn tile_skipping_on_an_untiled_family_is_an_error() {
         assert!(matches!(e, Error::InvalidArgument { .. }), "{name}: {e:?}");
         assert!(s.contains("--tiles") && s.contains("llava"), "{name}: {s}");
     }
+}
+
+/// Sets a dotted field of a JSON file in a model folder.
+fn set_json(dir: &Path, file: &str, dotted: &str, value: serde_json::Value) {
+    let path = dir.join(file);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut cur = &mut v;
+    let keys: Vec<&str> = dotted.split('.').collect();
+    for k in &keys[..keys.len() - 1] {
+        cur = cur.get_mut(*k).unwrap_or_else(|| panic!("{dotted}"));
+    }
+    cur[keys[keys.len() - 1]] = value;
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// Sizes that would allocate terabytes or divide by zero are refused when the folder loads,
+/// naming the file and field (they used to abort the process or answer from NaN pixels).
+#[test]
+fn hostile_preprocessor_values_are_refused_at_load() {
+    use serde_json::json;
+    let cases = [
+        ("tiny-llava", "size.shortest_edge", json!(1_000_000_000u64), "1..=8192"),
+        ("tiny-smolvlm", "max_image_size.longest_edge", json!(1_000_000), "1..=8192"),
+        ("tiny-smolvlm", "size.longest_edge", json!(1_000_000), "1..=8192"),
+        ("tiny-smolvlm", "size.longest_edge", json!(0), "1..=8192"),
+        ("tiny-smolvlm", "image_std", json!([0.0, 0.0, 0.0]), "positive"),
+        ("tiny-llava-onevision", "image_std", json!([1.0, 0.0, 1.0]), "positive"),
+    ];
+    for (name, field, value, detail) in cases {
+        let tmp = temp_copy(&model(name));
+        set_json(tmp.path(), "preprocessor_config.json", field, value.clone());
+        let (e, s) = msg(load(tmp.path()));
+        assert!(matches!(e, Error::Field { .. }), "{name} {field}={value}: {e:?}");
+        assert!(s.contains("preprocessor_config.json") && s.contains(field) && s.contains(detail), "{s}");
+    }
+}
+
+/// An image that would become more visual tokens than the context holds is refused before
+/// the encoder's input is allocated (1025 tiles used to take gigabytes and most of a minute).
+#[test]
+fn too_many_tiles_for_the_context_is_refused_before_preprocessing() {
+    let tmp = temp_copy(&model("tiny-smolvlm"));
+    set_json(tmp.path(), "preprocessor_config.json", "size.longest_edge", serde_json::json!(8192));
+    let p = load(tmp.path()).expect("8192 is a legal size");
+    let (e, s) =
+        msg(p.ask(Some(&repo().join("models/images/wide.png")), "hi", &GenerationOptions::default(), &mut |_| {}));
+    assert!(matches!(e, Error::ContextOverflow { .. }), "{e:?}");
+    assert!(s.contains("context"), "{s}");
+}
+
+/// The token count the family plans before preprocessing is the one preprocessing produces.
+#[test]
+fn planned_visual_tokens_equal_the_preprocessed_ones() {
+    for name in ["tiny-smolvlm", "testbed-smolvlm"] {
+        let p = load(&model(name)).unwrap();
+        for img in ["small.png", "wide.png", "strip.png", "scene.png", "scene-small.png"] {
+            let image = p.load_image(&repo().join("models/images").join(img)).unwrap();
+            let planned = p.family.planned_tokens(image.width(), image.height()).expect("idefics3 plans");
+            assert_eq!(planned, p.preprocess(&image).unwrap().total_tokens(), "{name} {img}");
+        }
+    }
+}
+
+/// Paths that are not regular files, files over the size limit and files that do not start
+/// like an image are refused before they are read; a JPEG cut short is refused, not answered
+/// from grey pixels.
+#[test]
+fn image_files_are_checked_before_they_are_read() {
+    use glimpse::runtime::preprocess::{load_image, ImageLimits};
+    let tmp = tempfile::tempdir().unwrap();
+    let limits = ImageLimits::default();
+    for (path, detail) in [(tmp.path().to_path_buf(), "not a regular file"), ("/dev/zero".into(), "not a regular file")]
+    {
+        let s = load_image(&path, limits).unwrap_err().to_string();
+        assert!(s.contains(detail), "{}: {s}", path.display());
+    }
+    let big = tmp.path().join("big.png");
+    std::fs::write(&big, vec![0u8; 4096]).unwrap();
+    let s = load_image(&big, ImageLimits { max_file_bytes: 1024, ..limits }).unwrap_err().to_string();
+    assert!(s.contains("over the limit") && s.contains("4096"), "{s}");
+    let s = load_image(&big, limits).unwrap_err().to_string();
+    assert!(s.contains("unrecognised image format"), "{s}");
+    let img = image::open(repo().join("models/images/small.png")).unwrap().to_rgb8();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new(&mut jpeg).encode_image(&img).unwrap();
+    let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    let cut = tmp.path().join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..sos + 20]).unwrap();
+    let p = load(&model("tiny-llava")).unwrap();
+    let (e, s) = msg(p.ask(Some(&cut), "hi", &GenerationOptions::default(), &mut |_| {}));
+    assert!(matches!(e, Error::Image { .. }) && s.contains("truncated"), "{s}");
 }

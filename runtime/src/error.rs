@@ -68,7 +68,7 @@ pub enum Error {
     Image { path: PathBuf, message: String },
 
     /// An image is larger than the configured limit.
-    #[error("{path}: image is {width}x{height} pixels, over the limit of {limit} (raise it with max_image_pixels)")]
+    #[error("{path}: image is {width}x{height} pixels, over the limit of {limit} (`--max-image-pixels` sets the pixel count; the per-side limit is fixed)")]
     ImageTooLarge { path: PathBuf, width: u32, height: u32, limit: String },
 
     /// The prompt does not fit in the model's context window.

@@ -36,9 +36,14 @@ impl Idefics3 {
     /// Reads the family's settings from the folder.
     pub fn new(folder: &ModelFolder, tokenizer: &TextTokenizer) -> Result<Self> {
         let pre = folder.preprocessor_file.clone();
-        let tile = json_usize(&folder.preprocessor, &pre, &["max_image_size.longest_edge"])
-            .or_else(|_| folder.config_usize(&["vision_config.image_size"]))?;
-        let longest_edge = json_usize(&folder.preprocessor, &pre, &["size.longest_edge"]).unwrap_or(4 * tile);
+        let tile = match crate::folder::lookup(&folder.preprocessor, "max_image_size.longest_edge") {
+            Some(_) => super::side_setting(folder, &["max_image_size.longest_edge"])?,
+            None => folder.config_usize(&["vision_config.image_size"])?,
+        };
+        let longest_edge = match crate::folder::lookup(&folder.preprocessor, "size.longest_edge") {
+            Some(_) => super::side_setting(folder, &["size.longest_edge"])?,
+            None => 4 * tile,
+        };
         let image_seq_len =
             match json_usize(&folder.processor, &folder.path("processor_config.json"), &["image_seq_len"]) {
                 Ok(n) => n,
@@ -68,7 +73,7 @@ impl Idefics3 {
             filter: super::filter(folder, Filter::Lanczos)?,
             rescale: super::rescale(folder),
             mean: super::triple(folder, "image_mean", [0.5; 3])?,
-            std: super::triple(folder, "image_std", [0.5; 3])?,
+            std: super::std_triple(folder, [0.5; 3])?,
             image_seq_len,
         })
     }
@@ -219,6 +224,21 @@ impl super::Family for Idefics3 {
 
     fn splits_into_tiles(&self) -> bool {
         self.do_split
+    }
+
+    fn planned_tokens(&self, width: u32, height: u32) -> Option<usize> {
+        let (mut h, mut w) = (height as usize, width as usize);
+        if self.do_resize {
+            (h, w) = resize_longest_edge(h, w, self.longest_edge);
+        }
+        let mut views = 1;
+        if self.do_split {
+            let (h, w) = resize_for_encoder(h, w, self.tile);
+            if h > self.tile || w > self.tile {
+                views += h.div_ceil(self.tile) * w.div_ceil(self.tile);
+            }
+        }
+        Some(views * self.image_seq_len)
     }
 
     fn expand_image(&self, input: &VisionInput, kept: &[usize]) -> String {

@@ -7,7 +7,7 @@ use image::RgbImage;
 use super::{View, ViewKind, VisionInput};
 use crate::backend::Tensor;
 use crate::error::{Error, Result};
-use crate::folder::{json_usize, ModelFolder};
+use crate::folder::ModelFolder;
 use crate::preprocess::{self, Filter};
 use crate::text::TextTokenizer;
 
@@ -31,16 +31,14 @@ pub struct Llava {
 impl Llava {
     /// Reads the family's settings from the folder.
     pub fn new(folder: &ModelFolder, tokenizer: &TextTokenizer) -> Result<Self> {
-        let pre = folder.preprocessor_file.clone();
-        let p = &folder.preprocessor;
         let shortest_edge = if super::flag(folder, "do_resize", true) {
-            Some(json_usize(p, &pre, &["size.shortest_edge", "size"])?)
+            Some(super::side_setting(folder, &["size.shortest_edge", "size"])?)
         } else {
             None
         };
         let crop = if super::flag(folder, "do_center_crop", true) {
-            let h = json_usize(p, &pre, &["crop_size.height", "crop_size"])?;
-            let w = json_usize(p, &pre, &["crop_size.width", "crop_size"])?;
+            let h = super::side_setting(folder, &["crop_size.height", "crop_size"])?;
+            let w = super::side_setting(folder, &["crop_size.width", "crop_size"])?;
             Some((h, w))
         } else {
             None
@@ -71,7 +69,7 @@ impl Llava {
             filter: super::filter(folder, Filter::Bicubic)?,
             rescale: super::rescale(folder),
             mean: super::triple(folder, "image_mean", CLIP_MEAN)?,
-            std: super::triple(folder, "image_std", CLIP_STD)?,
+            std: super::std_triple(folder, CLIP_STD)?,
             tokens,
             grid,
         })

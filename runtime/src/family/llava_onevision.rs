@@ -14,7 +14,7 @@ use super::anyres::AnyresLayout;
 use super::{View, ViewKind, VisionInput};
 use crate::backend::Tensor;
 use crate::error::{Error, Result};
-use crate::folder::{json_usize, ModelFolder};
+use crate::folder::ModelFolder;
 use crate::preprocess::{self, Filter};
 use crate::text::TextTokenizer;
 
@@ -40,8 +40,7 @@ impl LlavaOnevision {
     /// Reads the family's settings from the folder.
     pub fn new(folder: &ModelFolder, tokenizer: &TextTokenizer) -> Result<Self> {
         let config = folder.path("config.json");
-        let pre = folder.preprocessor_file.clone();
-        let crop = json_usize(&folder.preprocessor, &pre, &["size.height", "size.shortest_edge"])?;
+        let crop = super::side_setting(folder, &["size.height", "size.shortest_edge"])?;
         let size = folder.config_usize(&["vision_config.image_size"])?;
         let patch = folder.config_usize(&["vision_config.patch_size"])?;
         // SigLIP's patch convolution floors: 384 px at patch 14 gives 27 x 27 rows (the last 6 px unused).
@@ -75,7 +74,7 @@ impl LlavaOnevision {
             filter: super::filter(folder, Filter::Bicubic)?,
             rescale: super::rescale(folder),
             mean: super::triple(folder, "image_mean", [0.5; 3])?,
-            std: super::triple(folder, "image_std", [0.5; 3])?,
+            std: super::std_triple(folder, [0.5; 3])?,
         })
     }
 

@@ -120,6 +120,12 @@ pub trait Family: Send + Sync {
     fn expand_image(&self, input: &VisionInput, kept: &[usize]) -> String;
     /// The prompt used when the folder has no chat template.
     fn fallback_prompt(&self, prompt: &str, with_image: bool) -> String;
+    /// The visual tokens an image of `width × height` will become, when the family can tell
+    /// without preprocessing it: the pipeline checks them against the context before allocating
+    /// the encoder's input.
+    fn planned_tokens(&self, _width: u32, _height: u32) -> Option<usize> {
+        None
+    }
     /// Whether large images become tiles plus a global view, which tile skipping needs.
     fn splits_into_tiles(&self) -> bool {
         false
@@ -161,6 +167,34 @@ pub fn for_folder(folder: &ModelFolder, tokenizer: &TextTokenizer) -> Result<Box
     })
 }
 
+/// Largest image side (pixels) a preprocessor setting may ask for: far above any real model,
+/// small enough that what it implies can be allocated.
+pub const MAX_SETTING_SIDE: usize = 8192;
+
+/// A required image size setting from the image processor's settings, in `1..=MAX_SETTING_SIDE`.
+pub(crate) fn side_setting(folder: &ModelFolder, paths: &[&str]) -> Result<usize> {
+    let file = &folder.preprocessor_file;
+    let v = crate::folder::json_usize(&folder.preprocessor, file, paths)?;
+    let field = paths.iter().find(|p| crate::folder::lookup(&folder.preprocessor, p).is_some()).unwrap_or(&paths[0]);
+    if v == 0 || v > MAX_SETTING_SIDE {
+        return Err(Error::field(file, *field, format!("{v} is not an image size in 1..={MAX_SETTING_SIDE} pixels")));
+    }
+    Ok(v)
+}
+
+/// `image_std`: three finite, positive values (a zero would divide every pixel by zero).
+pub(crate) fn std_triple(folder: &ModelFolder, default: [f32; 3]) -> Result<[f32; 3]> {
+    let v = triple(folder, "image_std", default)?;
+    if v.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+        return Err(Error::field(
+            &folder.preprocessor_file,
+            "image_std",
+            format!("{v:?}: every value must be finite and positive"),
+        ));
+    }
+    Ok(v)
+}
+
 /// Reads `image_mean`/`image_std` as three floats.
 pub(crate) fn triple(folder: &ModelFolder, field: &str, default: [f32; 3]) -> Result<[f32; 3]> {
     if folder.preprocessor.get(field).is_none() {
@@ -168,6 +202,9 @@ pub(crate) fn triple(folder: &ModelFolder, field: &str, default: [f32; 3]) -> Re
     }
     let file = folder.preprocessor_file.clone();
     let v = crate::folder::json_f32s(&folder.preprocessor, &file, field)?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::field(file, field, format!("{v:?}: values must be finite")));
+    }
     match v.as_slice() {
         [a] => Ok([*a; 3]),
         [a, b, c] => Ok([*a, *b, *c]),

@@ -83,6 +83,13 @@ impl Pipeline {
                 )?
             }
             (_, Some(img)) => {
+                if let Some(n) = self.family.planned_tokens(img.width(), img.height()) {
+                    let (context, field) = &self.context;
+                    if n >= *context {
+                        let field = field.clone();
+                        return Err(Error::ContextOverflow { tokens: n, image_tokens: n, context: *context, field });
+                    }
+                }
                 let started = Instant::now();
                 let input = self.preprocess(img)?;
                 record(&mut times, Stage::Preprocess, started.elapsed(), obs);

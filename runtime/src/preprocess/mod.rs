@@ -19,29 +19,90 @@ pub struct ImageLimits {
     pub max_pixels: u64,
     /// Largest accepted width or height.
     pub max_side: u32,
+    /// Largest accepted file, in bytes (checked before reading it).
+    pub max_file_bytes: u64,
 }
 
 impl Default for ImageLimits {
     fn default() -> Self {
-        ImageLimits { max_pixels: 64 * 1024 * 1024, max_side: 16384 }
+        ImageLimits { max_pixels: 64 * 1024 * 1024, max_side: 16384, max_file_bytes: 256 * 1024 * 1024 }
     }
 }
 
-/// Reads and decodes an image file to 8-bit RGB, checking its size from the header first.
+/// Reads and decodes an image file to 8-bit RGB. Before reading it all: the path must be a
+/// regular file within the size limit whose first bytes are a PNG or JPEG signature; then the
+/// dimensions are checked from the header, then it is decoded.
 pub fn load_image(path: &Path, limits: ImageLimits) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+    use std::io::Read;
+    let io = |source: std::io::Error| match source.kind() {
         std::io::ErrorKind::NotFound => Error::MissingFile { path: path.to_path_buf(), what: "image".into() },
         _ => Error::Io { path: path.to_path_buf(), source },
-    })?;
+    };
+    let err = |message: String| Error::Image { path: path.to_path_buf(), message };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(err("not a regular file (a directory, device or pipe cannot be an image)".into()));
+    }
+    if meta.len() > limits.max_file_bytes {
+        return Err(err(format!("file is {} bytes, over the limit of {}", meta.len(), limits.max_file_bytes)));
+    }
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut head = [0u8; 8];
+    let n = file.read(&mut head).map_err(io)?;
+    if sniff(&head[..n]).is_none() {
+        return Err(err("unrecognised image format (supported: PNG, JPEG)".into()));
+    }
+    let mut bytes = head[..n].to_vec();
+    file.take(limits.max_file_bytes).read_to_end(&mut bytes).map_err(io)?;
     decode_image(&bytes, path, limits)
+}
+
+/// The format a file's first bytes announce, if PNG or JPEG.
+pub fn sniff(head: &[u8]) -> Option<image::ImageFormat> {
+    if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some(image::ImageFormat::Png)
+    } else if head.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(image::ImageFormat::Jpeg)
+    } else {
+        None
+    }
+}
+
+/// Whether a JPEG ends before its main image data does: the segments before the first scan are
+/// skipped by their lengths (an EXIF thumbnail's markers are inside them), and the scan data
+/// after it must reach an end-of-image marker. Pillow refuses such files ("image file is
+/// truncated"); the JPEG decoder would fill the missing part with grey.
+fn jpeg_truncated(bytes: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return true;
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xFF {
+            i += 1;
+            continue;
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        if marker == 0xDA {
+            let scan = (i + 2 + len).min(bytes.len());
+            return !bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]);
+        }
+        i += 2 + len;
+    }
+    true
 }
 
 /// Decodes image bytes (`path` is used in messages only).
 pub fn decode_image(bytes: &[u8], path: &Path, limits: ImageLimits) -> Result<RgbImage> {
     let err = |message: String| Error::Image { path: path.to_path_buf(), message };
     let reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(err("unrecognised image format (supported: PNG, JPEG)".into()));
+    match reader.format() {
+        None => return Err(err("unrecognised image format (supported: PNG, JPEG)".into())),
+        Some(image::ImageFormat::Jpeg) if jpeg_truncated(bytes) => {
+            return Err(err("image file is truncated (the JPEG data ends before its end-of-image marker)".into()))
+        }
+        _ => {}
     }
     let (w, h) = reader.into_dimensions().map_err(|e| err(e.to_string()))?;
     if w == 0 || h == 0 {
@@ -113,6 +174,20 @@ pub fn normalize(img: &RgbImage, rescale: f64, mean: &[f32; 3], std: &[f32; 3]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncated_jpegs_are_recognised() {
+        let mut jpeg = Vec::new();
+        let img = RgbImage::from_fn(16, 16, |x, y| image::Rgb([(x * 16) as u8, (y * 16) as u8, 7]));
+        image::codecs::jpeg::JpegEncoder::new(&mut jpeg).encode_image(&img).unwrap();
+        assert!(!jpeg_truncated(&jpeg));
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        assert!(jpeg_truncated(&jpeg[..sos + 20]), "header + 20 bytes of scan");
+        assert!(jpeg_truncated(&jpeg[..jpeg.len() - 2]));
+        let e = decode_image(&jpeg[..sos + 20], Path::new("t.jpg"), ImageLimits::default()).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        assert!(sniff(&jpeg).is_some() && sniff(b"GIF89a").is_none());
+    }
 
     #[test]
     fn compositing_keeps_opaque_and_whitens_transparent() {
