@@ -319,3 +319,42 @@ fn image_files_are_checked_before_they_are_read() {
     let (e, s) = msg(p.ask(Some(&cut), "hi", &GenerationOptions::default(), &mut |_| {}));
     assert!(matches!(e, Error::Image { .. }) && s.contains("truncated"), "{s}");
 }
+
+/// A literal image placeholder in a text-only prompt is explained, not reported as a splice
+/// mismatch.
+#[test]
+fn an_image_placeholder_without_an_image_is_explained() {
+    let p = load(&model("tiny-llava")).unwrap();
+    let (e, s) = msg(p.ask(None, "look: <image>", &GenerationOptions::default(), &mut |_| {}));
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e:?}");
+    assert!(s.contains("no image was given") && s.contains("<image>"), "{s}");
+}
+
+/// A part that exists but is no file (directory, FIFO, looping symlink) is named as such, not
+/// reported as a missing dtype variant.
+#[test]
+fn a_part_that_is_not_a_regular_file_is_named() {
+    for kind in ["dir", "fifo", "loop"] {
+        let tmp = temp_copy(&model("tiny-smolvlm"));
+        let part = tmp.path().join("onnx/decoder_model_merged.onnx");
+        std::fs::remove_file(&part).unwrap();
+        let want = match kind {
+            "dir" => {
+                std::fs::create_dir(&part).unwrap();
+                "directory"
+            }
+            "fifo" => {
+                let status = std::process::Command::new("mkfifo").arg(&part).status().expect("mkfifo");
+                assert!(status.success());
+                "pipe"
+            }
+            _ => {
+                std::os::unix::fs::symlink(&part, &part).unwrap();
+                "symbolic link"
+            }
+        };
+        let (e, s) = msg(load(tmp.path()));
+        assert!(matches!(e, Error::MissingFile { .. }), "{kind}: {e:?}");
+        assert!(s.contains("decoder_model_merged.onnx") && s.contains(want), "{kind}: {s}");
+    }
+}

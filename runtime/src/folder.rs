@@ -165,6 +165,16 @@ impl ModelFolder {
         if path.is_file() {
             return Ok(path);
         }
+        // present but not a file: a directory, a FIFO, a dangling or looping symlink
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            let kind = match std::fs::metadata(&path) {
+                Ok(m) if m.is_dir() => "a directory".to_string(),
+                Ok(_) => "not a regular file (a device or pipe)".to_string(),
+                Err(e) if meta.file_type().is_symlink() => format!("a symbolic link that does not resolve ({e})"),
+                Err(e) => e.to_string(),
+            };
+            return Err(Error::MissingFile { path, what: format!("ONNX part {part} as a regular file: it is {kind}") });
+        }
         let available = self.variants(part);
         if available.is_empty() {
             return Err(Error::MissingFile { path, what: format!("ONNX part {part}") });

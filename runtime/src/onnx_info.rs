@@ -38,6 +38,13 @@ pub fn read_proto(path: &Path, root: &Path) -> Result<pb::ModelProto> {
     if !path.is_file() {
         return Err(Error::MissingFile { path: path.to_path_buf(), what: "ONNX file".into() });
     }
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Err(Error::OnnxLoad {
+            path: path.to_path_buf(),
+            backend: "onnx parser".into(),
+            message: "the file is empty (0 bytes)".into(),
+        });
+    }
     let proto = tract_onnx::onnx().proto_model_for_path(path).map_err(|e| Error::OnnxLoad {
         path: path.to_path_buf(),
         backend: "onnx parser".into(),

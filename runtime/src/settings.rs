@@ -103,7 +103,17 @@ pub fn settle(asked: &Asked, opts: &BackendOptions) -> Result<(Applied, BackendO
     };
     opts.execution_providers = execution_providers.value.clone();
     let threads = match asked.threads {
-        Some(n) => Choice::new(n, Source::Flag),
+        Some(n) => {
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            if n > cpus {
+                return Err(Error::invalid(
+                    "threads",
+                    n,
+                    format!("this machine has {cpus} logical CPUs; more threads than that only slow inference down (0 = the backend's default)"),
+                ));
+            }
+            Choice::new(n, Source::Flag)
+        }
         None => Choice::new(profile.threads.resolve(), Source::Profile),
     };
     opts.threads = threads.value;
@@ -129,8 +139,33 @@ pub fn settle(asked: &Asked, opts: &BackendOptions) -> Result<(Applied, BackendO
         (None, true) => Choice::new(profile.pruning.keep_ratio.to_string(), Source::Profile),
         (None, false) => Choice::new("1".to_string(), Source::Default),
     };
+    if prune.value == select::NONE.name && keep.from == Source::Flag && !keep_is_full(&keep.value) {
+        return Err(Error::invalid(
+            "keep",
+            &keep.value,
+            "has no effect with method `none`, which keeps every token: add --prune METHOD (see --help)",
+        ));
+    }
     let profile = Choice::new(name, profile_from);
     Ok((Applied { profile, backend, threads, prune, keep, execution_providers }, opts))
+}
+
+fn keep_is_full(keep: &str) -> bool {
+    keep.parse::<Budget>().is_ok_and(|b| b.is_full())
+}
+
+/// Checks a sweep of methods × keep budgets (`eval`, `profile`) for settings that would do
+/// nothing: budgets below 1 with only `none` to apply them to.
+pub fn check_sweep(methods: &[String], keeps: &[Budget]) -> Result<()> {
+    if methods.iter().all(|m| m == select::NONE.name) && keeps.iter().any(|k| !k.is_full()) {
+        let list: Vec<String> = keeps.iter().map(|k| k.to_string()).collect();
+        return Err(Error::invalid(
+            "keep",
+            list.join(","),
+            "budgets below 1 have no effect with method `none` alone: add --prune METHOD[,METHOD...]",
+        ));
+    }
+    Ok(())
 }
 
 /// The first of the profile's backends that is compiled in and for which `start` succeeds.
@@ -274,6 +309,19 @@ fn auto_dtypes_except(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_that_would_do_nothing_are_errors() {
+        let asked = Asked { keep: Some(Budget::Ratio(0.5)), prune: Some("none".into()), ..Default::default() };
+        let e = settle(&asked, &BackendOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("--prune"), "{e}");
+        let asked = Asked { threads: Some(100_000), ..Default::default() };
+        let e = settle(&asked, &BackendOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("100000") && e.contains("logical CPUs"), "{e}");
+        assert!(check_sweep(&["none".into()], &[Budget::Ratio(1.0), Budget::Ratio(0.5)]).is_err());
+        assert!(check_sweep(&["none".into(), "dart".into()], &[Budget::Ratio(0.5)]).is_ok());
+        assert!(check_sweep(&["none".into()], &[Budget::Ratio(1.0)]).is_ok());
+    }
 
     #[test]
     fn dtype_requests_parse_defaults_and_parts() {

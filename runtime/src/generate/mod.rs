@@ -38,7 +38,7 @@ impl SamplingOptions {
     /// Checks ranges.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::invalid("temperature", self.temperature, "must be >= 0"));
+            return Err(Error::invalid("temperature", self.temperature, "must be a finite number >= 0"));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::invalid("top_p", self.top_p, "must be in (0, 1]"));

@@ -94,6 +94,25 @@ impl Pipeline {
             });
         }
         let rows = image_rows.map_or(0, |r| r.nrows());
+        if image_rows.is_none() && n_image > 0 {
+            return Err(Error::invalid(
+                "prompt",
+                format!("{n_image} image token(s)"),
+                format!(
+                    "the prompt holds the image token (id {image_id}, `{}`) but no image was given: give an image, or leave the placeholder out of the text",
+                    self.family.image_placeholder()
+                ),
+            ));
+        }
+        if image_rows.is_some() && n_image == 0 {
+            return Err(Error::interface(
+                "tokenizer",
+                format!(
+                    "the expanded prompt has no token with the image token id {image_id}: the tokenizer does not encode `{}` as that id",
+                    self.family.image_placeholder()
+                ),
+            ));
+        }
         if rows != n_image {
             return Err(Error::interface(
                 "splice",

@@ -103,11 +103,13 @@ fn select(input: &SelectionInput<'_>, budget: Budget) -> Result<Selection> {
     let tiles: Vec<usize> =
         views.iter().enumerate().filter(|(_, v)| matches!(v.kind, ViewKind::Tile { .. })).map(|(i, _)| i).collect();
     let mut kept = vec![Vec::new(); views.len()];
-    let keep_n = |tokens: usize, r: f64| ((r * tokens as f64).round() as usize).clamp(1, tokens);
+    let caps: Vec<usize> = views.iter().map(|v| v.tokens).collect();
+    let k = budget.of(n);
     let (Some(g), false) = (global, tiles.is_empty()) else {
         // Not a tiled image: attention top-k per view.
-        for (v, view) in views.iter().enumerate() {
-            kept[v] = top_k(scores[v].view(), keep_n(view.tokens, ratio));
+        let exact: Vec<f64> = views.iter().map(|v| ratio * v.tokens as f64).collect();
+        for (v, q) in allocate(&exact, &caps, k).into_iter().enumerate() {
+            kept[v] = top_k(scores[v].view(), q);
         }
         return Ok(Selection { kept, ..Default::default() });
     };
@@ -129,15 +131,46 @@ fn select(input: &SelectionInput<'_>, budget: Budget) -> Result<Selection> {
     let z: f64 = exps.iter().sum();
     let sigma: Vec<f64> = exps.iter().map(|e| e / z).collect();
     let mean = 1.0 / tiles.len() as f64;
-    kept[g] = top_k(thumb.view(), keep_n(views[g].tokens, ratio));
+    // each view's exact share (thumbnail r·N, tile c r_c·N_c), then whole tokens adding up to k
+    let mut exact = vec![0.0f64; views.len()];
+    exact[g] = ratio * views[g].tokens as f64;
     for (ci, &v) in tiles.iter().enumerate() {
-        let r_c = (ratio * (1.0 + sigma[ci] - mean)).min(1.0);
+        exact[v] = (ratio * (1.0 + sigma[ci] - mean)).min(1.0) * views[v].tokens as f64;
+    }
+    let quota = allocate(&exact, &caps, k);
+    kept[g] = top_k(thumb.view(), quota[g]);
+    for &v in &tiles {
         let own = l2_normalized(scores[v].view());
         let up: Array1<f32> = (0..views[v].tokens).map(|t| thumb[thumbnail_token(&views[v], &views[g], t)]).collect();
         let combined = own + l2_normalized(up.view());
-        kept[v] = top_k(combined.view(), keep_n(views[v].tokens, r_c));
+        kept[v] = top_k(combined.view(), quota[v]);
     }
     Ok(Selection { kept, ..Default::default() })
+}
+
+/// Whole-token quotas adding up to exactly `k` (capped by each view's size): start from the
+/// rounded shares, then add to the views furthest below their share and take from those
+/// furthest above it. Every view keeps one token when `k` allows.
+pub fn allocate(exact: &[f64], caps: &[usize], k: usize) -> Vec<usize> {
+    let k = k.min(caps.iter().sum());
+    let floor = usize::from(k >= caps.len());
+    let mut q: Vec<usize> =
+        exact.iter().zip(caps).map(|(e, &c)| (e.round().max(0.0) as usize).clamp(floor.min(c), c)).collect();
+    let gap = |i: usize, q: &[usize]| exact[i] - q[i] as f64;
+    while q.iter().sum::<usize>() < k {
+        let Some(i) = (0..q.len()).filter(|&i| q[i] < caps[i]).max_by(|&a, &b| gap(a, &q).total_cmp(&gap(b, &q)))
+        else {
+            break;
+        };
+        q[i] += 1;
+    }
+    while q.iter().sum::<usize>() > k {
+        let Some(i) = (0..q.len()).filter(|&i| q[i] > floor).min_by(|&a, &b| gap(a, &q).total_cmp(&gap(b, &q))) else {
+            break;
+        };
+        q[i] -= 1;
+    }
+    q
 }
 
 #[cfg(test)]
@@ -148,6 +181,34 @@ mod tests {
 
     fn tile(row: usize, col: usize) -> View {
         crate::select::testutil::quadrant_tile(row, col, 4)
+    }
+
+    #[test]
+    fn budgets_are_kept_exactly() {
+        let views = vec![
+            tile(0, 0),
+            tile(0, 1),
+            tile(1, 0),
+            tile(1, 1),
+            View { kind: ViewKind::Global, tokens: 16, grid: (4, 4), region: [0.0, 0.0, 1.0, 1.0] },
+        ];
+        let mut received = Array1::from_elem(80, 1.0f32);
+        for t in [2, 3, 6, 7] {
+            received[64 + t] = 40.0;
+        }
+        let mut signals = Signals::default();
+        signals.insert("attention_received", received.insert_axis(ndarray::Axis(1)));
+        let f = Array2::from_elem((80, 4), 1.0f32);
+        for budget in [Budget::Count(2), Budget::Count(5), Budget::Count(63), Budget::Count(79), Budget::Ratio(0.3)] {
+            let cfg = SelectConfig { method: "globalcom2".into(), budget, ..Default::default() };
+            let sel = Selector::new(cfg)
+                .unwrap()
+                .select(&SelectionInput { features: &f, views: &views, signals: &signals })
+                .unwrap();
+            assert_eq!(sel.total(), budget.of(80), "{budget}");
+        }
+        assert_eq!(allocate(&[10.4, 0.2, 5.6], &[16, 16, 16], 16), vec![10, 1, 5]);
+        assert_eq!(allocate(&[3.0, 3.0], &[2, 16], 6), vec![2, 4]);
     }
 
     #[test]

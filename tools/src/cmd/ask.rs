@@ -18,8 +18,12 @@ pub struct Args {
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// The question.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the question from a file (`-`: standard input), for prompts too long for an
+    /// argument; at most 16 MiB.
+    #[arg(long, value_name = "PATH")]
+    pub prompt_file: Option<PathBuf>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
@@ -44,6 +48,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(path)) => read_prompt(path)?,
+        (None, None) => anyhow::bail!("give --prompt or --prompt-file"),
+    };
     let (options, applied) = args.model.pipeline_options(&args.select)?;
     let pipeline = Pipeline::load(&args.model.model, &options)
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
@@ -58,8 +67,7 @@ pub fn run(args: Args) -> Result<()> {
         ignore_eos: false,
     };
     let mut stdout = std::io::stdout().lock();
-    let request =
-        Request::new(&args.prompt).with_image(args.image.as_deref().map_or(ImageInput::None, ImageInput::Path));
+    let request = Request::new(&prompt).with_image(args.image.as_deref().map_or(ImageInput::None, ImageInput::Path));
     let mut out = Stdout { out: &mut stdout, stream: !args.json };
     let answer = pipeline.answer(&request, &opts, &mut out).context("answering")?;
     if let (Some(out), Some(layout), Some(path)) = (&args.show_kept, &answer.layout, &args.image) {
@@ -120,4 +128,28 @@ impl<W: Write> Observer for Stdout<'_, W> {
             let _ = self.out.flush();
         }
     }
+}
+
+/// Largest prompt read from a file or standard input.
+const MAX_PROMPT_BYTES: u64 = 16 << 20;
+
+/// The prompt from a file, or standard input for `-`, as UTF-8 within [`MAX_PROMPT_BYTES`].
+fn read_prompt(path: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let stdin = path == std::path::Path::new("-");
+    let what = if stdin { "standard input".to_string() } else { path.display().to_string() };
+    let reader: Box<dyn Read> = if stdin {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let meta = std::fs::metadata(path).with_context(|| format!("reading the prompt from {what}"))?;
+        anyhow::ensure!(meta.is_file(), "prompt file {what} is not a regular file");
+        Box::new(std::fs::File::open(path).with_context(|| format!("reading the prompt from {what}"))?)
+    };
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_PROMPT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading the prompt from {what}"))?;
+    anyhow::ensure!(bytes.len() as u64 <= MAX_PROMPT_BYTES, "prompt from {what} is over {MAX_PROMPT_BYTES} bytes");
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("prompt from {what} is not UTF-8: {e}"))
 }

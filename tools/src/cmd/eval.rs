@@ -47,6 +47,7 @@ pub fn run(args: Args) -> Result<()> {
     let tiles = args.sweep.tile_budgets()?;
     let (mut po, applied) = args.model.pipeline_options(&args.sweep.first()?)?;
     let (methods, keeps) = args.sweep.methods_and_keeps(&applied)?;
+    glimpse_runtime::settings::check_sweep(&methods, &keeps)?;
     let n = args.limit.map_or(set.questions.len(), |l| l.min(set.questions.len()));
     let opts = EvalOptions { max_new_tokens: args.max_new_tokens, limit: args.limit, keep_predictions: args.json };
     let configs = tiles.len() * methods.len() * keeps.len();

@@ -251,9 +251,11 @@ impl SweepArgs {
     /// The flags' `--prune` / `--keep` as a single selection, for settling against the profile
     /// (the first value of each; sweeps use [`SweepArgs::methods_and_keeps`]).
     pub fn first(&self) -> anyhow::Result<SelectArgs> {
-        let keep = match &self.keep {
-            Some(k) => list(k).first().map(|k| k.parse()).transpose()?,
-            None => None,
+        // with methods given, the sweep's own pairs are checked (settings::check_sweep); the keep
+        // flag only settles against the profile's method when no method is given
+        let keep = match (&self.keep, self.prune.is_empty()) {
+            (Some(k), true) => list(k).first().map(|k| k.parse()).transpose()?,
+            _ => None,
         };
         Ok(SelectArgs {
             prune: self.prune.first().cloned(),

@@ -57,6 +57,7 @@ pub fn run(args: Args) -> Result<()> {
     let (_, applied) = args.model.pipeline_options(&args.sweep.first()?)?;
     let backends = if args.backends.is_empty() { vec![applied.backend.value.clone()] } else { list(&args.backends) };
     let (methods, keeps) = args.sweep.methods_and_keeps(&applied)?;
+    glimpse_runtime::settings::check_sweep(&methods, &keeps)?;
     if methods.is_empty() || keeps.is_empty() {
         bail!("--prune and --keep need at least one value each");
     }

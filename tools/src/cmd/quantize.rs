@@ -36,6 +36,13 @@ pub fn run(args: Args) -> Result<()> {
     if !args.model.join("onnx").is_dir() {
         bail!("{}: no onnx/ folder to quantize", args.model.display());
     }
+    // check the inputs here, so a bad file is a message, not a Python traceback
+    let default_parts = glimpse_runtime::Part::ALL.map(|p| p.stem()).join(",");
+    for stem in args.parts.as_deref().unwrap_or(&default_parts).split(',').map(str::trim) {
+        let path = args.model.join("onnx").join(format!("{stem}.onnx"));
+        glimpse_runtime::onnx_info::read_proto(&path, &args.model)
+            .with_context(|| format!("checking {} before quantizing", path.display()))?;
+    }
     let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("export");
     let export_dir =
         args.export_dir.or_else(|| std::env::var_os("GLIMPSE_EXPORT_DIR").map(PathBuf::from)).unwrap_or(source.clone());
