@@ -79,7 +79,7 @@ pub fn gemm_gflops(backend: &dyn Backend, m: usize, k: usize, n: usize, runs: us
     std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
     let path = dir.join("matmul.onnx");
     std::fs::write(&path, matmul_model(k, n)).map_err(|source| Error::Io { path: path.clone(), source })?;
-    let session = backend.load(&path, &dir, "calibration_matmul");
+    let session = backend.load(&path, &dir, "calibration_matmul", &crate::backend::LoadHints::default());
     let _ = std::fs::remove_dir_all(&dir);
     let session = session?;
     let a = Array2::from_shape_fn((m, k), |(i, j)| ((i + j) % 13) as f32 / 13.0).into_dyn();

@@ -220,12 +220,37 @@ pub trait Session: Send + Sync {
     fn placement(&self) -> Placement;
 }
 
+/// Facts the model folder knows about a part's inputs, for backends that analyse shapes ahead
+/// of time (tract): input name, axis, and its size as a number or an expression over symbols
+/// (`1`, `32`, `S`, `P+S`). Inputs or axes the file fixes already, or lacks, are left alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadHints {
+    pub dims: Vec<(String, usize, String)>,
+}
+
+impl LoadHints {
+    /// Adds one axis fact.
+    pub fn dim(mut self, input: &str, axis: usize, value: impl ToString) -> Self {
+        self.dims.push((input.to_string(), axis, value.to_string()));
+        self
+    }
+}
+
+/// Whether a hint's input pattern names `input` (`past_key_values.*` matches by prefix).
+pub fn hint_matches(pattern: &str, input: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => input.starts_with(prefix),
+        None => pattern == input,
+    }
+}
+
 /// A way of running ONNX files.
 pub trait Backend: Send + Sync {
     /// Short name used in messages and `--backend`.
     fn name(&self) -> &'static str;
-    /// Loads one ONNX file. `root` is the model folder, which external data must stay inside.
-    fn load(&self, onnx_file: &Path, root: &Path, part: &str) -> Result<Box<dyn Session>>;
+    /// Loads one ONNX file. `root` is the model folder, which external data must stay inside;
+    /// `hints` are facts about the inputs a backend may use to analyse the graph.
+    fn load(&self, onnx_file: &Path, root: &Path, part: &str, hints: &LoadHints) -> Result<Box<dyn Session>>;
 }
 
 /// Options that select and configure a backend.

@@ -169,7 +169,7 @@ impl Backend for OrtBackend {
         NAME
     }
 
-    fn load(&self, onnx_file: &Path, root: &Path, part: &str) -> Result<Box<dyn Session>> {
+    fn load(&self, onnx_file: &Path, root: &Path, part: &str, _hints: &super::LoadHints) -> Result<Box<dyn Session>> {
         let proto = read_proto(onnx_file, root)?;
         let graph = proto.graph.as_ref().ok_or_else(|| Error::OnnxLoad {
             path: onnx_file.to_path_buf(),

@@ -30,7 +30,7 @@ impl Backend for TractBackend {
         NAME
     }
 
-    fn load(&self, onnx_file: &Path, root: &Path, part: &str) -> Result<Box<dyn Session>> {
+    fn load(&self, onnx_file: &Path, root: &Path, part: &str, hints: &super::LoadHints) -> Result<Box<dyn Session>> {
         let load_err =
             |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
         let mut proto = read_proto(onnx_file, root)?;
@@ -47,14 +47,47 @@ impl Backend for TractBackend {
             return Err(load_err(format!("unresolved inputs {:?}", parsed.unresolved_inputs)));
         }
         let block_quant = uses_op(graph, "MatMulNBits");
-        let plan = parsed
-            .model
+        let mut model = parsed.model;
+        apply_hints(&mut model, hints).map_err(|e| load_err(format!("applying input facts: {e:#}")))?;
+        let plan = model
             .into_typed()
             .and_then(|m| optimize(m, block_quant))
             .and_then(|m| m.into_runnable())
             .map_err(|e| load_err(format!("{e:#}")))?;
         Ok(Box::new(TractSession { part: part.to_string(), plan, inputs, outputs }))
     }
+}
+
+/// Gives tract the facts the folder knows before it analyses the graph: an axis declared
+/// symbolic (or unknown) becomes the hinted size or expression. Exports with dynamic image
+/// height/width, or with transformers' own attention-mask code (whose shapes multiply the
+/// sequence symbols), analyse once batch, tile size and `total = past + sequence` are known.
+fn apply_hints(model: &mut tract_onnx::prelude::InferenceModel, hints: &super::LoadHints) -> TractResult<()> {
+    let inputs: Vec<String> = model.inputs.iter().map(|o| model.nodes[o.node].name.clone()).collect();
+    for (pattern, axis, expr) in &hints.dims {
+        for (ix, _) in inputs.iter().enumerate().filter(|(_, n)| super::hint_matches(pattern, n)) {
+            apply_hint(model, ix, *axis, expr)?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_hint(model: &mut tract_onnx::prelude::InferenceModel, ix: usize, axis: usize, expr: &str) -> TractResult<()> {
+    {
+        let mut fact = model.input_fact(ix)?.clone();
+        let fixed = match fact.shape.dim(axis) {
+            None => return Ok(()),
+            Some(tract_onnx::tract_hir::infer::GenericFactoid::Only(d)) => d.to_i64().is_ok(),
+            Some(_) => false,
+        };
+        if fixed {
+            return Ok(());
+        }
+        let value = model.symbols.parse_tdim(expr)?;
+        fact.shape.set_dim(axis, value);
+        model.set_input_fact(ix, fact)?;
+    }
+    Ok(())
 }
 
 /// The codegen pass tract 0.23.9 gets wrong on block-quantized (`MatMulNBits`, q4) weights.

@@ -226,6 +226,17 @@ impl super::Family for Idefics3 {
         self.do_split
     }
 
+    fn encoder_hints(&self) -> crate::backend::LoadHints {
+        let t = self.tile;
+        crate::backend::LoadHints::default()
+            .dim("pixel_values", 0, 1)
+            .dim("pixel_values", 3, t)
+            .dim("pixel_values", 4, t)
+            .dim("pixel_attention_mask", 0, 1)
+            .dim("pixel_attention_mask", 2, t)
+            .dim("pixel_attention_mask", 3, t)
+    }
+
     fn planned_tokens(&self, width: u32, height: u32) -> Option<usize> {
         let (mut h, mut w) = (height as usize, width as usize);
         if self.do_resize {

@@ -126,6 +126,11 @@ pub trait Family: Send + Sync {
     fn planned_tokens(&self, _width: u32, _height: u32) -> Option<usize> {
         None
     }
+    /// What the folder fixes about the vision encoder's inputs (batch, tile size), for
+    /// backends that analyse shapes before running (exports with dynamic height/width).
+    fn encoder_hints(&self) -> crate::backend::LoadHints {
+        crate::backend::LoadHints::default()
+    }
     /// Whether large images become tiles plus a global view, which tile skipping needs.
     fn splits_into_tiles(&self) -> bool {
         false

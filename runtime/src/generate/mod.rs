@@ -15,6 +15,23 @@ use crate::backend::{ElemType, Session, Tensor};
 use crate::error::{Error, Result};
 use crate::folder::ModelFolder;
 
+/// What every text part's inputs share: batch 1, `S` new tokens, `P` cached ones, and an
+/// attention mask over all `P + S` (so graphs that build their own causal mask from it, as
+/// transformers' exports do, can be analysed ahead of time).
+pub fn text_hints() -> crate::backend::LoadHints {
+    crate::backend::LoadHints::default()
+        .dim("input_ids", 0, 1)
+        .dim("input_ids", 1, "S")
+        .dim("inputs_embeds", 0, 1)
+        .dim("inputs_embeds", 1, "S")
+        .dim("position_ids", 0, 1)
+        .dim("position_ids", 1, "S")
+        .dim("past_key_values.*", 0, 1)
+        .dim("past_key_values.*", 2, "P")
+        .dim("attention_mask", 0, 1)
+        .dim("attention_mask", 1, "P+S")
+}
+
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct SamplingOptions {

@@ -110,7 +110,11 @@ impl Pipeline {
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let dtype = dtypes.iter().find(|(p, _)| *p == part).map_or(opts.dtype, |(_, d)| *d);
             let path = folder.part_path(part, dtype)?;
-            backend.load(&path, &folder.root, part.stem())
+            let hints = match part {
+                Part::VisionEncoder => family.encoder_hints(),
+                Part::EmbedTokens | Part::Decoder => crate::generate::text_hints(),
+            };
+            backend.load(&path, &folder.root, part.stem(), &hints)
         };
         let vision = load(Part::VisionEncoder)?;
         let embed = load(Part::EmbedTokens)?;
