@@ -187,3 +187,96 @@ fn closed_and_full_stdout_are_handled() {
         assert!(stderr.contains("writing to stdout") && stderr.contains("No space left"), "{args:?}: {stderr}");
     }
 }
+
+/// Options that would silently do nothing are errors that say what to add; a prompt can come
+/// from a file or standard input.
+#[test]
+fn no_op_options_are_errors_and_prompts_come_from_files() {
+    let set = repo().join("models/testbed-llava/eval");
+    let set = set.to_str().expect("path");
+    let base = ["eval", "--model", "models/testbed-llava", "--set", set, "--limit", "1"];
+    for (extra, want) in [
+        (&["--keep", "0.5"][..], "--prune"),
+        (&["--keep", "1.0,0.5,0.25"][..], "--prune"),
+        (&["--prune", "dart,bogus"][..], "bogus"),
+        (&["--threads", "100000"][..], "logical CPUs"),
+    ] {
+        let out = glimpse().args(base).args(extra).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} should fail");
+        assert!(stderr.contains(want) && !stderr.contains("panicked"), "{extra:?}: {stderr}");
+    }
+    let mut child = glimpse()
+        .args(["ask", "--image", "models/images/scene.png", "--prompt-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"What number is written?").expect("write prompt");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "49");
+}
+
+/// `quantize` checks its input files itself: a zero-byte part is a message, not a traceback.
+#[test]
+fn quantize_refuses_an_empty_part_with_a_message() {
+    let tmp = tempfile_dir("quantize");
+    let dir = tmp.join("tiny-llava");
+    copy_dir(&model("tiny-llava"), &dir);
+    std::fs::write(dir.join("onnx/embed_tokens.onnx"), b"").expect("truncate");
+    let out = glimpse().args(["quantize", "--to", "int8", "--model"]).arg(&dir).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("embed_tokens.onnx") && stderr.contains("empty") && !stderr.contains("Traceback"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// A fresh folder for one test (tests run in parallel threads of one process).
+fn tempfile_dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("glimpse-cli-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmp");
+    d
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).expect("copy");
+        }
+    }
+}
+
+/// `inspect` reports a LLaVA-OneVision folder that cannot supply `image_newline` (neither an
+/// encoder output nor config.json), which loading would refuse.
+#[test]
+fn inspect_reports_a_folder_that_cannot_load() {
+    let tmp = tempfile_dir("inspect");
+    let dir = tmp.join("ov");
+    copy_dir(&model("compat/llava-onevision-no-newline"), &dir);
+    let out = glimpse().args(["inspect", "--json", "--model"]).arg(&dir).output().expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "config.json supplies it: {v}");
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("image_newline");
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let out = glimpse().args(["inspect", "--json", "--model"]).arg(&dir).output().expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let problems = v["problems"].as_array().cloned().unwrap_or_default();
+    assert!(problems.iter().any(|p| p.as_str().is_some_and(|s| s.contains("image_newline"))), "{v}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}

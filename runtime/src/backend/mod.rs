@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 
 #[cfg(feature = "ort")]
 pub mod ort;
+pub mod rewrite;
 pub mod tract;
 
 /// Element type of a model input or output.

@@ -35,6 +35,10 @@ impl Backend for TractBackend {
             |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
         let mut proto = read_proto(onnx_file, root)?;
         let data_dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?;
+        let rewrites = super::rewrite::for_tract(&mut proto);
+        if !rewrites.is_empty() {
+            tracing::debug!("{}: rewrote {}", onnx_file.display(), rewrites.join(", "));
+        }
         let graph = proto.graph.as_ref().ok_or_else(|| load_err("the file has no graph".into()))?;
         let (inputs, outputs) = graph_io(graph);
         // Intermediate value_info written by other tools (e.g. ORT shape inference during
@@ -52,8 +56,13 @@ impl Backend for TractBackend {
         let plan = model
             .into_typed()
             .and_then(|m| optimize(m, block_quant))
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| load_err(format!("{e:#}")))?;
+            .and_then(|(m, skipped)| {
+                if !skipped.is_empty() {
+                    tracing::debug!("{}: tract optimizer passes skipped: {}", onnx_file.display(), skipped.join(", "));
+                }
+                m.into_runnable()
+            })
+            .map_err(|e| load_err(format!("tract could not analyse the graph: {e:#} (ONNX Runtime may run it: `--backend ort`; docs/compatibility.md)")))?;
         Ok(Box::new(TractSession { part: part.to_string(), plan, inputs, outputs }))
     }
 }
@@ -93,20 +102,52 @@ fn apply_hint(model: &mut tract_onnx::prelude::InferenceModel, ix: usize, axis: 
 /// The codegen pass tract 0.23.9 gets wrong on block-quantized (`MatMulNBits`, q4) weights.
 const MERGE_AXES_PASS: &str = "MergeConsecutiveSameRoleAxes";
 
-/// tract's `into_optimized`, except that graphs with block-quantized weights skip
-/// [`MERGE_AXES_PASS`]: merging the head axes of an attention output (Transpose + Reshape)
-/// into a q4 `o_proj` contraction gives wrong results (testbed-llava's q4 decoder answered
-/// nothing right; with the pass skipped its logits equal ONNX Runtime's). Regression test:
-/// `tests/export_tools.rs`, q4 tokens equal across backends.
-fn optimize(model: TypedModel, block_quant: bool) -> TractResult<TypedModel> {
-    if !block_quant {
-        return model.into_optimized();
+/// Most optimizer passes skipped before giving up on a graph.
+const MAX_SKIPPED_PASSES: usize = 4;
+
+/// tract's `into_optimized` (declutter, then codegen), except for passes known or found to fail:
+///
+/// - Graphs with block-quantized weights skip [`MERGE_AXES_PASS`]: merging the head axes of an
+///   attention output (Transpose + Reshape) into a q4 `o_proj` contraction gives wrong results
+///   (testbed-llava's q4 decoder answered nothing right; with the pass skipped its logits equal
+///   ONNX Runtime's). Regression test: `tests/export_tools.rs`, q4 tokens equal across backends.
+/// - A pass that stops with an error (tract 0.23.9's `FoldUniformMask` on the broadcast masks of
+///   torch's dynamo exports) is skipped and the optimization run again; optimizer passes only
+///   make a plan faster, so the result is the same. Regression test: `tests/compat.rs`.
+///
+/// Returns the plan and the passes skipped.
+fn optimize(model: TypedModel, block_quant: bool) -> TractResult<(TypedModel, Vec<String>)> {
+    let mut skip: Vec<String> = if block_quant { vec![MERGE_AXES_PASS.to_string()] } else { Vec::new() };
+    loop {
+        match optimize_skipping(model.clone(), &skip) {
+            Ok(m) => return Ok((m, skip)),
+            Err(e) => match failing_pass(&e) {
+                Some(pass) if !skip.contains(&pass) && skip.len() < MAX_SKIPPED_PASSES => skip.push(pass),
+                _ => return Err(e),
+            },
+        }
     }
-    let mut model = model.into_decluttered()?;
-    let mut codegen = tract_onnx::tract_core::optim::Optimizer::codegen();
-    codegen.passes.retain(|p| format!("{p:?}") != MERGE_AXES_PASS);
-    model.optimize_with_session(&mut codegen.session())?;
+}
+
+fn optimize_skipping(mut model: TypedModel, skip: &[String]) -> TractResult<TypedModel> {
+    use tract_onnx::tract_core::optim::Optimizer;
+    for mut optimizer in [Optimizer::declutter(), Optimizer::codegen()] {
+        optimizer.passes.retain(|p| !skip.contains(&pass_name(&format!("{p:?}"))));
+        model.optimize_with_session(&mut optimizer.session())?;
+    }
     Ok(model)
+}
+
+/// A pass's name from its debug form (`FoldUniformMask(60)` -> `FoldUniformMask`).
+fn pass_name(debug: &str) -> String {
+    debug.split(['(', ' ', '{']).next().unwrap_or(debug).to_string()
+}
+
+/// The pass an optimizer error names (`running pass FoldUniformMask(60): ...`).
+fn failing_pass(e: &TractError) -> Option<String> {
+    let text = format!("{e:#}");
+    let rest = text.split("running pass ").nth(1)?;
+    Some(pass_name(rest.split(':').next()?))
 }
 
 struct TractSession {

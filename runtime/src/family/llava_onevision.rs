@@ -18,6 +18,9 @@ use crate::folder::ModelFolder;
 use crate::preprocess::{self, Filter};
 use crate::text::TextTokenizer;
 
+/// Where the `image_newline` vector may come from, for the error when neither has it.
+const NO_NEWLINE: &str = "anyres packing needs the image_newline vector: neither a vision encoder output `image_newline` (python -m glimpse_export writes one) nor an `image_newline` list in config.json (optimum-intel's convention) is present";
+
 /// The LLaVA-OneVision family.
 #[derive(Debug, Clone)]
 pub struct LlavaOnevision {
@@ -34,6 +37,10 @@ pub struct LlavaOnevision {
     rescale: f64,
     mean: [f32; 3],
     std: [f32; 3],
+    /// `image_newline` from `config.json`, where optimum-intel's OpenVINO export keeps it
+    /// (`model.config.image_newline = model.model.image_newline.tolist()`); used when the vision
+    /// encoder has no `image_newline` output (transformers.js-style folders).
+    newline: Option<Vec<f32>>,
 }
 
 impl LlavaOnevision {
@@ -75,6 +82,10 @@ impl LlavaOnevision {
             rescale: super::rescale(folder),
             mean: super::triple(folder, "image_mean", [0.5; 3])?,
             std: super::std_triple(folder, [0.5; 3])?,
+            newline: match folder.config.get("image_newline") {
+                None => None,
+                Some(_) => Some(crate::folder::json_f32s(&folder.config, &config, "image_newline")?),
+            },
         })
     }
 
@@ -230,19 +241,23 @@ impl super::Family for LlavaOnevision {
     ) -> Result<ndarray::Array2<f32>> {
         let Some(layout) = &input.anyres else { return Ok(features) };
         let d = features.ncols();
-        let newline = outputs
-            .take("image_newline")
-            .ok_or_else(|| {
-                Error::interface(
-                    "vision_encoder",
-                    "anyres packing needs the `image_newline` output (export with `python -m glimpse_export`)",
-                )
-            })?
-            .into_f32("vision_encoder image_newline")?;
+        let newline = match (outputs.take("image_newline"), &self.newline) {
+            (Some(t), _) => t.into_f32("vision_encoder image_newline")?,
+            (None, Some(v)) => ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[v.len()]), v.clone())
+                .map_err(|e| Error::interface("config.json", e.to_string()))?,
+            (None, None) => return Err(Error::interface("vision_encoder", NO_NEWLINE)),
+        };
         let newline = newline
             .into_shape_with_order(d)
             .map_err(|e| Error::interface("vision_encoder", format!("image_newline must have {d} values: {e}")))?;
         layout.pack(features.view(), newline.view())
+    }
+
+    fn check_encoder(&self, outputs: &[crate::backend::TensorInfo]) -> Result<()> {
+        if self.newline.is_none() && !outputs.iter().any(|o| o.name == "image_newline") {
+            return Err(Error::interface("vision_encoder", NO_NEWLINE));
+        }
+        Ok(())
     }
 
     fn fallback_prompt(&self, prompt: &str, with_image: bool) -> String {

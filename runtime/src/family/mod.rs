@@ -126,6 +126,12 @@ pub trait Family: Send + Sync {
     fn planned_tokens(&self, _width: u32, _height: u32) -> Option<usize> {
         None
     }
+    /// Checks, when the folder loads, that the vision encoder (with the folder's other files)
+    /// gives the family what it needs, so a folder that cannot answer fails at load, not at the
+    /// first question.
+    fn check_encoder(&self, _outputs: &[crate::backend::TensorInfo]) -> Result<()> {
+        Ok(())
+    }
     /// What the folder fixes about the vision encoder's inputs (batch, tile size), for
     /// backends that analyse shapes before running (exports with dynamic height/width).
     fn encoder_hints(&self) -> crate::backend::LoadHints {

@@ -117,6 +117,7 @@ impl Pipeline {
             backend.load(&path, &folder.root, part.stem(), &hints)
         };
         let vision = load(Part::VisionEncoder)?;
+        family.check_encoder(vision.outputs())?;
         let embed = load(Part::EmbedTokens)?;
         let decoder = load(Part::Decoder)?;
         let decoder_io = DecoderIo::new(decoder.as_ref(), &folder)?;

@@ -215,6 +215,24 @@ def cmd_quantize(args, ap) -> int:
     return quantize_main(args.model, modes, parts, args.external_data, not args.no_check, args.json)
 
 
+# ------------------------------------------------------------------------------------------------------------ compat
+def add_compat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None, help="corpus folder (default: models/compat)")
+    p.add_argument("--only", action="append", default=None, metavar="NAME",
+                   help="one style (repeatable); default: all")
+
+
+def cmd_compat(args, ap) -> int:
+    from .compat.pipeline import run_compat
+
+    rows = run_compat(args.out, args.only)
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'folder':<{width}}  {'bytes':>9}  {'du -sb':>9}  ort tokens == transformers tokens")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['bytes']:>9,}  {r['du']:>9,}  {r['equal']}")
+    return 0
+
+
 COMMANDS = (
     ("tiny", "build a tiny random-weight VLM, export ONNX parts, write fixtures", add_tiny, cmd_tiny),
     ("check", "re-export with the same seed and compare with a committed model folder", add_check, cmd_check),
@@ -228,6 +246,8 @@ COMMANDS = (
     ("realsize", "real-size random-weight SmolVLM / LLaVA-OneVision export for timing", add_realsize, cmd_realsize),
     ("quantize", "write onnx-community dtype variants (<part>_fp16.onnx, _q4, ...) next to MODEL/onnx/*",
      add_quantize, cmd_quantize),
+    ("compat", "write the compatibility corpus: folders exported the way other tools do (models/compat/<style>)",
+     add_compat, cmd_compat),
 )
 
 

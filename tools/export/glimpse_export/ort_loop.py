@@ -20,13 +20,16 @@ class OrtResult:
 
 
 class OrtModel:
-    def __init__(self, onnx_dir: Path):
+    def __init__(self, onnx_dir: Path, stems: dict[str, str] | None = None):
+        """``stems``: file stem per part where it is not the part name (``decoder_model_merged_int8``)."""
+        stems = {p: p for p in PARTS} | (stems or {})
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         self.sessions = {
-            p: ort.InferenceSession(str(onnx_dir / f"{p}.onnx"), so, providers=["CPUExecutionProvider"]) for p in PARTS
+            p: ort.InferenceSession(str(onnx_dir / f"{stems[p]}.onnx"), so, providers=["CPUExecutionProvider"])
+            for p in PARTS
         }
         dec = self.sessions["decoder_model_merged"]
         self.past_inputs = [i for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
@@ -76,9 +79,10 @@ class OrtModel:
         return embeds
 
     def greedy(self, input_ids: list[int], pixel_values, pixel_attention_mask, image_token_id: int,
-               eos_ids: list[int], max_new_tokens: int, pack=None) -> OrtResult:
+               eos_ids: list[int], max_new_tokens: int, pack=None, features=None) -> OrtResult:
+        """``features``: feature rows computed by the caller (then pixel_values is not used)."""
         ids = np.asarray([input_ids], dtype=np.int64)
-        feats = self.image_features(pixel_values, pixel_attention_mask, pack)
+        feats = self.image_features(pixel_values, pixel_attention_mask, pack) if features is None else features
         embeds = self.splice(ids, image_token_id, feats)
         seq = ids.shape[1]
         attn = np.ones((1, seq), dtype=np.int64)

@@ -22,12 +22,19 @@ pub fn run(args: Args) -> Result<()> {
     let fam = family::for_folder(&folder, &tokenizer)?;
     let (context, _) = folder.context_length()?;
     let mut parts = Vec::new();
+    // what would stop the folder from loading, found without loading it
+    let mut problems: Vec<String> = Vec::new();
     for part in Part::ALL {
         let mut variants = Vec::new();
         for dtype in folder.variants(part) {
             let path = folder.part_file(part, dtype);
             let summary = describe(&path, &folder.root).with_context(|| format!("reading {}", path.display()))?;
             let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if part == Part::VisionEncoder {
+                if let Err(e) = fam.check_encoder(&summary.outputs) {
+                    problems.push(format!("{} ({}): {e}", part.stem(), dtype.name()));
+                }
+            }
             variants.push(serde_json::json!({
                 "dtype": dtype.name(),
                 "file": path.strip_prefix(&folder.root).unwrap_or(&path),
@@ -46,6 +53,7 @@ pub fn run(args: Args) -> Result<()> {
         "eos_token_ids": folder.eos_token_ids(),
         "chat_template": tokenizer.has_chat_template(),
         "parts": parts,
+        "problems": problems,
     });
     if args.json {
         out!("{}", serde_json::to_string_pretty(&report)?);
@@ -55,6 +63,9 @@ pub fn run(args: Args) -> Result<()> {
     out!("model_type   {} (family {})", folder.model_type()?, fam.name());
     out!("context      {context} tokens; image token id {}; eos {:?}", fam.image_token_id(), folder.eos_token_ids());
     out!("chat template {}", if tokenizer.has_chat_template() { "yes" } else { "no (family fallback)" });
+    for p in &problems {
+        out!("problem      {p}");
+    }
     for part in &parts {
         let name = part["part"].as_str().unwrap_or_default();
         let variants = part["variants"].as_array().cloned().unwrap_or_default();

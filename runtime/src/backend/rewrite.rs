@@ -1,0 +1,163 @@
+//! Graph rewrites applied to an ONNX model before tract parses it, for patterns other exporters
+//! write that tract cannot analyse although their meaning is plain. Each rewrite keeps the
+//! model's outputs exactly (it replaces a node by an equivalent one); each has a unit test here
+//! and an end-to-end test on a `models/compat/` folder.
+//!
+//! - [`single_output_split`]: a `Split` with one output is the identity (ONNX requires the
+//!   split sizes to add up to the axis), but torch's dynamo exporter computes that one size from
+//!   data (`split_with_sizes` over the real tiles of an Idefics3 batch), and tract needs
+//!   constant split sizes.
+//! - [`bool_equal`]: `Equal` on booleans (valid ONNX since opset 11; the dynamo exporter writes
+//!   it for attention masks) is `Not(Xor(a, b))`; tract's `Equal` evaluates numbers only.
+
+use tract_onnx::pb;
+
+/// Applies every rewrite to the model's graph (and subgraphs); returns the names of those that
+/// changed something, for messages.
+pub fn for_tract(proto: &mut pb::ModelProto) -> Vec<&'static str> {
+    let mut applied = Vec::new();
+    if let Some(g) = proto.graph.as_mut() {
+        if walk(g, &mut single_output_split) > 0 {
+            applied.push("single-output Split -> Identity");
+        }
+        if bool_equal(g) > 0 {
+            applied.push("boolean Equal -> Not(Xor)");
+        }
+    }
+    applied
+}
+
+/// Runs `f` on every node of the graph and its subgraphs; returns how many nodes it changed.
+fn walk(g: &mut pb::GraphProto, f: &mut dyn FnMut(&mut pb::NodeProto) -> bool) -> usize {
+    let mut changed = 0;
+    for node in &mut g.node {
+        for attr in &mut node.attribute {
+            if let Some(sub) = attr.g.as_mut() {
+                changed += walk(sub, f);
+            }
+            for sub in &mut attr.graphs {
+                changed += walk(sub, f);
+            }
+        }
+        changed += usize::from(f(node));
+    }
+    changed
+}
+
+/// ONNX element type code of `bool`.
+const BOOL: i32 = 9;
+
+/// Ops whose output is boolean.
+const BOOL_OPS: [&str; 10] =
+    ["Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Equal", "Not", "And", "Or", "Xor", "IsNaN"];
+
+/// Rewrites `Equal(a, b) -> y` on booleans into `Xor(a, b) -> y/xor; Not(y/xor) -> y` in one
+/// graph (not its subgraphs); a value is boolean by its declared type (inputs, initializers,
+/// value_info) or by the op that makes it. Returns how many were rewritten.
+pub fn bool_equal(g: &mut pb::GraphProto) -> usize {
+    let mut is_bool: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let declared = g.input.iter().chain(&g.value_info).chain(&g.output);
+    for v in declared {
+        let elem = v.r#type.as_ref().and_then(|t| match &t.value {
+            Some(pb::type_proto::Value::TensorType(tt)) => Some(tt.elem_type),
+            _ => None,
+        });
+        if elem == Some(BOOL) {
+            is_bool.insert(v.name.clone());
+        }
+    }
+    is_bool.extend(g.initializer.iter().filter(|t| t.data_type == BOOL).map(|t| t.name.clone()));
+    for n in &g.node {
+        let cast_to_bool = n.op_type == "Cast" && n.attribute.iter().any(|a| a.name == "to" && a.i == BOOL as i64);
+        if n.domain.is_empty() && (BOOL_OPS.contains(&n.op_type.as_str()) || cast_to_bool) {
+            is_bool.extend(n.output.iter().cloned());
+        }
+    }
+    let mut out = Vec::with_capacity(g.node.len());
+    let mut changed = 0;
+    for mut n in std::mem::take(&mut g.node) {
+        let bools = n.input.len() == 2 && n.input.iter().all(|i| is_bool.contains(i));
+        if n.op_type == "Equal" && n.domain.is_empty() && bools && n.output.len() == 1 {
+            let y = n.output[0].clone();
+            let xor = format!("{y}/glimpse_xor");
+            n.op_type = "Xor".into();
+            n.output = vec![xor.clone()];
+            let not = pb::NodeProto {
+                name: format!("{}/glimpse_not", n.name),
+                op_type: "Not".into(),
+                input: vec![xor],
+                output: vec![y],
+                ..Default::default()
+            };
+            out.push(n);
+            out.push(not);
+            changed += 1;
+        } else {
+            out.push(n);
+        }
+    }
+    g.node = out;
+    changed
+}
+
+/// `Split(x, split) -> y` with a single output is `Identity(x) -> y`.
+pub fn single_output_split(node: &mut pb::NodeProto) -> bool {
+    if node.op_type != "Split" || !node.domain.is_empty() || node.output.len() != 1 || node.input.is_empty() {
+        return false;
+    }
+    node.op_type = "Identity".into();
+    node.input.truncate(1);
+    node.attribute.clear();
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            attribute: vec![pb::AttributeProto { name: "axis".into(), i: 0, ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_single_output_splits_become_identities() {
+        let mut one = node("Split", &["x", "sizes"], &["y"]);
+        assert!(single_output_split(&mut one));
+        assert_eq!((one.op_type.as_str(), one.input.len(), one.attribute.len()), ("Identity", 1, 0));
+        let mut two = node("Split", &["x", "sizes"], &["a", "b"]);
+        assert!(!single_output_split(&mut two));
+        assert_eq!(two.op_type, "Split");
+        let mut other = node("Concat", &["x"], &["y"]);
+        assert!(!single_output_split(&mut other));
+        let mut proto = pb::ModelProto {
+            graph: Some(pb::GraphProto { node: vec![node("Split", &["x"], &["y"]), two], ..Default::default() }),
+            ..Default::default()
+        };
+        assert_eq!(for_tract(&mut proto), vec!["single-output Split -> Identity"]);
+        assert!(for_tract(&mut proto).is_empty(), "nothing left to rewrite");
+    }
+
+    #[test]
+    fn boolean_equals_become_not_xor_and_numeric_ones_stay() {
+        let mut g = pb::GraphProto {
+            node: vec![
+                node("Less", &["a", "b"], &["m"]),
+                node("Equal", &["m", "m2"], &["y"]),
+                node("Equal", &["a", "b"], &["z"]),
+            ],
+            initializer: vec![pb::TensorProto { name: "m2".into(), data_type: BOOL, ..Default::default() }],
+            ..Default::default()
+        };
+        assert_eq!(bool_equal(&mut g), 1);
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, vec!["Less", "Xor", "Not", "Equal"]);
+        assert_eq!(g.node[2].output, vec!["y".to_string()]);
+        assert_eq!(g.node[1].output, g.node[2].input);
+    }
+}
