@@ -247,3 +247,24 @@ fn tile_skipping_encodes_only_the_chosen_tiles() {
     let none = with(TileBudget::Count(0), SkippedTiles::Drop);
     assert_eq!(none.stats.visual_tokens_kept, 16);
 }
+
+/// tract on a thread pool gives the same tokens as on one thread: matrix products split over
+/// output panels, so nothing is summed in another order.
+#[test]
+fn tract_threads_do_not_change_the_tokens() {
+    use glimpse::runtime::backend::BackendOptions;
+    for name in TINY_MODELS {
+        let mut tokens = Vec::new();
+        for threads in [1, 2, 3] {
+            let opts = PipelineOptions {
+                backend_options: BackendOptions { threads, ..Default::default() },
+                ..Default::default()
+            };
+            let p = Pipeline::load(model(name), &opts).expect("load");
+            let case = &cases(&model(name)).1[0];
+            let gen = GenerationOptions { max_new_tokens: 12, ..Default::default() };
+            tokens.push(p.ask(Some(&case.image()), case.prompt(), &gen, &mut |_| {}).expect("ask").token_ids);
+        }
+        assert!(tokens.windows(2).all(|w| w[0] == w[1]), "{name}: {tokens:?}");
+    }
+}

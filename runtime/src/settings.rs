@@ -121,11 +121,6 @@ pub fn settle(asked: &Asked, opts: &BackendOptions) -> Result<(Applied, BackendO
         Some(b) => Choice::new(b.clone(), Source::Flag),
         None => profile_backend(profile, &|b| backend::by_name(b, &opts).map(drop))?,
     };
-    let threads = if backend.value == "tract" {
-        threads.noted("tract runs single-threaded in this build; the count applies to ONNX Runtime")
-    } else {
-        threads
-    };
     let (prune, method_from_profile) = match &asked.prune {
         Some(m) => (Choice::new(m.clone(), Source::Flag), false),
         None => (Choice::new(profile.pruning.method.clone(), Source::Profile), true),
@@ -356,7 +351,6 @@ mod tests {
         assert_eq!((a.profile.value.as_str(), a.profile.from), ("raspberry-pi-5", Source::Flag));
         assert_eq!((a.backend.value.as_str(), a.backend.from), ("tract", Source::Flag));
         assert_eq!((a.threads.value, a.threads.from), (4, Source::Profile));
-        assert!(a.threads.note.is_some(), "tract ignores the thread count: say so");
         assert_eq!(opts.threads, 4);
         assert_eq!((a.prune.value.as_str(), a.keep.value.as_str()), ("dart", "0.25"));
         assert_eq!(a.prune.from, Source::Profile);

@@ -11,18 +11,43 @@ use crate::onnx_info::{graph_io, read_proto, uses_op};
 
 /// tract backend (default).
 #[derive(Debug, Default, Clone)]
-pub struct TractBackend;
+pub struct TractBackend {
+    executor: tract_linalg::multithread::Executor,
+    threads: usize,
+}
+
+impl TractBackend {
+    /// A backend whose plans run on `threads` threads (0: every logical CPU; 1: inline, no pool).
+    /// Matrix products split over output panels, so results do not depend on the count.
+    pub fn new(threads: usize) -> Result<Self> {
+        use tract_linalg::multithread::Executor;
+        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+        let executor = if threads > 1 {
+            std::panic::catch_unwind(|| Executor::multithread_with_name(threads, "glimpse-tract")).map_err(|_| {
+                Error::Backend { backend: NAME.into(), message: format!("could not start a pool of {threads} threads") }
+            })?
+        } else {
+            Executor::SingleThread
+        };
+        Ok(TractBackend { executor, threads })
+    }
+
+    /// Threads its plans run on.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
 
 const NAME: &str = "tract";
 
 /// Registry entry ([`super::BACKENDS`]).
 pub const SPEC: super::BackendSpec = super::BackendSpec {
     name: NAME,
-    summary: "tract: pure Rust, no native dependency, CPU (single-threaded in this build)",
+    summary: "tract: pure Rust, no native dependency, CPU, --threads N",
     feature: None,
     compiled: true,
-    options: &[],
-    make: |_| Ok(Box::new(TractBackend)),
+    options: &["threads"],
+    make: |opts| Ok(Box::new(TractBackend::new(opts.threads)?)),
 };
 
 impl Backend for TractBackend {
@@ -63,7 +88,7 @@ impl Backend for TractBackend {
                 m.into_runnable()
             })
             .map_err(|e| load_err(format!("tract could not analyse the graph: {e:#} (ONNX Runtime may run it: `--backend ort`; docs/compatibility.md)")))?;
-        Ok(Box::new(TractSession { part: part.to_string(), plan, inputs, outputs }))
+        Ok(Box::new(TractSession { part: part.to_string(), plan, inputs, outputs, executor: self.executor.clone() }))
     }
 }
 
@@ -155,6 +180,7 @@ struct TractSession {
     plan: Arc<TypedSimplePlan>,
     inputs: Vec<TensorInfo>,
     outputs: Vec<TensorInfo>,
+    executor: tract_linalg::multithread::Executor,
 }
 
 impl Session for TractSession {
@@ -174,7 +200,8 @@ impl Session for TractSession {
         let ordered = order_inputs(&self.part, &self.inputs, inputs)?;
         let values: TVec<TValue> = ordered.into_iter().map(|t| to_tract(t).into_tvalue()).collect();
         let infer_err = |message: String| Error::Inference { part: self.part.clone(), backend: NAME.into(), message };
-        let outs = self.plan.run(values).map_err(|e| infer_err(format!("{e:#}")))?;
+        let outs = tract_linalg::multithread::multithread_tract_scope(self.executor.clone(), || self.plan.run(values))
+            .map_err(|e| infer_err(format!("{e:#}")))?;
         outs.into_iter()
             .zip(&self.outputs)
             .map(|(v, info)| from_tract(v.into_tensor()).map_err(|m| infer_err(format!("output `{}`: {m}", info.name))))

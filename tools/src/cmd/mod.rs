@@ -52,8 +52,8 @@ pub struct ModelArgs {
     /// ONNX Runtime library for `--backend ort` (else ORT_DYLIB_PATH, else next to the binary).
     #[arg(long)]
     pub ort_lib: Option<PathBuf>,
-    /// Intra-op threads for ONNX Runtime (default: the target profile's; 0 = ONNX Runtime's own
-    /// default); tract runs single-threaded in this build.
+    /// Threads per backend (tract's matrix products, ONNX Runtime's intra-op pool); default:
+    /// the target profile's; 0 = every logical CPU (tract) / ONNX Runtime's own default.
     #[arg(long)]
     pub threads: Option<usize>,
     /// ONNX Runtime execution providers in priority order, comma-separated (TensorRT, CUDA,
