@@ -87,6 +87,10 @@ pub enum Error {
     #[error("token selection `{method}` needs {signal}, which this model does not provide: {hint}")]
     MissingSignal { method: String, signal: String, hint: String },
 
+    /// The model would not fit in the memory budget.
+    #[error("loading needs about {needed} bytes but {limit_from} allows {budget}: {detail}")]
+    MemoryBudget { needed: u64, budget: u64, limit_from: String, detail: String },
+
     /// A caller-supplied option has an invalid value.
     #[error("invalid {name} {value:?}: {message}")]
     InvalidArgument { name: String, value: String, message: String },

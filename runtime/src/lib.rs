@@ -17,6 +17,7 @@ pub mod family;
 pub mod folder;
 pub mod generate;
 pub mod manifest;
+pub mod memory;
 pub mod onnx_info;
 pub mod pipeline;
 pub mod preprocess;

@@ -107,20 +107,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Bytes of a model part on disk, external data included.
 pub fn part_bytes(pipeline: &Pipeline, part: Part, dtype: crate::folder::Dtype) -> u64 {
-    let path = pipeline.folder.part_file(part, dtype);
-    let mut total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let f = e.file_name();
-                let f = f.to_string_lossy();
-                if f.starts_with(&format!("{name}_data")) || f.starts_with(&format!("{name}.data")) {
-                    total += e.metadata().map(|m| m.len()).unwrap_or(0);
-                }
-            }
-        }
-    }
-    total
+    crate::memory::file_bytes(&pipeline.folder.part_file(part, dtype))
 }
 
 /// Profiles the pipeline's current selection setup: `warmup` untimed runs, then `runs` timed.

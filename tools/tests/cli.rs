@@ -280,3 +280,20 @@ fn inspect_reports_a_folder_that_cannot_load() {
     assert!(problems.iter().any(|p| p.as_str().is_some_and(|s| s.contains("image_newline"))), "{v}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `--max-memory` takes units and refuses what it cannot parse.
+#[test]
+fn max_memory_takes_units() {
+    let run = |v: &str| {
+        glimpse()
+            .args(["ask", "--model", "models/tiny-llava", "--prompt", "hi", "--max-memory", v])
+            .output()
+            .expect("run")
+    };
+    let out = run("100K");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--max-memory allows 102400"), "{stderr}");
+    assert!(run("1G").status.success());
+    let out = run("1.5Q");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
+}

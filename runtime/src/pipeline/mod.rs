@@ -107,6 +107,10 @@ impl Pipeline {
             .iter()
             .map(|e| (e.role, opts.part_dtypes.iter().find(|(p, _)| *p == e.role).map_or(opts.dtype, |(_, d)| *d)))
             .collect();
+        for &(part, dtype) in &dtypes {
+            folder.part_path(part, dtype)?;
+        }
+        crate::memory::check(&folder, &dtypes, opts.max_memory)?;
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let dtype = dtypes.iter().find(|(p, _)| *p == part).map_or(opts.dtype, |(_, d)| *d);
             let path = folder.part_path(part, dtype)?;

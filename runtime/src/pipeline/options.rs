@@ -28,6 +28,8 @@ pub struct PipelineOptions {
     pub tiles: Option<TileSkip>,
     /// Limits on input images.
     pub image_limits: ImageLimits,
+    /// Memory budget in bytes checked before loading (`None`: what the machine has free).
+    pub max_memory: Option<u64>,
 }
 
 impl Default for PipelineOptions {
@@ -41,6 +43,7 @@ impl Default for PipelineOptions {
             positions: Positions::Original,
             tiles: None,
             image_limits: ImageLimits::default(),
+            max_memory: None,
         }
     }
 }

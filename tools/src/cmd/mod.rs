@@ -67,10 +67,37 @@ pub struct ModelArgs {
     /// Largest accepted image, in pixels (width × height).
     #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
     pub max_image_pixels: u64,
+    /// Memory budget for the model, in bytes or with a unit (`1.5G`, `800M`); checked before
+    /// loading against the parts' size (default: the cgroup limit or MemAvailable).
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_memory: Option<u64>,
 }
 
 /// `--dtype`: a default (a dtype or `auto`) and per-part overrides (`decoder=int8`).
 pub type DtypeArg = settings::DtypeRequest;
+
+/// A byte count: a number, optionally with K, M or G (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'B' => 1,
+                _ => return Err(format!("`{s}`: unknown unit (K, M or G)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}`: expected a byte count like 1.5G"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("`{s}`: must be positive"));
+    }
+    Ok((v * mult as f64) as u64)
+}
 
 /// `--backend` values: the backend registry (those compiled into this build).
 pub fn backend_values() -> clap::builder::PossibleValuesParser {
@@ -140,6 +167,7 @@ impl ModelArgs {
             positions: select.positions,
             tiles: select.tiles.map(|budget| TileSkip { budget, skipped: select.skipped_tiles }),
             backend_options,
+            max_memory: self.max_memory,
         };
         Ok((opts, applied))
     }
