@@ -163,3 +163,17 @@ fn a_hugging_face_cache_snapshot_loads_on_onnx_runtime_too() {
     let a = p.ask(Some(&case.image()), case.prompt(), &gen, &mut |_| {}).expect("ask");
     assert_eq!(a.token_ids, case.ints("generated_ids"));
 }
+
+/// A cache repo whose `blobs` is itself a symlink could name any tree; the exception for cache
+/// snapshots does not apply then, so data linked through it is refused.
+#[test]
+fn a_snapshot_whose_blobs_is_a_symlink_is_refused() {
+    let cache = tempfile::tempdir().unwrap();
+    let snap = hf_cache_snapshot(&model("tiny-llava"), cache.path());
+    let repo = snap.parent().unwrap().parent().unwrap().to_path_buf();
+    let elsewhere = cache.path().join("elsewhere");
+    std::fs::rename(repo.join("blobs"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, repo.join("blobs")).unwrap();
+    let e = Pipeline::load(&snap, &PipelineOptions::default()).expect_err("blobs is a symlink");
+    assert!(matches!(e, Error::ExternalDataOutside { .. }), "{e:?}");
+}

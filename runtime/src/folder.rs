@@ -343,7 +343,7 @@ pub fn check_external_location(onnx_file: &Path, location: &str, root: &Path) ->
     }
     match resolved.canonicalize() {
         Ok(c) if c.starts_with(&root_c) => Ok(c),
-        Ok(c) if hf_cache_blobs(&root_c).is_some_and(|blobs| c.starts_with(blobs)) => Ok(c),
+        Ok(c) if hf_cache_blobs(&root_c).is_some_and(|blobs| c.parent() == Some(blobs.as_path())) => Ok(c),
         Ok(c) => Err(refuse(&format!(
             " (through a symbolic link to {}; only a Hugging Face cache snapshot may link into its own blobs/)",
             c.display()
@@ -352,11 +352,18 @@ pub fn check_external_location(onnx_file: &Path, location: &str, root: &Path) ->
     }
 }
 
-/// The `blobs/` folder of the Hugging Face cache repo when `root` is one of its snapshots
-/// (`.../models--org--name/snapshots/<rev>`), canonicalised.
+/// The `blobs/` folder of the Hugging Face cache repo when `root` (canonical) is one of its
+/// snapshots (`.../models--org--name/snapshots/<rev>`). `blobs` must be a real directory of that
+/// repo, not a symlink (which would let a crafted folder name any tree); callers accept only
+/// files directly inside it.
 pub fn hf_cache_blobs(root: &Path) -> Option<PathBuf> {
     let snapshots = root.parent()?;
     let repo = snapshots.parent()?;
     let is_repo = repo.file_name()?.to_str()?.starts_with("models--");
-    (snapshots.file_name()? == "snapshots" && is_repo).then(|| repo.join("blobs").canonicalize().ok()).flatten()
+    if snapshots.file_name()? != "snapshots" || !is_repo {
+        return None;
+    }
+    let blobs = repo.join("blobs");
+    let meta = std::fs::symlink_metadata(&blobs).ok()?;
+    (meta.is_dir() && !meta.file_type().is_symlink() && blobs.canonicalize().ok()? == blobs).then_some(blobs)
 }

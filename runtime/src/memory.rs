@@ -12,21 +12,37 @@ use crate::folder::{Dtype, ModelFolder, Part};
 /// real-size SmolVLM-256M shape with both backends (issue #20 figures); 2.0 as the estimate.
 pub const PEAK_PER_MODEL_BYTE: f64 = 2.0;
 
-/// Memory this process may use: the cgroup v2 limit minus current use when one is set, else
-/// `MemAvailable`; with where the figure came from.
+/// Memory this process may use: `MemAvailable`, or less when a cgroup v2 limit is set (the limit
+/// minus the working set, i.e. current use without reclaimable file cache, as the kubelet counts
+/// it); with where the figure came from.
 pub fn available() -> Option<(u64, &'static str)> {
     let read = |p: &str| std::fs::read_to_string(p).ok();
-    if let (Some(max), Some(cur)) = (read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/memory.current")) {
-        if let (Ok(max), Ok(cur)) = (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {
-            return Some((max.saturating_sub(cur), "the cgroup memory limit"));
-        }
+    let info = read("/proc/meminfo");
+    let mem_available = info.as_deref().and_then(|i| {
+        let kb: u64 = i.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    });
+    let cgroup = (|| {
+        let max: u64 = read("/sys/fs/cgroup/memory.max")?.trim().parse().ok()?;
+        let current: u64 = read("/sys/fs/cgroup/memory.current")?.trim().parse().ok()?;
+        let stat = read("/sys/fs/cgroup/memory.stat").unwrap_or_default();
+        let inactive_file: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("inactive_file "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Some(max.saturating_sub(current.saturating_sub(inactive_file)))
+    })();
+    match (cgroup, mem_available) {
+        (Some(c), Some(m)) if c < m => Some((c, "the cgroup memory limit")),
+        (_, Some(m)) => Some((m, "MemAvailable")),
+        (Some(c), None) => Some((c, "the cgroup memory limit")),
+        (None, None) => None,
     }
-    let info = read("/proc/meminfo")?;
-    let kb: u64 = info.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some((kb * 1024, "MemAvailable"))
 }
 
-/// Bytes of one ONNX file and its external data files (`<file>_data*`, `<file>.data*`).
+/// Bytes of one ONNX file and its external data files named after it (`<file>_data*`,
+/// `<file>.data*`, the onnx-community and onnx naming); data under other names is not counted.
 pub fn file_bytes(path: &Path) -> u64 {
     let mut total = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {

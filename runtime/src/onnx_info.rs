@@ -143,61 +143,76 @@ fn value_info(v: &pb::ValueInfoProto) -> TensorInfo {
 }
 
 /// Refuses external-data locations that leave the model folder, in the graph and any subgraph.
-/// Points every external-data `location` of a checked model at its resolved file, relative to
-/// the one folder that holds them all, and returns that folder: backends that resolve locations
-/// against a directory (tract) then read the same files the check allowed, also when they are
-/// symlinks into a Hugging Face cache's `blobs/`. `None` when the model has no external data.
-pub fn rebase_external_data(proto: &mut pb::ModelProto, onnx_file: &Path, root: &Path) -> Result<Option<PathBuf>> {
-    fn walk(g: &mut pb::GraphProto, onnx_file: &Path, root: &Path, dirs: &mut Vec<PathBuf>) -> Result<()> {
-        for t in &mut g.initializer {
-            if let Some(loc) = t.external_data.iter_mut().find(|kv| kv.key == "location") {
-                let file = check_external_location(onnx_file, &loc.value, root)?;
-                let (Some(dir), Some(name)) = (file.parent(), file.file_name().and_then(|n| n.to_str())) else {
-                    continue;
-                };
-                if !dirs.iter().any(|d| d == dir) {
-                    dirs.push(dir.to_path_buf());
-                }
-                loc.value = name.to_string();
-            }
-        }
+/// Every external-data tensor of a graph and its subgraphs: initializers and tensor attributes
+/// (`Constant` values).
+fn external_tensors(g: &mut pb::GraphProto) -> Vec<&mut pb::TensorProto> {
+    fn walk<'a>(g: &'a mut pb::GraphProto, out: &mut Vec<&'a mut pb::TensorProto>) {
+        out.extend(g.initializer.iter_mut().filter(|t| t.external_data.iter().any(|kv| kv.key == "location")));
         for node in &mut g.node {
             for attr in &mut node.attribute {
+                out.extend(attr.t.iter_mut().filter(|t| t.external_data.iter().any(|kv| kv.key == "location")));
+                out.extend(attr.tensors.iter_mut().filter(|t| t.external_data.iter().any(|kv| kv.key == "location")));
                 if let Some(sub) = attr.g.as_mut() {
-                    walk(sub, onnx_file, root, dirs)?;
+                    walk(sub, out);
                 }
                 for sub in &mut attr.graphs {
-                    walk(sub, onnx_file, root, dirs)?;
+                    walk(sub, out);
                 }
             }
         }
-        Ok(())
     }
-    let mut dirs = Vec::new();
-    if let Some(g) = proto.graph.as_mut() {
-        walk(g, onnx_file, root, &mut dirs)?;
-    }
-    match dirs.len() {
-        0 | 1 => Ok(dirs.pop()),
-        _ => Err(Error::OnnxLoad {
-            path: onnx_file.to_path_buf(),
-            backend: "tract".into(),
-            message: format!(
-                "external data lies in several folders ({}); tract reads it from one",
-                dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-            ),
-        }),
-    }
+    let mut out = Vec::new();
+    walk(g, &mut out);
+    out
 }
 
-pub fn check_graph_external_data(graph: &pb::GraphProto, onnx_file: &Path, root: &Path) -> Result<()> {
-    for t in &graph.initializer {
-        if let Some(loc) = t.external_data.iter().find(|kv| kv.key == "location") {
-            check_external_location(onnx_file, &loc.value, root)?;
+/// Points every external-data `location` of a model at its resolved file, relative to the
+/// deepest folder holding them all, and returns that folder: backends that resolve locations
+/// against one directory (tract) then read the same files the check allowed, also when they are
+/// symlinks into a Hugging Face cache's `blobs/`. `None` when the model has no external data.
+pub fn rebase_external_data(proto: &mut pb::ModelProto, onnx_file: &Path, root: &Path) -> Result<Option<PathBuf>> {
+    let Some(g) = proto.graph.as_mut() else { return Ok(None) };
+    let mut tensors = external_tensors(g);
+    let mut files = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        let loc = t.external_data.iter().find(|kv| kv.key == "location").map(|kv| kv.value.clone()).unwrap_or_default();
+        files.push(check_external_location(onnx_file, &loc, root)?);
+    }
+    let Some(mut base) = files.first().and_then(|f| f.parent()).map(Path::to_path_buf) else { return Ok(None) };
+    for f in &files {
+        while !f.starts_with(&base) {
+            if !base.pop() {
+                return Err(Error::OnnxLoad {
+                    path: onnx_file.to_path_buf(),
+                    backend: "tract".into(),
+                    message: "external data files share no folder".into(),
+                });
+            }
         }
+    }
+    for (t, f) in tensors.iter_mut().zip(&files) {
+        let rel = f.strip_prefix(&base).unwrap_or(f).to_string_lossy().into_owned();
+        if let Some(kv) = t.external_data.iter_mut().find(|kv| kv.key == "location") {
+            kv.value = rel;
+        }
+    }
+    Ok(Some(base))
+}
+
+/// Checks every external-data location of a graph (initializers, tensor attributes, subgraphs).
+pub fn check_graph_external_data(graph: &pb::GraphProto, onnx_file: &Path, root: &Path) -> Result<()> {
+    let check = |t: &pb::TensorProto| -> Result<()> {
+        match t.external_data.iter().find(|kv| kv.key == "location") {
+            Some(loc) => check_external_location(onnx_file, &loc.value, root).map(drop),
+            None => Ok(()),
+        }
+    };
+    for t in &graph.initializer {
+        check(t)?;
     }
     for node in &graph.node {
         for attr in &node.attribute {
+            attr.t.iter().chain(&attr.tensors).try_for_each(check)?;
             if let Some(g) = &attr.g {
                 check_graph_external_data(g, onnx_file, root)?;
             }

@@ -129,10 +129,21 @@ pub fn settle(asked: &Asked, opts: &BackendOptions) -> Result<(Applied, BackendO
         Source::Profile => Error::invalid("target profile pruning.method", &name, e.to_string()),
         _ => e,
     })?;
+    let profile_keep = profile.pruning.keep_ratio;
     let keep = match (asked.keep, method_from_profile) {
         (Some(k), _) => Choice::new(k.to_string(), Source::Flag),
-        (None, true) => Choice::new(profile.pruning.keep_ratio.to_string(), Source::Profile),
-        (None, false) => Choice::new("1".to_string(), Source::Default),
+        (None, true) => Choice::new(profile_keep.to_string(), Source::Profile),
+        (None, false) if prune.value == select::NONE.name => Choice::new("1".to_string(), Source::Default),
+        // a method without a budget: the profile's budget when it prunes, else nothing to do
+        (None, false) if profile_keep < 1.0 => Choice::new(profile_keep.to_string(), Source::Profile)
+            .noted(format!("the budget of profile {name}; --keep sets another")),
+        (None, false) => {
+            return Err(Error::invalid(
+                "prune",
+                &prune.value,
+                "needs a budget below 1 to do anything: add --keep (a ratio such as 0.25, or a token count)",
+            ))
+        }
     };
     if prune.value == select::NONE.name && keep.from == Source::Flag && !keep_is_full(&keep.value) {
         return Err(Error::invalid(
@@ -150,8 +161,15 @@ fn keep_is_full(keep: &str) -> bool {
 }
 
 /// Checks a sweep of methods × keep budgets (`eval`, `profile`) for settings that would do
-/// nothing: budgets below 1 with only `none` to apply them to.
+/// nothing: budgets below 1 with only `none` to apply them to, or methods with only full budgets.
 pub fn check_sweep(methods: &[String], keeps: &[Budget]) -> Result<()> {
+    if methods.iter().any(|m| m != select::NONE.name) && keeps.iter().all(|k| k.is_full()) {
+        return Err(Error::invalid(
+            "prune",
+            methods.join(","),
+            "with only keep 1 every method keeps every token: add --keep with a budget below 1 (e.g. 1.0,0.25)",
+        ));
+    }
     if methods.iter().all(|m| m == select::NONE.name) && keeps.iter().any(|k| !k.is_full()) {
         let list: Vec<String> = keeps.iter().map(|k| k.to_string()).collect();
         return Err(Error::invalid(
@@ -315,6 +333,7 @@ mod tests {
         assert!(e.contains("100000") && e.contains("logical CPUs"), "{e}");
         assert!(check_sweep(&["none".into()], &[Budget::Ratio(1.0), Budget::Ratio(0.5)]).is_err());
         assert!(check_sweep(&["none".into(), "dart".into()], &[Budget::Ratio(0.5)]).is_ok());
+        assert!(check_sweep(&["dart".into()], &[Budget::Ratio(1.0)]).is_err(), "a method at keep 1 only");
         assert!(check_sweep(&["none".into()], &[Budget::Ratio(1.0)]).is_ok());
     }
 
@@ -357,8 +376,12 @@ mod tests {
         assert_eq!(opts.execution_providers, vec!["XNNPACK", "CPU"]);
         let asked = Asked { prune: Some("divprune".into()), threads: Some(1), ..asked };
         let (a, _) = settle(&asked, &BackendOptions::default()).unwrap();
-        assert_eq!((a.prune.from, a.keep.value.as_str(), a.keep.from), (Source::Flag, "1", Source::Default));
+        assert_eq!((a.prune.from, a.keep.value.as_str(), a.keep.from), (Source::Flag, "0.25", Source::Profile));
         assert_eq!(a.threads.from, Source::Flag);
+        // a method without a budget on a profile that does not prune has nothing to do
+        let asked = Asked { target: Some("generic".into()), prune: Some("dart".into()), ..Default::default() };
+        let e = settle(&asked, &BackendOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("--keep"), "{e}");
     }
 
     #[test]

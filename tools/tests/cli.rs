@@ -194,11 +194,13 @@ fn closed_and_full_stdout_are_handled() {
 fn no_op_options_are_errors_and_prompts_come_from_files() {
     let set = repo().join("models/testbed-llava/eval");
     let set = set.to_str().expect("path");
-    let base = ["eval", "--model", "models/testbed-llava", "--set", set, "--limit", "1"];
+    // a fixed profile: what is a no-op depends on the profile's own pruning
+    let base = ["eval", "--target", "generic", "--model", "models/testbed-llava", "--set", set, "--limit", "1"];
     for (extra, want) in [
         (&["--keep", "0.5"][..], "--prune"),
         (&["--keep", "1.0,0.5,0.25"][..], "--prune"),
         (&["--prune", "dart,bogus"][..], "bogus"),
+        (&["--prune", "dart"][..], "--keep"),
         (&["--threads", "100000"][..], "logical CPUs"),
     ] {
         let out = glimpse().args(base).args(extra).output().expect("run");
@@ -207,7 +209,17 @@ fn no_op_options_are_errors_and_prompts_come_from_files() {
         assert!(stderr.contains(want) && !stderr.contains("panicked"), "{extra:?}: {stderr}");
     }
     let mut child = glimpse()
-        .args(["ask", "--image", "models/images/scene.png", "--prompt-file", "-"])
+        .args([
+            "ask",
+            "--target",
+            "generic",
+            "--backend",
+            "tract",
+            "--image",
+            "models/images/scene.png",
+            "--prompt-file",
+            "-",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

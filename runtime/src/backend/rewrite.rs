@@ -83,7 +83,7 @@ pub fn bool_equal(g: &mut pb::GraphProto) -> usize {
             n.op_type = "Xor".into();
             n.output = vec![xor.clone()];
             let not = pb::NodeProto {
-                name: format!("{}/glimpse_not", n.name),
+                name: format!("{y}/glimpse_not"),
                 op_type: "Not".into(),
                 input: vec![xor],
                 output: vec![y],

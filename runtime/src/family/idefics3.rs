@@ -38,7 +38,17 @@ impl Idefics3 {
         let pre = folder.preprocessor_file.clone();
         let tile = match crate::folder::lookup(&folder.preprocessor, "max_image_size.longest_edge") {
             Some(_) => super::side_setting(folder, &["max_image_size.longest_edge"])?,
-            None => folder.config_usize(&["vision_config.image_size"])?,
+            None => {
+                let t = folder.config_usize(&["vision_config.image_size"])?;
+                if t == 0 || t > super::MAX_SETTING_SIDE {
+                    return Err(Error::field(
+                        folder.path("config.json"),
+                        "vision_config.image_size",
+                        format!("{t} is not an image size in 1..={}", super::MAX_SETTING_SIDE),
+                    ));
+                }
+                t
+            }
         };
         let longest_edge = match crate::folder::lookup(&folder.preprocessor, "size.longest_edge") {
             Some(_) => super::side_setting(folder, &["size.longest_edge"])?,
