@@ -183,8 +183,8 @@ mod tests {
         crate::select::testutil::quadrant_tile(row, col, 4)
     }
 
-    #[test]
-    fn budgets_are_kept_exactly() {
+    /// 2 x 2 tiles + thumbnail; the thumbnail's attention sits on its top-right quadrant (tile 0,1).
+    fn quadrant_scene() -> (Vec<View>, Signals, Array2<f32>) {
         let views = vec![
             tile(0, 0),
             tile(0, 1),
@@ -198,7 +198,12 @@ mod tests {
         }
         let mut signals = Signals::default();
         signals.insert("attention_received", received.insert_axis(ndarray::Axis(1)));
-        let f = Array2::from_elem((80, 4), 1.0f32);
+        (views, signals, Array2::from_elem((80, 4), 1.0f32))
+    }
+
+    #[test]
+    fn budgets_are_kept_exactly() {
+        let (views, signals, f) = quadrant_scene();
         for budget in [Budget::Count(2), Budget::Count(5), Budget::Count(63), Budget::Count(79), Budget::Ratio(0.3)] {
             let cfg = SelectConfig { method: "globalcom2".into(), budget, ..Default::default() };
             let sel = Selector::new(cfg)
@@ -213,21 +218,7 @@ mod tests {
 
     #[test]
     fn the_tile_the_thumbnail_looks_at_keeps_the_most() {
-        let views = vec![
-            tile(0, 0),
-            tile(0, 1),
-            tile(1, 0),
-            tile(1, 1),
-            View { kind: ViewKind::Global, tokens: 16, grid: (4, 4), region: [0.0, 0.0, 1.0, 1.0] },
-        ];
-        // Thumbnail attention concentrated on its top-right quadrant (tile 0,1).
-        let mut received = Array1::from_elem(80, 1.0f32);
-        for t in [2, 3, 6, 7] {
-            received[64 + t] = 40.0;
-        }
-        let mut signals = Signals::default();
-        signals.insert("attention_received", received.insert_axis(ndarray::Axis(1)));
-        let f = Array2::from_elem((80, 4), 1.0f32);
+        let (views, signals, f) = quadrant_scene();
         let cfg = SelectConfig { method: "globalcom2".into(), budget: Budget::Ratio(0.25), ..Default::default() };
         let sel = Selector::new(cfg)
             .unwrap()
