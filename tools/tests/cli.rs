@@ -290,6 +290,12 @@ fn inspect_reports_a_folder_that_cannot_load() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let problems = v["problems"].as_array().cloned().unwrap_or_default();
     assert!(problems.iter().any(|p| p.as_str().is_some_and(|s| s.contains("image_newline"))), "{v}");
+    // a part variant that is a directory is listed too, not left out silently
+    std::fs::create_dir(dir.join("onnx/decoder_model_merged_fp16.onnx")).unwrap();
+    let out = glimpse().args(["inspect", "--json", "--model"]).arg(&dir).output().expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let problems = v["problems"].as_array().cloned().unwrap_or_default();
+    assert!(problems.iter().any(|p| p.as_str().is_some_and(|s| s.contains("directory"))), "{v}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

@@ -25,6 +25,15 @@ pub fn run(args: Args) -> Result<()> {
     // what would stop the folder from loading, found without loading it
     let mut problems: Vec<String> = Vec::new();
     for part in Part::ALL {
+        // a variant that exists but is no regular file (directory, FIFO, broken or looping link)
+        for dtype in glimpse_runtime::Dtype::ALL {
+            let path = folder.part_file(part, dtype);
+            if std::fs::symlink_metadata(&path).is_ok() && !path.is_file() {
+                if let Err(e) = folder.part_path(part, dtype) {
+                    problems.push(e.to_string());
+                }
+            }
+        }
         let mut variants = Vec::new();
         for dtype in folder.variants(part) {
             let path = folder.part_file(part, dtype);
