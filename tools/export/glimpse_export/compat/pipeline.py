@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import onnx
 
-from ..common import MAX_NEW_TOKENS, PROMPT, REPO_ROOT, ExportError, Timer, log, seed_everything
+from ..common import REPO_ROOT, ExportError, Timer, log, seed_everything
 from ..folder import write_export_info
 from ..images import IMAGE_SIZES, pixels_equal, write_images
 from ..parity import compute_case
-from ..tiny.fixtures import write_fixtures, write_tensor
+from ..tiny.fixtures import case_json, write_fixtures
 from . import styles as styles_mod
 from .build import build, save_hf_files
 from .export import export_style, finalize_style
@@ -60,24 +59,8 @@ def _du(path: Path) -> int:
 
 
 def _case_json(c, fx: Path, ort_ids: dict) -> dict:
-    tensors = {}
-    for key in ("pixel_values", "pixel_attention_mask", "image_features", "logits"):
-        if key in c.tensors:
-            dtype = "u8" if key == "pixel_attention_mask" else "f32"
-            tensors[key] = write_tensor(fx, f"{c.name}.{key}.bin", c.tensors[key], dtype)
-    return {
-        "name": c.name,
-        "image": os.path.relpath(c.image_path, fx).replace(os.sep, "/"),
-        "prompt": PROMPT,
-        "prompt_text": c.prompt_text,
-        "input_ids": c.input_ids,
-        "generated_ids": c.generated_ids,
-        **{key: ids[c.name] for key, ids in ort_ids.items()},
-        "max_new_tokens": MAX_NEW_TOKENS,
-        "layout": c.layout,
-        **({"image_sizes": c.torch_inputs["image_sizes"].tolist()} if "image_sizes" in c.torch_inputs else {}),
-        "tensors": tensors,
-    }
+    sizes = {"image_sizes": c.torch_inputs["image_sizes"].tolist()} if "image_sizes" in c.torch_inputs else {}
+    return case_json(c, fx, after_ids={key: ids[c.name] for key, ids in ort_ids.items()}, after_layout=sizes)
 
 
 def run_style(style, root: Path, images: dict[str, Path]) -> dict:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from .. import families
-from ..common import MAX_NEW_TOKENS, PROMPT, REPO_ROOT, Timer, log, seed_everything
+from ..common import REPO_ROOT, Timer, log, seed_everything
 from ..folder import save_folder, write_export_info
 from ..images import write_images
 from ..onnx_parts import export_all
 from ..parity import compute_case, self_check
-from .fixtures import write_fixtures, write_tensor
+from .fixtures import case_json, write_fixtures
 
 MODEL_FILES = (
     "config.json",
@@ -66,25 +65,7 @@ def run_tiny(family: str, out: Path, seed: int, images_dir: Path | None = None) 
 
     fx = out / "fixtures"
     fx.mkdir(parents=True, exist_ok=True)
-    jcases = []
-    for c in cases:
-        tensors = {}
-        for key in ("pixel_values", "pixel_attention_mask", "image_features", "logits"):
-            if key in c.tensors:
-                dtype = "u8" if key == "pixel_attention_mask" else "f32"
-                tensors[key] = write_tensor(fx, f"{c.name}.{key}.bin", c.tensors[key], dtype)
-        jcases.append({
-            "name": c.name,
-            "image": os.path.relpath(c.image_path, fx).replace(os.sep, "/"),
-            "prompt": PROMPT,
-            "prompt_text": c.prompt_text,
-            "input_ids": c.input_ids,
-            "generated_ids": c.generated_ids,
-            "max_new_tokens": MAX_NEW_TOKENS,
-            "layout": c.layout,
-            "tensors": tensors,
-        })
-    write_fixtures(fx, spec.family, jcases)
+    write_fixtures(fx, spec.family, [case_json(c, fx) for c in cases])
     write_export_info(out, bundle)
     for line in report:
         log(f"[tiny]   {line}")
