@@ -119,7 +119,7 @@ pub fn settle(asked: &Asked, opts: &BackendOptions) -> Result<(Applied, BackendO
     opts.threads = threads.value;
     let backend = match &asked.backend {
         Some(b) => Choice::new(b.clone(), Source::Flag),
-        None => profile_backend(profile, &|b| backend::by_name(b, &opts).map(drop))?,
+        None => profile_backend(profile, &|b| backend::can_start(b, &opts))?,
     };
     let (prune, method_from_profile) = match &asked.prune {
         Some(m) => (Choice::new(m.clone(), Source::Flag), false),

@@ -283,6 +283,9 @@ pub struct BackendSpec {
     /// `BackendOptions` fields it reads.
     pub options: &'static [&'static str],
     pub make: fn(&BackendOptions) -> Result<Box<dyn Backend>>,
+    /// Whether it can start with these options, without building it (ONNX Runtime: its library
+    /// loads; tract: always). Target profiles use it to pick their first usable backend.
+    pub starts: fn(&BackendOptions) -> Result<()>,
 }
 
 impl fmt::Debug for BackendSpec {
@@ -305,6 +308,7 @@ const ORT: BackendSpec = BackendSpec {
     compiled: false,
     options: &[],
     make: |_| Err(Error::invalid("backend", "ort", "this build lacks the `ort` feature")),
+    starts: |_| Err(Error::invalid("backend", "ort", "this build lacks the `ort` feature")),
 };
 
 /// The registry, in the order `--help` lists them: one line per backend.
@@ -318,6 +322,14 @@ pub fn available() -> Vec<&'static str> {
 /// The registered backend called `name` (compiled in or not).
 pub fn spec(name: &str) -> Option<&'static BackendSpec> {
     BACKENDS.iter().find(|b| b.name == name)
+}
+
+/// Whether the backend registered under `name` can start with `opts`.
+pub fn can_start(name: &str, opts: &BackendOptions) -> Result<()> {
+    match spec(name) {
+        Some(b) if b.compiled => (b.starts)(opts),
+        _ => by_name(name, opts).map(drop),
+    }
 }
 
 /// The backend registered under `name`, constructed with `opts`.

@@ -24,15 +24,21 @@ pub const SPEC: super::BackendSpec = super::BackendSpec {
     feature: Some("ort"),
     compiled: true,
     options: &["ort_library", "threads", "execution_providers", "engine_cache"],
-    make: |opts| {
-        Ok(Box::new(OrtBackend::new(&OrtOptions {
+    make: |opts| Ok(Box::new(OrtBackend::new(&OrtOptions::from(opts))?)),
+    // the library loads once per process; construction holds no session
+    starts: |opts| OrtBackend::new(&OrtOptions::from(opts)).map(drop),
+};
+
+impl From<&super::BackendOptions> for OrtOptions {
+    fn from(opts: &super::BackendOptions) -> Self {
+        OrtOptions {
             library: opts.ort_library.clone(),
             threads: opts.threads,
             execution_providers: opts.execution_providers.clone(),
             engine_cache: opts.engine_cache.clone(),
-        })?))
-    },
-};
+        }
+    }
+}
 
 /// How to find and configure ONNX Runtime.
 #[derive(Debug, Clone, Default)]

@@ -48,6 +48,7 @@ pub const SPEC: super::BackendSpec = super::BackendSpec {
     compiled: true,
     options: &["threads"],
     make: |opts| Ok(Box::new(TractBackend::new(opts.threads)?)),
+    starts: |_| Ok(()),
 };
 
 impl Backend for TractBackend {

@@ -101,24 +101,25 @@ impl Pipeline {
                 ));
             }
         }
-        let backend = backend::by_name(&opts.backend, &opts.backend_options)?;
         let dtypes: Vec<(Part, Dtype)> = manifest
             .parts
             .iter()
             .map(|e| (e.role, opts.part_dtypes.iter().find(|(p, _)| *p == e.role).map_or(opts.dtype, |(_, d)| *d)))
             .collect();
-        for &(part, dtype) in &dtypes {
-            folder.part_path(part, dtype)?;
-        }
+        // every file resolved and the memory budget checked before a backend starts or loads
+        let paths: Vec<(Part, std::path::PathBuf)> =
+            dtypes.iter().map(|&(part, dtype)| Ok((part, folder.part_path(part, dtype)?))).collect::<Result<_>>()?;
         crate::memory::check(&folder, &dtypes, opts.max_memory)?;
+        let backend = backend::by_name(&opts.backend, &opts.backend_options)?;
         let load = |part: Part| -> Result<Box<dyn Session>> {
-            let dtype = dtypes.iter().find(|(p, _)| *p == part).map_or(opts.dtype, |(_, d)| *d);
-            let path = folder.part_path(part, dtype)?;
+            let path = paths.iter().find(|(p, _)| *p == part).map(|(_, path)| path).ok_or_else(|| {
+                Error::field(folder.path("glimpse.json"), "parts", format!("no part with role `{}`", part.role()))
+            })?;
             let hints = match part {
                 Part::VisionEncoder => family.encoder_hints(),
                 Part::EmbedTokens | Part::Decoder => crate::generate::text_hints(),
             };
-            backend.load(&path, &folder.root, part.stem(), &hints)
+            backend.load(path, &folder.root, part.stem(), &hints)
         };
         let vision = load(Part::VisionEncoder)?;
         family.check_encoder(vision.outputs())?;
