@@ -315,3 +315,20 @@ fn max_memory_takes_units() {
     let out = run("1.5Q");
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
 }
+
+/// `--help` shows every registered method with where it acts, what it reads and its knobs, and
+/// every backend with its options; `inspect` describes the manifest's signals.
+#[test]
+fn registries_drive_help_and_inspect() {
+    let out = glimpse().args(["ask", "--help"]).output().expect("run");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for want in ["recoverable:", "globalcom2:", "after the encoder", "reads text", "knobs: lambda", "options: threads"]
+    {
+        assert!(help.contains(want), "{want} missing from ask --help");
+    }
+    let out = glimpse().args(["inspect", "--json", "--model", "models/testbed-llava"]).output().expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let signals = v["signals"].as_array().expect("signals");
+    assert_eq!(signals.len(), 3, "{v}");
+    assert!(signals.iter().all(|s| s["what"].as_str().is_some_and(|w| w != "unknown signal")), "{v}");
+}

@@ -288,6 +288,17 @@ pub struct BackendSpec {
     pub starts: fn(&BackendOptions) -> Result<()>,
 }
 
+impl BackendSpec {
+    /// The one-line help: what it is and the options it reads.
+    pub fn help(&self) -> String {
+        if self.options.is_empty() {
+            self.summary.to_string()
+        } else {
+            format!("{} (options: {})", self.summary, self.options.join(", "))
+        }
+    }
+}
+
 impl fmt::Debug for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackendSpec")

@@ -10,7 +10,7 @@ use crate::error::Result;
 pub const SPEC: super::MethodSpec = super::MethodSpec {
     name: "divprune",
     summary: "DivPrune: max-min diversity (k-centre) on feature cosine",
-    uses: "-",
+    uses: "features only",
     params: &[],
     acts: super::Acts::AfterEncoder,
     make: || Box::new(DivPrune),

@@ -125,6 +125,17 @@ pub enum Acts {
     AfterEncoder,
 }
 
+impl Acts {
+    /// Where, in words (for `--help`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Acts::BeforeEncoder => "before the encoder",
+            Acts::InsideEncoder => "inside the encoder",
+            Acts::AfterEncoder => "after the encoder",
+        }
+    }
+}
+
 /// A registered selection method: what `--prune` accepts and what its help says.
 #[derive(Clone, Copy)]
 pub struct MethodSpec {
@@ -146,13 +157,22 @@ impl fmt::Debug for MethodSpec {
     }
 }
 
+impl MethodSpec {
+    /// The one-line help: what it does, where it acts, what it reads, its own knobs.
+    pub fn help(&self) -> String {
+        let knobs = if self.params.is_empty() { String::new() } else { format!("; knobs: {}", self.params.join(", ")) };
+        format!("{} ({}; reads {}{knobs})", self.summary, self.acts.name(), self.uses)
+    }
+}
+
 /// Keeping every token: the default, handled by [`Selector`] itself.
 pub const NONE: MethodSpec = MethodSpec {
     name: "none",
     summary: "keep every visual token",
-    uses: "-",
+    uses: "features only",
     params: &[],
     acts: Acts::AfterEncoder,
+    // never called: `Selector` keeps everything itself for `none`
     make: || Box::new(random::Random),
 };
 

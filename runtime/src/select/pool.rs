@@ -11,7 +11,7 @@ use crate::error::Result;
 pub const SPEC: super::MethodSpec = super::MethodSpec {
     name: "pool",
     summary: "2-D average pooling of each view's patch grid (baseline)",
-    uses: "-",
+    uses: "features only",
     params: &[],
     acts: super::Acts::AfterEncoder,
     make: || Box::new(Pool),

@@ -11,7 +11,7 @@ use crate::error::Result;
 pub const SPEC: super::MethodSpec = super::MethodSpec {
     name: "random",
     summary: "seeded random subset (baseline)",
-    uses: "-",
+    uses: "features only",
     params: &["seed"],
     acts: super::Acts::AfterEncoder,
     make: || Box::new(Random),

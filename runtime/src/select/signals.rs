@@ -26,8 +26,6 @@ pub enum Layout {
 pub struct SignalSpec {
     /// Key in `glimpse.json`'s `signals` map and the name methods ask for.
     pub name: &'static str,
-    /// The encoder output `tools/export` writes it to.
-    pub default_output: &'static str,
     pub layout: Layout,
     /// What it is, for docs and errors.
     pub summary: &'static str,
@@ -37,22 +35,15 @@ pub struct SignalSpec {
 pub const SIGNALS: &[SignalSpec] = &[
     SignalSpec {
         name: "cls_attention",
-        default_output: "glimpse_cls_attention",
         layout: Layout::ViewsWidthTokens,
         summary: "head-averaged CLS→patch attention of the last layers before the final one (CLIP towers)",
     },
     SignalSpec {
         name: "attention_received",
-        default_output: "glimpse_attention_received",
         layout: Layout::Rows,
         summary: "attention each token receives, heads and queries averaged",
     },
-    SignalSpec {
-        name: "keys",
-        default_output: "glimpse_keys",
-        layout: Layout::Rows,
-        summary: "head-averaged keys of the feature layer",
-    },
+    SignalSpec { name: "keys", layout: Layout::Rows, summary: "head-averaged keys of the feature layer" },
 ];
 
 /// The registered signal called `name`.

@@ -13,7 +13,7 @@ use crate::error::Result;
 pub const SPEC: super::MethodSpec = super::MethodSpec {
     name: "todre",
     summary: "ToDRE: max-sum diversity from a CLS-attention (else seeded) pivot",
-    uses: "cls_attention (optional)",
+    uses: "features, cls_attention (optional)",
     params: &["seed"],
     acts: super::Acts::AfterEncoder,
     make: || Box::new(ToDre),

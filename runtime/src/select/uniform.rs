@@ -7,7 +7,7 @@ use crate::error::Result;
 pub const SPEC: super::MethodSpec = super::MethodSpec {
     name: "uniform",
     summary: "evenly strided tokens in raster order (baseline)",
-    uses: "-",
+    uses: "features only",
     params: &[],
     acts: super::Acts::AfterEncoder,
     make: || Box::new(Uniform),

@@ -53,6 +53,16 @@ pub fn run(args: Args) -> Result<()> {
         }
         parts.push(serde_json::json!({ "part": part.stem(), "variants": variants }));
     }
+    // pruning signals the manifest names, described by the signal registry
+    let signals: Vec<serde_json::Value> = folder
+        .manifest
+        .signals
+        .iter()
+        .map(|(name, output)| {
+            let what = glimpse_runtime::select::signals::spec(name).map_or("unknown signal", |s| s.summary);
+            serde_json::json!({"signal": name, "output": output, "what": what})
+        })
+        .collect();
     let report = serde_json::json!({
         "model": folder.root,
         "model_type": folder.model_type()?,
@@ -62,6 +72,7 @@ pub fn run(args: Args) -> Result<()> {
         "eos_token_ids": folder.eos_token_ids(),
         "chat_template": tokenizer.has_chat_template(),
         "parts": parts,
+        "signals": signals,
         "problems": problems,
     });
     if args.json {
@@ -72,6 +83,14 @@ pub fn run(args: Args) -> Result<()> {
     out!("model_type   {} (family {})", folder.model_type()?, fam.name());
     out!("context      {context} tokens; image token id {}; eos {:?}", fam.image_token_id(), folder.eos_token_ids());
     out!("chat template {}", if tokenizer.has_chat_template() { "yes" } else { "no (family fallback)" });
+    for s in &signals {
+        out!(
+            "signal       {} from output {}: {}",
+            s["signal"].as_str().unwrap_or_default(),
+            s["output"].as_str().unwrap_or_default(),
+            s["what"].as_str().unwrap_or_default()
+        );
+    }
     for p in &problems {
         out!("problem      {p}");
     }

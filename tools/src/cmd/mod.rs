@@ -105,7 +105,7 @@ pub fn backend_values() -> clap::builder::PossibleValuesParser {
         glimpse_runtime::backend::BACKENDS
             .iter()
             .filter(|b| b.compiled)
-            .map(|b| clap::builder::PossibleValue::new(b.name).help(b.summary)),
+            .map(|b| clap::builder::PossibleValue::new(b.name).help(b.help())),
     )
 }
 
@@ -176,7 +176,7 @@ impl ModelArgs {
 /// `--prune` values: every method of the selection registry, with its one-line summary.
 pub fn prune_values() -> clap::builder::PossibleValuesParser {
     clap::builder::PossibleValuesParser::new(
-        glimpse_runtime::select::METHODS.iter().map(|m| clap::builder::PossibleValue::new(m.name).help(m.summary)),
+        glimpse_runtime::select::METHODS.iter().map(|m| clap::builder::PossibleValue::new(m.name).help(m.help())),
     )
 }
 
