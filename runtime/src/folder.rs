@@ -154,6 +154,11 @@ impl ModelFolder {
         self.root.join("onnx").join(format!("{}{}.onnx", self.manifest.stem(part), dtype.suffix()))
     }
 
+    /// The file of a vision stage (`vision_blocks_0`) for a dtype, whether or not it exists.
+    pub fn stage_file(&self, stem: &str, dtype: Dtype) -> PathBuf {
+        self.root.join("onnx").join(format!("{stem}{}.onnx", dtype.suffix()))
+    }
+
     /// The dtype variants present for a part.
     pub fn variants(&self, part: Part) -> Vec<Dtype> {
         Dtype::ALL.into_iter().filter(|&d| self.part_file(part, d).is_file()).collect()

@@ -24,6 +24,7 @@ pub mod preprocess;
 pub mod profile;
 pub mod select;
 pub mod settings;
+pub mod split;
 pub mod text;
 
 pub use error::{Error, Result};

@@ -35,12 +35,80 @@ pub struct Manifest {
     /// The parts, in pipeline order.
     #[serde(default = "default_parts")]
     pub parts: Vec<PartEntry>,
+    /// The staged vision encoder, when the folder has one (`docs/stages.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Stages>,
     /// Signal name → vision-encoder output that carries it.
     #[serde(default)]
     pub signals: BTreeMap<String, String>,
     /// Export facts (`realsize`, seed, architecture, ...), free-form.
     #[serde(default)]
     pub export: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The vision encoder as stages: `embed` (pixels → the residual stream entering layer 0),
+/// groups of encoder layers whose token axis is dynamic, and `head` (the full grid → the
+/// monolithic encoder's outputs). Stems carry no dtype suffix; variants add the parts' suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stages {
+    pub embed: String,
+    pub blocks: Vec<BlockGroup>,
+    pub head: String,
+    /// What wrote them: `export` (tools/export, from the torch modules) or `split` (`glimpse split`,
+    /// by graph surgery on the monolithic file).
+    #[serde(default)]
+    pub made_by: String,
+}
+
+/// One `vision_blocks_K` file: its stem and the encoder layers `[first, end)` it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockGroup {
+    pub stem: String,
+    pub layers: [usize; 2],
+}
+
+impl Stages {
+    /// Every stem in run order: embed, the groups, head.
+    pub fn stems(&self) -> Vec<&str> {
+        let mut v = vec![self.embed.as_str()];
+        v.extend(self.blocks.iter().map(|b| b.stem.as_str()));
+        v.push(self.head.as_str());
+        v
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        if self.blocks.is_empty() {
+            return Err(Error::field(path, "stages.blocks", "lists no group of layers"));
+        }
+        let mut next = self.blocks[0].layers[0];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let [a, e] = b.layers;
+            if a != next || e <= a {
+                return Err(Error::field(
+                    path,
+                    format!("stages.blocks[{i}].layers"),
+                    format!("[{a}, {e}] must be a non-empty range starting where the previous group ended ({next})"),
+                ));
+            }
+            next = e;
+        }
+        for stem in self.stems() {
+            if !plain_stem(stem) {
+                return Err(Error::field(path, "stages", format!("stem `{stem}` must be a plain file stem")));
+            }
+        }
+        let stems = self.stems();
+        if let Some(dup) = stems.iter().enumerate().find_map(|(i, s)| stems[..i].contains(s).then_some(s)) {
+            return Err(Error::field(path, "stages", format!("stem `{dup}` listed twice")));
+        }
+        Ok(())
+    }
+}
+
+fn plain_stem(stem: &str) -> bool {
+    !stem.is_empty() && stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn one() -> u32 {
@@ -62,6 +130,7 @@ impl Default for Manifest {
             manifest_version: 1,
             kind: vlm(),
             parts: default_parts(),
+            stages: None,
             signals: BTreeMap::new(),
             export: Default::default(),
         }
@@ -103,12 +172,24 @@ impl Manifest {
             if self.parts[..i].iter().any(|q| q.role == p.role) {
                 return Err(Error::field(path, "parts", format!("role `{}` listed twice", p.role.role())));
             }
-            let ok = !p.stem.is_empty() && p.stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !ok {
+            if !plain_stem(&p.stem) {
                 return Err(Error::field(path, "parts", format!("stem `{}` must be a plain file stem", p.stem)));
             }
         }
+        if let Some(stages) = &self.stages {
+            stages.validate(path)?;
+        }
         Ok(())
+    }
+
+    /// Writes the manifest back as `glimpse.json` (the format of
+    /// `tools/export/glimpse_export/manifest.py`, its other writer): used by `glimpse split`.
+    pub fn save(&self, root: &Path) -> Result<()> {
+        let path = root.join("glimpse.json");
+        let mut text =
+            serde_json::to_string_pretty(self).map_err(|source| Error::Json { path: path.clone(), source })?;
+        text.push('\n');
+        std::fs::write(&path, text).map_err(|source| Error::Io { path, source })
     }
 
     /// The file stem of a part.
@@ -153,6 +234,28 @@ mod tests {
         .unwrap();
         assert_eq!(m.stem(Part::Decoder), "decoder_model");
         assert!(m.is_realsize());
+    }
+
+    #[test]
+    fn stages_are_read_and_checked() {
+        let stages = r#""stages": {"embed": "vision_embed", "blocks": [{"stem": "vision_blocks_0", "layers": [0, 1]},
+            {"stem": "vision_blocks_1", "layers": [1, 2]}], "head": "vision_head", "made_by": "export"}"#;
+        let m = parse(&format!("{{{stages}}}")).unwrap();
+        let s = m.stages.as_ref().unwrap();
+        assert_eq!(s.stems(), ["vision_embed", "vision_blocks_0", "vision_blocks_1", "vision_head"]);
+        let tmp = tempfile::tempdir().unwrap();
+        m.save(tmp.path()).unwrap();
+        assert_eq!(Manifest::load(tmp.path()).unwrap(), m);
+        for (bad, field) in [
+            (stages.replace("[1, 2]", "[2, 3]"), "stages.blocks[1].layers"),
+            (stages.replace("[0, 1]", "[0, 0]"), "stages.blocks[0].layers"),
+            (stages.replace("vision_head", "../head"), "../head"),
+            (stages.replace("vision_head", "vision_embed"), "listed twice"),
+            (stages.replace("\"made_by\"", "\"made\""), "made"),
+        ] {
+            let e = parse(&format!("{{{bad}}}")).unwrap_err().to_string();
+            assert!(e.contains("glimpse.json") && e.contains(field), "{bad}: {e}");
+        }
     }
 
     #[test]

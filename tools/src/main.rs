@@ -25,6 +25,9 @@ enum Command {
     Profile(cmd::profile::Args),
     /// Write quantized dtype variants (fp16, int8, q4, ...) next to a model's fp32 parts.
     Quantize(cmd::quantize::Args),
+    /// Cut a monolithic vision encoder into stages (embed, groups of layers, head), verified
+    /// against it before writing.
+    Split(cmd::split::Args),
     /// Show the detected device, the target profile in use, and what each profile picks.
     Targets(cmd::targets::Args),
     /// Describe a model folder: family, parts, dtype variants, inputs and outputs.
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Profile(a) => cmd::profile::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Split(a) => cmd::split::run(a),
         Command::Targets(a) => cmd::targets::run(a),
     };
     match result {

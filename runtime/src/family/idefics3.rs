@@ -30,6 +30,8 @@ pub struct Idefics3 {
     mean: [f32; 3],
     std: [f32; 3],
     image_seq_len: usize,
+    /// Patches per view entering the connector (`(tile / patch_size)²`), when config.json says.
+    grid: Option<usize>,
 }
 
 impl Idefics3 {
@@ -85,6 +87,11 @@ impl Idefics3 {
             mean: super::triple(folder, "image_mean", [0.5; 3])?,
             std: super::std_triple(folder, [0.5; 3])?,
             image_seq_len,
+            grid: folder
+                .config_usize(&["vision_config.patch_size"])
+                .ok()
+                .filter(|&p| p > 0 && tile % p == 0)
+                .map(|p| (tile / p).pow(2)),
         })
     }
 
@@ -245,6 +252,14 @@ impl super::Family for Idefics3 {
             .dim("pixel_attention_mask", 0, 1)
             .dim("pixel_attention_mask", 2, t)
             .dim("pixel_attention_mask", 3, t)
+    }
+
+    fn head_hints(&self) -> crate::backend::LoadHints {
+        // the connector's pixel shuffle reshapes by the grid side, which tract must know
+        match self.grid {
+            Some(n) => crate::backend::LoadHints::default().dim("hidden_states", 1, n),
+            None => crate::backend::LoadHints::default(),
+        }
     }
 
     fn planned_tokens(&self, width: u32, height: u32) -> Option<usize> {

@@ -137,6 +137,11 @@ pub trait Family: Send + Sync {
     fn encoder_hints(&self) -> crate::backend::LoadHints {
         crate::backend::LoadHints::default()
     }
+    /// What the folder fixes about a staged encoder's head input (`docs/stages.md`), for
+    /// backends that analyse shapes before running: its token count when the connector needs it.
+    fn head_hints(&self) -> crate::backend::LoadHints {
+        crate::backend::LoadHints::default()
+    }
     /// Whether large images become tiles plus a global view, which tile skipping needs.
     fn splits_into_tiles(&self) -> bool {
         false

@@ -2,8 +2,11 @@
 //! packing, the registered pruning signals; and tile skipping, which encodes the global view
 //! first and then only the tiles [`crate::select::tiles`] chooses.
 
+use std::time::Duration;
+
 use ndarray::{Array2, Axis};
 
+use super::vision::{EncoderHook, NoReduction, VisionRun};
 use super::Pipeline;
 use crate::backend::{NamedOutputs, Tensor};
 use crate::error::{Error, Result};
@@ -18,11 +21,20 @@ pub struct Encoded {
     pub features: Array2<f32>,
     /// Signals read from the extra outputs named in the manifest (text is added later).
     pub signals: Signals,
+    /// Wall time of each encoder stage run (`vision_embed`, `vision_blocks_K`, `vision_head`; or
+    /// `vision_encoder`), summed over runs when tile skipping encodes twice.
+    pub stages: Vec<(String, Duration)>,
 }
 
 impl Pipeline {
     /// Encoder inputs → feature rows `[N, d]` (views concatenated) plus signals.
     pub fn encode(&self, input: &VisionInput) -> Result<Encoded> {
+        self.encode_with(input, &mut NoReduction)
+    }
+
+    /// [`Pipeline::encode`] with a hook between the staged encoder's groups of layers (a
+    /// monolithic encoder never calls it).
+    pub fn encode_with(&self, input: &VisionInput, hook: &mut dyn EncoderHook) -> Result<Encoded> {
         let mut given: Vec<(&str, Tensor)> = Vec::new();
         for info in self.vision.inputs() {
             let t = input.tensors.iter().find(|(n, _)| *n == info.name).ok_or_else(|| {
@@ -33,7 +45,7 @@ impl Pipeline {
             })?;
             given.push((info.name.as_str(), t.1.clone()));
         }
-        let mut outputs = NamedOutputs::new(self.vision.outputs(), self.vision.run(given)?);
+        let VisionRun { mut outputs, stages } = self.vision.run(given, hook)?;
         let first = outputs.first_name().unwrap_or_default();
         let feats = outputs
             .take("image_features")
@@ -57,7 +69,7 @@ impl Pipeline {
             feats.into_shape_with_order((n, d)).map_err(|e| Error::interface("vision_encoder", e.to_string()))?;
         let features = self.family.pack(input, features, &mut outputs)?;
         let signals = self.read_signals(&mut outputs, input)?;
-        Ok(Encoded { features, signals })
+        Ok(Encoded { features, signals, stages })
     }
 
     /// Reshapes the extra encoder outputs named in the manifest into per-row signals, each by its
@@ -130,6 +142,13 @@ impl Pipeline {
         frames.push(g);
         let mut reduced = input.subset(&frames);
         reduced.views = views;
-        Ok((reduced, Encoded { features, signals: Signals::concat(&signals) }))
+        let mut stages = global.stages.clone();
+        for (name, took) in encoded_tiles.iter().flat_map(|e| &e.stages) {
+            match stages.iter_mut().find(|(n, _)| n == name) {
+                Some((_, t)) => *t += *took,
+                None => stages.push((name.clone(), *took)),
+            }
+        }
+        Ok((reduced, Encoded { features, signals: Signals::concat(&signals), stages }))
     }
 }

@@ -10,6 +10,7 @@ mod options;
 mod prompt;
 mod request;
 mod stats;
+mod vision;
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,6 +32,7 @@ pub use options::{PipelineOptions, Positions};
 pub use prompt::{original_positions, Prepared};
 pub use request::{ImageInput, Observer, OnText, Quiet, Request, Stage};
 pub use stats::{Answer, GenerationStats, KeptLayout, StageTimes};
+pub use vision::{Between, EncoderForm, EncoderHook, Group, NoReduction, VisionEncoder, VisionRun};
 
 /// An image preprocessed and encoded once (see [`Pipeline::encode_image`]), with the measured
 /// preprocess and encode times.
@@ -42,13 +44,52 @@ pub struct EncodedImage {
     encode: Duration,
 }
 
+fn part_dtype(dtypes: &[(Part, Dtype)], part: Part) -> Dtype {
+    dtypes.iter().find(|(p, _)| *p == part).map_or(Dtype::Fp32, |(_, d)| *d)
+}
+
+/// The staged encoder's files `(stem, path)` in run order when `form` asks for them and the
+/// folder has them (`Auto`: when listed, present for `dtype` and carrying the manifest's signals).
+fn staged_files(
+    folder: &ModelFolder,
+    dtype: Dtype,
+    form: EncoderForm,
+) -> Result<Option<Vec<(String, std::path::PathBuf)>>> {
+    let stages = match (&folder.manifest.stages, form) {
+        (_, EncoderForm::Monolithic) => return Ok(None),
+        (None, EncoderForm::Auto) => return Ok(None),
+        (None, EncoderForm::Staged) => {
+            return Err(Error::field(
+                folder.path("glimpse.json"),
+                "stages",
+                "the folder lists no staged vision encoder (make one with `glimpse split --model DIR`)",
+            ))
+        }
+        (Some(s), _) => s,
+    };
+    // signals come from the monolithic encoder's extra outputs, which the stages do not carry
+    if form == EncoderForm::Auto && !folder.manifest.signals.is_empty() {
+        return Ok(None);
+    }
+    let files: Vec<_> = stages
+        .stems()
+        .into_iter()
+        .map(|stem| (format!("{stem}{}", dtype.suffix()), folder.stage_file(stem, dtype)))
+        .collect();
+    match files.iter().find(|(_, p)| !p.is_file()) {
+        None => Ok(Some(files)),
+        Some(_) if form == EncoderForm::Auto => Ok(None),
+        Some((_, p)) => Err(Error::MissingFile { path: p.clone(), what: format!("vision stage ({dtype})") }),
+    }
+}
+
 /// A loaded model ready to answer.
 pub struct Pipeline {
     pub folder: ModelFolder,
     pub family: Box<dyn Family>,
     pub tokenizer: TextTokenizer,
     backend_name: &'static str,
-    vision: Box<dyn Session>,
+    vision: VisionEncoder,
     embed: Box<dyn Session>,
     decoder: Box<dyn Session>,
     decoder_io: DecoderIo,
@@ -121,8 +162,41 @@ impl Pipeline {
             };
             backend.load(path, &folder.root, part.stem(), &hints)
         };
-        let vision = load(Part::VisionEncoder)?;
+        let vision = match staged_files(&folder, part_dtype(&dtypes, Part::VisionEncoder), opts.encoder)? {
+            None => VisionEncoder::Monolithic(load(Part::VisionEncoder)?),
+            Some(files) => {
+                let stages =
+                    manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
+                let (hints, head_hints) = (family.encoder_hints(), family.head_hints());
+                let none = crate::backend::LoadHints::default();
+                let mut sessions = Vec::with_capacity(files.len());
+                for (k, (stem, path)) in files.iter().enumerate() {
+                    let h = match k {
+                        0 => &hints,
+                        k if k + 1 == files.len() => &head_hints,
+                        _ => &none,
+                    };
+                    sessions.push(backend.load(path, &folder.root, stem, h)?);
+                }
+                let head = sessions.pop().ok_or_else(|| Error::interface("vision stages", "no head"))?;
+                let mut rest = sessions.into_iter();
+                let embed = rest.next().ok_or_else(|| Error::interface("vision stages", "no embed stage"))?;
+                let groups = rest.zip(&stages.blocks).map(|(session, b)| Group { session, layers: b.layers }).collect();
+                let v = VisionEncoder::Staged { embed, groups, head };
+                let stems: Vec<&str> = files.iter().map(|(s, _)| s.as_str()).collect();
+                v.check(&stems)?;
+                v
+            }
+        };
         family.check_encoder(vision.outputs())?;
+        for (signal, output) in &signal_outputs {
+            if !vision.outputs().iter().any(|o| &o.name == output) {
+                return Err(Error::interface(
+                    "vision_encoder",
+                    format!("glimpse.json names output `{output}` for signal `{signal}`, which the encoder lacks"),
+                ));
+            }
+        }
         let embed = load(Part::EmbedTokens)?;
         let decoder = load(Part::Decoder)?;
         let decoder_io = DecoderIo::new(decoder.as_ref(), &folder)?;
@@ -150,7 +224,12 @@ impl Pipeline {
 
     /// The dtype variant loaded for a part.
     pub fn part_dtype(&self, part: Part) -> Dtype {
-        self.dtypes.iter().find(|(p, _)| *p == part).map_or(Dtype::Fp32, |(_, d)| *d)
+        part_dtype(&self.dtypes, part)
+    }
+
+    /// Whether the vision encoder runs as stages (`docs/stages.md`).
+    pub fn encoder_is_staged(&self) -> bool {
+        self.vision.is_staged()
     }
 
     /// The parts loaded, with their dtype variants, in pipeline order.

@@ -30,6 +30,8 @@ pub struct PipelineOptions {
     pub image_limits: ImageLimits,
     /// Memory budget in bytes checked before loading (`None`: what the machine has free).
     pub max_memory: Option<u64>,
+    /// Monolithic or staged vision encoder.
+    pub encoder: super::EncoderForm,
 }
 
 impl Default for PipelineOptions {
@@ -44,6 +46,7 @@ impl Default for PipelineOptions {
             tiles: None,
             image_limits: ImageLimits::default(),
             max_memory: None,
+            encoder: super::EncoderForm::Auto,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod overlay;
 pub mod plot;
 pub mod profile;
 pub mod quantize;
+pub mod split;
 pub mod targets;
 
 use std::path::PathBuf;
@@ -71,6 +72,11 @@ pub struct ModelArgs {
     /// loading against the parts' size (default: the cgroup limit or MemAvailable).
     #[arg(long, value_parser = parse_bytes)]
     pub max_memory: Option<u64>,
+    /// Vision encoder form: `staged` runs the stages glimpse.json lists (vision_embed, groups of
+    /// layers, vision_head; made by the export or `glimpse split`), `monolithic` the single
+    /// vision_encoder file, `auto` the stages when the folder has them for the dtype.
+    #[arg(long, default_value = "auto")]
+    pub encoder: glimpse_runtime::pipeline::EncoderForm,
 }
 
 /// `--dtype`: a default (a dtype or `auto`) and per-part overrides (`decoder=int8`).
@@ -168,6 +174,7 @@ impl ModelArgs {
             tiles: select.tiles.map(|budget| TileSkip { budget, skipped: select.skipped_tiles }),
             backend_options,
             max_memory: self.max_memory,
+            encoder: self.encoder,
         };
         Ok((opts, applied))
     }
