@@ -34,12 +34,18 @@ def add_tiny(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--images", type=Path, default=None,
                    help="where the test images are written (default: OUT/../images)")
+    add_stage_groups(p)
+
+
+def add_stage_groups(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage-groups", type=int, default=2, metavar="N",
+                   help="encoder layer groups of the staged vision encoder (vision_blocks_0..N-1; docs/stages.md)")
 
 
 def cmd_tiny(args, ap) -> int:
     from .tiny.pipeline import run_tiny
 
-    res = run_tiny(args.family, args.out, args.seed, args.images)
+    res = run_tiny(args.family, args.out, args.seed, args.images, args.stage_groups)
     print(f"tiny {args.family}: wrote {args.out} in {res['seconds']:.1f}s")
     for line in res["report"]:
         print(f"  {line}")
@@ -184,19 +190,21 @@ def add_realsize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="model folder (default: models/real/ARCH)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+    add_stage_groups(p)
 
 
 def cmd_realsize(args, ap) -> int:
     from .realsize.export import run_realsize
 
-    return _print_json(run_realsize(args.arch, args.out, args.seed, args.threads))
+    return _print_json(run_realsize(args.arch, args.out, args.seed, args.threads, args.stage_groups))
 
 
 def add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--to", required=True, help="comma-separated: fp16,int8,uint8,quantized,q4,q4f16")
     p.add_argument("--parts", default=None,
-                   help="comma-separated (default: vision_encoder,embed_tokens,decoder_model_merged)")
+                   help="comma-separated (default: vision_encoder,embed_tokens,decoder_model_merged and the "
+                        "stage files named by glimpse.json)")
     p.add_argument("--external-data", choices=["auto", "always"], default="auto",
                    help="auto: <file>.onnx_data only when a file would reach 2 GB")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime self-check against the fp32 parts")

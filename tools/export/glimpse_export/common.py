@@ -7,6 +7,7 @@ Importing this module sets the offline / threading environment variables, so it 
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,12 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Needed by torch.use_deterministic_algorithms for some CUDA paths; harmless on CPU.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# x86-64: the same float kernels on AVX2 and AVX-512 machines. torch's own kernels (ATen) and oneDNN's pick their
+# code path by CPU; on an AVX-512 CPU the committed fixtures (made on AVX2) came out ~1e-6 off (image_features,
+# logits). Capping both at AVX2 reproduces them bit for bit there too (MKL's choice made no difference).
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_SEED = 0

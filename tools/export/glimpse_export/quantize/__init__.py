@@ -1,6 +1,9 @@
 """``quantize``: onnx-community dtype variants of a model folder's ONNX parts (transformers.js ``scripts/quantize.py``).
 
-For each part ``DIR/onnx/<part>.onnx`` (fp32) this writes ``DIR/onnx/<part>_<suffix>.onnx`` next to it:
+For each part ``DIR/onnx/<part>.onnx`` (fp32) this writes ``DIR/onnx/<part>_<suffix>.onnx`` next to it. The parts
+are, unless ``--parts`` names others, the three onnx-community parts and the staged vision encoder's files named by
+``glimpse.json`` ``stages`` (``vision_embed``, ``vision_blocks_K``, ``vision_head``: the same conversion as the
+parts, so ``vision_blocks_0_fp16`` goes with ``vision_encoder_fp16``):
 
 * ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` (graph I/O stays f32),
   op block list = onnxruntime's default (it keeps ``Range``, ``CumSum``, ``Min``, ``Max``, ``TopK``, ``Upsample``, ...
@@ -11,7 +14,8 @@ For each part ``DIR/onnx/<part>.onnx`` (fp32) this writes ``DIR/onnx/<part>_<suf
   ``extra_options = {EnableSubgraph: True, MatMulConstBOnly: True}`` as transformers.js sets them, so only MatMuls
   with a constant weight are quantized, never Q @ K^T). ``quantized`` picks the weight type the way transformers.js
   does: QUInt8 when the part contains ``Conv`` / ``GroupQueryAttention`` / ``MultiHeadAttention`` (onnxruntime-web
-  has no int8-weight ConvInteger), QInt8 otherwise.
+  has no int8-weight ConvInteger), QInt8 otherwise. A stage file gets its ``vision_encoder``'s weight type (the
+  same conversion as the part it comes from, whether or not the stage itself holds the patch Conv).
 * ``q4``: ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric, accuracy_level None) -> ``com.microsoft.MatMulNBits``
   for MatMuls with a constant weight; nothing else changes.
 * ``q4f16``: ``q4`` and then the ``fp16`` conversion.

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 # -------------------------------------------------------------------------------------------------------- self-check
 _DIMS = {"batch_size": 1, "batch": 1, "num_images": 2, "sequence_length": 6, "seq": 6,
-         "past_sequence_length": 4, "past": 4}
+         "past_sequence_length": 4, "past": 4, "views": 2, "tokens": 5}  # views / tokens: vision_blocks_K
 
 
 def _np_dtype(ort_type: str):
@@ -40,7 +40,8 @@ def _session(path: Path, opt: str):
 
 
 def sample_inputs(sess, part: str, onnx_dir: Path, vocab: int, seed: int = 0) -> dict:
-    """Seeded synthetic inputs from the session's input metadata (dims: batch 1, 2 tiles, seq 6, past 4)."""
+    """Seeded synthetic inputs from the session's input metadata (dims: batch 1, 2 tiles, seq 6, past 4; stage files:
+    2 views, 5 tokens where the axis is symbolic)."""
     rng = np.random.default_rng(seed)
     dims = dict(_DIMS)
     dims["total_sequence_length"] = dims["sequence_length"] + dims["past_sequence_length"]
@@ -56,6 +57,8 @@ def sample_inputs(sess, part: str, onnx_dir: Path, vocab: int, seed: int = 0) ->
         elif name == "position_ids":
             p, s = dims["past_sequence_length"], dims["sequence_length"]
             feeds[name] = np.broadcast_to(np.arange(p, p + s), shape).astype(dt).copy()
+        elif name == "attention_bias":  # vision_blocks_K: log of ToMe-like token sizes 1..4
+            feeds[name] = np.log(rng.integers(1, 5, shape)).astype(dt)
         elif name == "use_cache_branch":
             feeds[name] = np.ones(shape, dt)
         elif name == "inputs_embeds":

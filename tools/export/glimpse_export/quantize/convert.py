@@ -163,10 +163,11 @@ def to_q8(src: Path, weight_type: str, workdir: Path):
     return onnx.load(str(out))
 
 
-def convert(src: Path, mode: str, workdir: Path):
-    """Returns (model, notes)."""
+def convert(src: Path, mode: str, workdir: Path, like: Path | None = None):
+    """Returns (model, notes). ``like``: the file whose ops choose the ``quantized`` weight type (default ``src``;
+    a stage file takes its ``vision_encoder``'s, so that it gets the same conversion)."""
     if mode in ("int8", "uint8", "quantized"):
-        wt = weight_type_for(mode, onnx.load(str(src), load_external_data=False))
+        wt = weight_type_for(mode, onnx.load(str(like or src), load_external_data=False))
         return to_q8(src, wt, workdir), {"weight_type": wt}
     model = onnx.load(str(src))
     if mode == "fp16":

@@ -12,8 +12,17 @@ from pathlib import Path
 import onnx
 
 from ..common import ExportError, log
+from ..manifest import read_manifest
 from .check import self_check, summarize, vocab_size
 from .convert import DEFAULT_PARTS, convert, file_bytes, op_types, save_model
+
+
+def stage_stems(model_dir: Path) -> list[str]:
+    """The staged vision encoder's files named by ``glimpse.json`` (``stages``; none without one)."""
+    st = read_manifest(model_dir).get("stages") or {}
+    if not st:
+        return []
+    return [st["embed"], *(b["stem"] for b in st["blocks"]), st["head"]]
 
 # --------------------------------------------------------------------------------------------------------------- run
 def _quiet_ort_logging() -> None:
@@ -34,7 +43,10 @@ def run_quantize(model_dir: Path, modes: list[str], parts: list[str] | None, ext
     onnx_dir = model_dir / "onnx"
     if not onnx_dir.is_dir():
         raise ExportError(f"{onnx_dir} does not exist")
-    parts = list(parts or [p for p in DEFAULT_PARTS if (onnx_dir / f"{p}.onnx").exists()])
+    # default: the three parts and the stage files (the same conversion for each: vision_blocks_0_fp16, ...)
+    parts = list(parts or [p for p in (*DEFAULT_PARTS, *stage_stems(model_dir)) if (onnx_dir / f"{p}.onnx").exists()])
+    stages = set(stage_stems(model_dir))
+    encoder = onnx_dir / "vision_encoder.onnx"
     vocab = vocab_size(model_dir)
     report = {"model": str(model_dir), "modes": modes, "parts": parts, "results": []}
     failures = []
@@ -49,7 +61,8 @@ def run_quantize(model_dir: Path, modes: list[str], parts: list[str] | None, ext
                 t0 = time.perf_counter()
                 dst = onnx_dir / f"{part}_{mode}.onnx"
                 log(f"quantize: {src.name} -> {dst.name}")
-                model, notes = convert(src, mode, Path(td))
+                like = encoder if part in stages and encoder.exists() else None  # quantized: the encoder's type
+                model, notes = convert(src, mode, Path(td), like)
                 ops = op_types(model)
                 files = save_model(model, dst, external)
                 del model

@@ -1,5 +1,5 @@
 """Real-size export: the three parts (one ``.onnx`` each, or ``.onnx`` + ``.onnx_data`` above the protobuf limit),
-the folder files, ``glimpse.json`` and ``realsize_report.json``."""
+the staged vision encoder (``stages.py``), the folder files, ``glimpse.json`` and ``realsize_report.json``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ..onnx_parts import (
     pin_output_dims,
     trace,
 )
+from ..stages import DEFAULT_GROUPS, export_stages
 from .archs import ARCHS
 from .build import build, param_counts
 from .check import TOL, ort_check, torch_references
@@ -82,7 +83,8 @@ def _default_out(arch: str) -> Path:
     return REPO_ROOT / "models" / "real" / arch
 
 
-def run_realsize(arch: str, out: Path | None, seed: int = 0, threads: int = 2) -> dict:
+def run_realsize(arch: str, out: Path | None, seed: int = 0, threads: int = 2,
+                 stage_groups: int = DEFAULT_GROUPS) -> dict:
     if arch not in ARCHS:
         raise SystemExit(f"unknown arch {arch!r} (expected one of {', '.join(ARCHS)})")
     a = ARCHS[arch]
@@ -118,7 +120,21 @@ def run_realsize(arch: str, out: Path | None, seed: int = 0, threads: int = 2) -
         parts["vision_encoder"] = export_part(vision, args, onnx_dir / "vision_encoder.onnx", spec.vision_inputs,
                                               spec.vision_outputs, spec.vision_axes(("image_features",)),
                                               fixed_out_dims={"image_features": {1: bundle.extra["image_seq_len"]}})
-        del vision, args, inputs
+        del vision
+        gc.collect()
+
+        # the staged vision encoder, checked against vision_encoder.onnx on the reference pixels (and the traced)
+        stage_files: dict = {}
+
+        def export_stage(module, stage_args, path, *rest, **kw):
+            stage_files[path.stem] = export_part(module, stage_args, path, *rest, **kw)
+
+        ref_args = tuple(torch.from_numpy(ref["vision_in"][n]) for n in spec.vision_inputs)
+        stages, stage_check = export_stages(spec, model, onnx_dir, args, [ref_args, args],
+                                            bundle.extra["image_seq_len"], stage_groups, exporter=export_stage,
+                                            tol=TOL, threads=threads, seed=seed)
+        parts.update(stage_files)
+        del args, inputs, ref_args
         gc.collect()
 
         ids = torch.randint(0, len(bundle.tokenizer), (2, 7), generator=g)
@@ -148,7 +164,7 @@ def run_realsize(arch: str, out: Path | None, seed: int = 0, threads: int = 2) -
         "model_type": bundle.family,
         "seed": seed,
     }
-    write_manifest(out, parts=default_parts(), export=export)
+    write_manifest(out, parts=default_parts(), stages=stages, export=export)
     report = {
         "arch": arch,
         "out": str(out),
@@ -157,6 +173,7 @@ def run_realsize(arch: str, out: Path | None, seed: int = 0, threads: int = 2) -
         "files": {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()},
         "self_check": check,
         "self_check_ok": ok,
+        "stages_check": stage_check,
         "seconds": {"total": round(timer(), 1), "build_to_export_done": export_s, "torch_references": torch_ref_s,
                     "ort_check": check["seconds"]},
     }

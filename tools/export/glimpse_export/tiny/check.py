@@ -14,14 +14,16 @@ from PIL import Image
 from .. import families
 from ..common import DEFAULT_SEED, Timer
 from ..images import IMAGE_SIZES, pixels_equal
+from ..manifest import MANIFEST, read_manifest
 from ..ort_loop import OrtModel
 from ..parity import FEATURE_TOL, LOGIT_TOL, maxdiff
+from ..stages import CHAIN_TOL, DEFAULT_GROUPS, build_stages, chain_vs_monolithic, check_fewer_tokens
 from .fixtures import read_fixtures, read_tensor
 from .pipeline import run_tiny
 
 PIXEL_TOL = 1e-6
 JSON_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
-              "tokenizer.json", "tokenizer_config.json")
+              "tokenizer.json", "tokenizer_config.json", MANIFEST)
 TEXT_FILES = ("chat_template.jinja",)
 
 
@@ -78,14 +80,19 @@ def run_check(model_dir: Path, seed: int | None = None) -> int:
     eos = gen["eos_token_id"]
     eos = eos if isinstance(eos, list) else [eos]
     spec = families.get(family)
-    # packing the crop features (LLaVA-OneVision) needs the model's pack_image_features
-    bundle = spec.build_tiny(seed) if spec.packs_features else None
+    # packing the crop features (LLaVA-OneVision) needs the model's pack_image_features; the stage check its modules
+    bundle = spec.build_tiny(seed)
+    vision_feeds = []
     for case in committed["cases"]:
         t = case["tensors"]
         pv = read_tensor(fx_dir, t["pixel_values"])
         pam = read_tensor(fx_dir, t["pixel_attention_mask"]) if "pixel_attention_mask" in t else None
+        feeds = {"pixel_values": pv.astype(np.float32)}
+        if "pixel_attention_mask" in spec.vision_inputs:
+            feeds["pixel_attention_mask"] = pam.astype(bool)
+        vision_feeds.append(feeds)
         pack = None
-        if bundle is not None:
+        if spec.packs_features:
             with Image.open(fx_dir / case["image"]) as im:
                 pack = spec.packer(bundle.model, torch.tensor([[im.height, im.width]]))
         res = ort_model.greedy(case["input_ids"], pv, pam, image_token_id, eos, case["max_new_tokens"], pack=pack)
@@ -94,12 +101,16 @@ def run_check(model_dir: Path, seed: int | None = None) -> int:
         _diff(rep, f"{name} logits", res.first_logits, read_tensor(fx_dir, t["logits"]), LOGIT_TOL)
         rep.expect(res.generated_ids == case["generated_ids"], f"{name} greedy ids == fixture generated_ids")
 
+    # ---- committed stage files: embed -> blocks (attention_bias 0) -> head == committed vision_encoder.onnx
+    _check_stages(rep, model_dir, spec, bundle, committed["cases"], vision_feeds)
+
     # ---- regenerate and compare
     with tempfile.TemporaryDirectory(prefix="glimpse-check-") as tmp:
         tmp = Path(tmp)
         fresh_dir = tmp / model_dir.name
         try:
-            run_tiny(family, fresh_dir, seed, images_dir=tmp / "images")
+            groups = len((read_manifest(model_dir).get("stages") or {}).get("blocks") or []) or DEFAULT_GROUPS
+            run_tiny(family, fresh_dir, seed, images_dir=tmp / "images", stage_groups=groups)
         except Exception as e:  # the self-check of the fresh export failed
             rep.fail(f"re-export failed: {type(e).__name__}: {e}")
             return _finish(rep, timer)
@@ -141,6 +152,36 @@ def run_check(model_dir: Path, seed: int | None = None) -> int:
                 a, b = read_tensor(fx_dir, t["pixel_attention_mask"]), read_tensor(ffx, u["pixel_attention_mask"])
                 rep.expect(a.shape == b.shape and np.array_equal(a, b), f"{n} pixel_attention_mask equal")
     return _finish(rep, timer)
+
+
+def _check_stages(rep: Report, model_dir: Path, spec, bundle, cases: list[dict], feeds: list[dict]) -> None:
+    stages = read_manifest(model_dir).get("stages")
+    if not stages:
+        rep.fail(f"{MANIFEST} has no stages")
+        return
+    if "pixel_attention_mask" in spec.vision_inputs:  # the staged form has no patch mask (docs/stages.md)
+        for case, f in zip(cases, feeds):
+            rep.expect(bool(f["pixel_attention_mask"].all()), f"{case['name']} every patch valid (staged form)")
+    try:
+        rows = chain_vs_monolithic(model_dir / "onnx", stages, feeds)
+    except Exception as e:  # noqa: BLE001  (a stage file missing or refused by onnxruntime)
+        rep.fail(f"staged chain: {type(e).__name__}: {e}")
+        return
+    for case, row in zip(cases, rows):
+        for name, d in row.items():
+            rep.expect(d <= CHAIN_TOL, f"{case['name']} staged chain vs vision_encoder.onnx {name}: max abs diff "
+                                       f"{d:.2e} <= {CHAIN_TOL:g}")
+    groups = len(stages["blocks"])
+    _, blocks, _, ranges = build_stages(spec, bundle.model, groups)
+    rep.expect([list(r) for r in ranges] == [b["layers"] for b in stages["blocks"]],
+               f"stage layers {[b['layers'] for b in stages['blocks']]} == the model's {groups} groups")
+    try:
+        fewer = check_fewer_tokens(model_dir / "onnx", stages, blocks, feeds[0], torch.Generator().manual_seed(0))
+        for r in fewer:
+            rep.ok(f"{r['stem']} on {r['tokens'][1]} of {r['tokens'][0]} tokens (log-size bias) == torch: max abs "
+                   f"diff {r['max_abs_diff']:.2e}")
+    except Exception as e:  # noqa: BLE001  (reported as a mismatch)
+        rep.fail(f"fewer-tokens stage check: {type(e).__name__}: {e}")
 
 
 def _finish(rep: Report, timer: Timer) -> int:

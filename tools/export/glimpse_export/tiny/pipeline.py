@@ -9,8 +9,10 @@ from .. import families
 from ..common import REPO_ROOT, Timer, log, seed_everything
 from ..folder import save_folder, write_export_info
 from ..images import write_images
+from ..manifest import MANIFEST, default_parts, write_manifest
 from ..onnx_parts import export_all
 from ..parity import compute_case, self_check
+from ..stages import DEFAULT_GROUPS, export_stages
 from .fixtures import case_json, write_fixtures
 
 MODEL_FILES = (
@@ -25,6 +27,7 @@ MODEL_FILES = (
     "special_tokens_map.json",
     "model.safetensors",
     "export_info.json",
+    MANIFEST,
 )
 REPO_IMAGES = REPO_ROOT / "models" / "images"
 
@@ -39,7 +42,8 @@ def _clean_out(out: Path) -> None:
             (out / f).unlink()
 
 
-def run_tiny(family: str, out: Path, seed: int, images_dir: Path | None = None) -> dict:
+def run_tiny(family: str, out: Path, seed: int, images_dir: Path | None = None,
+             stage_groups: int = DEFAULT_GROUPS) -> dict:
     timer = Timer()
     spec = families.get(family)
     out = out.resolve()
@@ -62,6 +66,13 @@ def run_tiny(family: str, out: Path, seed: int, images_dir: Path | None = None) 
     export_all(bundle, out / "onnx", cases[0].torch_inputs)
     log(f"[tiny] exported in {timer():.1f}s; self-checking with onnxruntime")
     report = self_check(bundle, out, cases)
+    stages, stage_report = export_stages(spec, bundle.model, out / "onnx", spec.vision_trace_args(cases[0].torch_inputs),
+                                         [spec.vision_args(c.torch_inputs) for c in cases],
+                                         bundle.extra["image_seq_len"], stage_groups)
+    for c, row in zip(cases, stage_report["chain_vs_monolithic"]):
+        report.append(f"{c.name}: staged vision chain vs vision_encoder.onnx max abs diff "
+                      + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
+    write_manifest(out, parts=default_parts(), stages=stages, export={})
 
     fx = out / "fixtures"
     fx.mkdir(parents=True, exist_ok=True)
@@ -70,4 +81,4 @@ def run_tiny(family: str, out: Path, seed: int, images_dir: Path | None = None) 
     for line in report:
         log(f"[tiny]   {line}")
     log(f"[tiny] done in {timer():.1f}s")
-    return {"bundle": bundle, "cases": cases, "report": report, "seconds": timer()}
+    return {"bundle": bundle, "cases": cases, "report": report, "stages": stage_report, "seconds": timer()}
