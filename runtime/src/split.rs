@@ -514,8 +514,7 @@ impl Analysis {
                 g.node
                     .iter()
                     .enumerate()
-                    .filter(|(i, n)| layer_of[*i] == Some(layer) && n.name.contains("k_proj/"))
-                    .last()
+                    .rfind(|(i, n)| layer_of[*i] == Some(layer) && n.name.contains("k_proj/"))
                     .and_then(|(_, n)| n.output.first().cloned())
             })
             .collect();
@@ -827,7 +826,7 @@ fn constant_ints(g: &pb::GraphProto, nodes: &[pb::NodeProto], name: &str) -> Opt
         if !t.int64_data.is_empty() {
             return Some(t.int64_data.clone());
         }
-        (t.raw_data.len() % 8 == 0 && t.raw_data.len() <= 64)
+        (t.raw_data.len().is_multiple_of(8) && t.raw_data.len() <= 64)
             .then(|| t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
     };
     if let Some(t) = g.initializer.iter().find(|t| t.name == name) {
@@ -923,6 +922,9 @@ fn sample_image() -> image::RgbImage {
     })
 }
 
+/// Backends that could not start, with the reason.
+type Skipped = Vec<(String, String)>;
+
 /// Loads the scratch stages on each backend that starts and checks them against the monolithic
 /// encoder: equal outputs, and groups that run on fewer tokens.
 fn verify(
@@ -931,7 +933,7 @@ fn verify(
     scratch: &Path,
     stems: &[String],
     opts: &SplitOptions,
-) -> Result<(Vec<Verified>, Vec<(String, String)>)> {
+) -> Result<(Vec<Verified>, Skipped)> {
     let tokenizer = TextTokenizer::load(folder)?;
     let family = family::for_folder(folder, &tokenizer)?;
     let input = family.preprocess(&sample_image())?;

@@ -261,6 +261,13 @@ pub struct Profile {
     pub detect: Option<DetectRules>,
 }
 
+/// Dtype variants `--dtype auto` never picks for tract, whatever a profile ranks: ONNX Runtime's
+/// dynamic quantization (`DynamicQuantizeLinear` + `MatMulInteger`), which tract runs 59x slower
+/// than fp32 on prefill and 359x on encode on x86 (docs/targets.md, real-size SmolVLM-256M); on
+/// ARM its speed is unmeasured (qemu cannot time it), so it is not offered there either. Asking
+/// for it by name (`--dtype int8`) still runs it.
+pub const TRACT_NEVER_AUTO: [&str; 3] = ["int8", "uint8", "quantized"];
+
 impl Profile {
     /// Every built-in profile, in registry order.
     pub fn all() -> &'static [Profile] {
@@ -292,10 +299,12 @@ impl Profile {
     /// The first dtype of this profile's preference for `part` that appears in `available`
     /// (case-insensitive), returned as the caller's string; `None` if none matches.
     /// This is `--dtype auto`: pass the dtypes whose files exist in the model folder.
+    /// With tract the dynamically quantized variants ([`TRACT_NEVER_AUTO`]) are never picked.
     pub fn choose_dtype<'a>(&self, part: Part, backend: &str, available: &[&'a str]) -> Option<&'a str> {
         self.dtypes_for(backend)
             .for_part(part)
             .iter()
+            .filter(|want| backend != "tract" || !TRACT_NEVER_AUTO.iter().any(|d| want.eq_ignore_ascii_case(d)))
             .find_map(|want| available.iter().copied().find(|have| have.eq_ignore_ascii_case(want)))
     }
 
@@ -572,8 +581,18 @@ mod tests {
             assert_eq!(x86.choose_dtype(Part::VisionEncoder, "tract", &avail), Some("fp32"));
             assert_eq!(x86.choose_dtype(Part::Decoder, "tract", &["q4", "int8"]), Some("q4"));
         }
-        // profiles without a tract table use the same preference for both backends
+        // profiles without a tract table use the same preference for both backends, except
+        // that tract never gets the dynamically quantized variants
         assert_eq!(pi.dtypes_for("tract"), pi.dtypes_for(ort));
+        assert_eq!(pi.choose_dtype(Part::VisionEncoder, "tract", &avail), Some("fp32"));
+        assert_eq!(pi.choose_dtype(Part::VisionEncoder, ort, &avail), Some("int8"));
+        for name in ["generic-aarch64", "generic", "raspberry-pi-5", "jetson-orin-nano"] {
+            let p = Profile::by_name(name).unwrap();
+            for part in Part::ALL {
+                let got = p.choose_dtype(part, "tract", &["int8", "uint8", "quantized", "q4", "fp32"]);
+                assert!(got.is_some_and(|d| !TRACT_NEVER_AUTO.contains(&d)), "{name} {part}: {got:?}");
+            }
+        }
         assert_eq!(x86.pruning.method, "none");
         assert_eq!("decoder".parse::<Part>(), Ok(Part::Decoder));
         assert_eq!("decoder_model_merged".parse::<Part>(), Ok(Part::Decoder));
