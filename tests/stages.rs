@@ -246,3 +246,31 @@ fn bad_cuts_name_the_node_and_write_nothing() {
         .to_string();
     assert!(e.contains("glimpse split"), "{e}");
 }
+
+#[test]
+fn views_one_by_one_give_the_batch_features() {
+    use glimpse::runtime::pipeline::ViewRun;
+    for name in TINY_MODELS {
+        for encoder in [EncoderForm::Monolithic, EncoderForm::Staged] {
+            let load = |views| {
+                Pipeline::load(model(name), &PipelineOptions { encoder, views, ..Default::default() }).expect("load")
+            };
+            let (batch, single) = (load(ViewRun::Batch), load(ViewRun::OneByOne));
+            assert!(single.encodes_views_one_by_one() && !batch.encodes_views_one_by_one());
+            for case in cases(&model(name)).1 {
+                let input = batch.preprocess(&batch.load_image(&case.image()).expect("image")).expect("preprocess");
+                let (a, b) = (batch.encode(&input).expect("batch"), single.encode(&input).expect("one by one"));
+                let diff = (&a.features - &b.features).iter().fold(0f32, |m, d| m.max(d.abs()));
+                assert!(
+                    diff <= 1e-5,
+                    "{name}/{} {encoder:?}: {} views differ by {diff}",
+                    case.name(),
+                    input.views.len()
+                );
+                let opts = GenerationOptions { max_new_tokens: 20, ..Default::default() };
+                let got = single.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask");
+                assert_eq!(got.token_ids, case.ints("generated_ids"), "{name}/{} one by one", case.name());
+            }
+        }
+    }
+}

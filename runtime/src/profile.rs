@@ -68,6 +68,10 @@ pub struct ProfileRow {
     pub keep: String,
     /// Tile budget (`all` without tile skipping).
     pub tiles: String,
+    /// Vision encoder form run: `monolithic` or `staged` (`docs/stages.md`).
+    pub encoder: String,
+    /// Views encoded as one batch (`batch`) or `one-by-one`.
+    pub views_run: String,
     pub views: usize,
     pub visual_tokens: usize,
     pub visual_tokens_kept: usize,
@@ -110,6 +114,25 @@ pub fn part_bytes(pipeline: &Pipeline, part: Part, dtype: crate::folder::Dtype) 
     crate::memory::file_bytes(&pipeline.folder.part_file(part, dtype))
 }
 
+/// The sample key of an encoder stage (`encode:vision_blocks_0`); stages past the eighth group
+/// share one key.
+fn encoder_stage_key(name: &str) -> &'static str {
+    const KEYS: [&str; 11] = [
+        "encode:vision_embed",
+        "encode:vision_head",
+        "encode:vision_blocks_0",
+        "encode:vision_blocks_1",
+        "encode:vision_blocks_2",
+        "encode:vision_blocks_3",
+        "encode:vision_blocks_4",
+        "encode:vision_blocks_5",
+        "encode:vision_blocks_6",
+        "encode:vision_blocks_7",
+        "encode:vision_blocks_more",
+    ];
+    KEYS.iter().copied().find(|k| k.strip_prefix("encode:") == Some(name)).unwrap_or(KEYS[10])
+}
+
 /// Profiles the pipeline's current selection setup: `warmup` untimed runs, then `runs` timed.
 pub fn profile(
     pipeline: &Pipeline,
@@ -138,6 +161,15 @@ pub fn profile(
             samples.entry(stage.name()).or_default().push(ms(t.get(stage)));
         }
         samples.entry("encode_per_view").or_default().push(ms(t.encode) / views.max(1) as f64);
+        if answer.stats.encoder_stages.len() > 1 {
+            let mut sum = 0.0;
+            for (name, took) in &answer.stats.encoder_stages {
+                let key: &'static str = encoder_stage_key(name);
+                samples.entry(key).or_default().push(ms(*took));
+                sum += ms(*took);
+            }
+            samples.entry("encode_stage_sum").or_default().push(sum);
+        }
         samples.entry("ttft").or_default().push(ms(t.ttft()));
         samples.entry("stage_sum").or_default().push(ms(t.total()));
         samples.entry("end_to_end").or_default().push(ms(e2e));
@@ -162,6 +194,8 @@ pub fn profile(
         method: pipeline.selection().method.clone(),
         keep: pipeline.selection().budget.to_string(),
         tiles: "all".into(),
+        encoder: if pipeline.encoder_is_staged() { "staged" } else { "monolithic" }.into(),
+        views_run: if pipeline.encodes_views_one_by_one() { "one-by-one" } else { "batch" }.into(),
         views,
         visual_tokens: stats.visual_tokens,
         visual_tokens_kept: stats.visual_tokens_kept,

@@ -286,6 +286,9 @@ pub struct BackendSpec {
     /// Whether it can start with these options, without building it (ONNX Runtime: its library
     /// loads; tract: always). Target profiles use it to pick their first usable backend.
     pub starts: fn(&BackendOptions) -> Result<()>,
+    /// Whether it encodes an image's views faster one at a time than as one batch (measured on
+    /// the real-size SmolVLM-256M shape, docs/benchmarks.md); `--views auto` follows it.
+    pub views_one_by_one: bool,
 }
 
 impl BackendSpec {
@@ -320,6 +323,7 @@ const ORT: BackendSpec = BackendSpec {
     options: &[],
     make: |_| Err(Error::invalid("backend", "ort", "this build lacks the `ort` feature")),
     starts: |_| Err(Error::invalid("backend", "ort", "this build lacks the `ort` feature")),
+    views_one_by_one: false,
 };
 
 /// The registry, in the order `--help` lists them: one line per backend.

@@ -27,6 +27,7 @@ pub const SPEC: super::BackendSpec = super::BackendSpec {
     make: |opts| Ok(Box::new(OrtBackend::new(&OrtOptions::from(opts))?)),
     // the library loads once per process; construction holds no session
     starts: |opts| OrtBackend::new(&OrtOptions::from(opts)).map(drop),
+    views_one_by_one: true,
 };
 
 impl From<&super::BackendOptions> for OrtOptions {

@@ -49,6 +49,7 @@ pub const SPEC: super::BackendSpec = super::BackendSpec {
     options: &["threads"],
     make: |opts| Ok(Box::new(TractBackend::new(opts.threads)?)),
     starts: |_| Ok(()),
+    views_one_by_one: true,
 };
 
 impl Backend for TractBackend {

@@ -254,6 +254,10 @@ impl super::Family for Idefics3 {
             .dim("pixel_attention_mask", 3, t)
     }
 
+    fn views_axis(&self) -> usize {
+        1
+    }
+
     fn head_hints(&self) -> crate::backend::LoadHints {
         // the connector's pixel shuffle reshapes by the grid side, which tract must know
         match self.grid {

@@ -137,6 +137,11 @@ pub trait Family: Send + Sync {
     fn encoder_hints(&self) -> crate::backend::LoadHints {
         crate::backend::LoadHints::default()
     }
+    /// The axis of the encoder's image inputs that indexes views (Idefics3's
+    /// `pixel_values [batch, views, 3, H, W]`: 1; `[views, 3, H, W]`: 0).
+    fn views_axis(&self) -> usize {
+        0
+    }
     /// What the folder fixes about a staged encoder's head input (`docs/stages.md`), for
     /// backends that analyse shapes before running: its token count when the connector needs it.
     fn head_hints(&self) -> crate::backend::LoadHints {

@@ -55,6 +55,7 @@ impl Pipeline {
         let started = Instant::now();
         let rendered = self.render_prompt(req.prompt, !matches!(req.image, ImageInput::None))?;
         let render_time = started.elapsed();
+        let mut encoder_stages = Vec::new();
         let prepared = match (req.image, image) {
             (ImageInput::None, _) => {
                 let started = Instant::now();
@@ -66,6 +67,7 @@ impl Pipeline {
             (ImageInput::Encoded(e), _) => {
                 record(&mut times, Stage::Preprocess, e.preprocess, obs);
                 record(&mut times, Stage::Encode, e.encode, obs);
+                encoder_stages.clone_from(&e.encoded.stages);
                 let tokens = e.input.total_tokens();
                 let views = e.input.views.clone();
                 self.select_and_splice(
@@ -107,6 +109,7 @@ impl Pipeline {
                     }
                 };
                 record(&mut times, Stage::Encode, started.elapsed(), obs);
+                encoder_stages.clone_from(&encoded.stages);
                 self.select_and_splice(
                     &rendered,
                     render_time,
@@ -142,6 +145,7 @@ impl Pipeline {
             new_tokens: ids.len(),
             decode_tokens_per_s: if ids.len() > 1 && decode_s > 0.0 { (ids.len() - 1) as f64 / decode_s } else { 0.0 },
             stop,
+            encoder_stages,
         };
         Ok(Answer { text, token_ids: ids, stats, layout })
     }

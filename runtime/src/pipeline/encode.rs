@@ -26,6 +26,35 @@ pub struct Encoded {
     pub stages: Vec<(String, Duration)>,
 }
 
+/// Concatenates per-view outputs on axis 0 (rank-1 outputs, the same for every view, are taken
+/// from the first run).
+fn join_views(parts: Vec<Tensor>, name: &str) -> Result<Tensor> {
+    let err = |e: ndarray::ShapeError| Error::interface("vision_encoder", format!("joining `{name}` per view: {e}"));
+    let first = parts.first().ok_or_else(|| Error::interface("vision_encoder", "no views"))?;
+    if first.shape().len() < 2 {
+        return Ok(first.clone());
+    }
+    match first {
+        Tensor::F32(_) => {
+            let arrays: Vec<_> = parts.into_iter().map(|p| p.into_f32(name)).collect::<Result<_>>()?;
+            let v: Vec<_> = arrays.iter().map(|a| a.view()).collect();
+            Ok(Tensor::F32(ndarray::concatenate(Axis(0), &v).map_err(err)?))
+        }
+        Tensor::F16(_) => {
+            let arrays: Vec<_> = parts
+                .into_iter()
+                .map(|p| match p {
+                    Tensor::F16(a) => Ok(a),
+                    other => Err(Error::interface("vision_encoder", format!("`{name}` is {}", other.elem()))),
+                })
+                .collect::<Result<_>>()?;
+            let v: Vec<_> = arrays.iter().map(|a| a.view()).collect();
+            Ok(Tensor::F16(ndarray::concatenate(Axis(0), &v).map_err(err)?))
+        }
+        other => Err(Error::interface("vision_encoder", format!("`{name}` is {}: not a feature output", other.elem()))),
+    }
+}
+
 impl Pipeline {
     /// Encoder inputs → feature rows `[N, d]` (views concatenated) plus signals.
     pub fn encode(&self, input: &VisionInput) -> Result<Encoded> {
@@ -45,7 +74,14 @@ impl Pipeline {
             })?;
             given.push((info.name.as_str(), t.1.clone()));
         }
-        let VisionRun { mut outputs, stages } = self.vision.run(given, hook)?;
+        // images in the encoder batch: the views, or LLaVA-OneVision's anyres crops
+        let axis = self.family.views_axis();
+        let views = given.first().map_or(0, |(_, t)| t.shape().get(axis).copied().unwrap_or(0));
+        let VisionRun { mut outputs, stages } = if self.per_view && views > 1 {
+            self.run_views_one_by_one(given, views, hook)?
+        } else {
+            self.vision.run(given, hook)?
+        };
         let first = outputs.first_name().unwrap_or_default();
         let feats = outputs
             .take("image_features")
@@ -70,6 +106,60 @@ impl Pipeline {
         let features = self.family.pack(input, features, &mut outputs)?;
         let signals = self.read_signals(&mut outputs, input)?;
         Ok(Encoded { features, signals, stages })
+    }
+
+    /// Runs the encoder once per image of its batch (inputs sliced on the family's views axis) and joins the
+    /// outputs on their first axis; outputs without one per view (OneVision's `image_newline`)
+    /// come from the first run.
+    fn run_views_one_by_one(
+        &self,
+        given: Vec<(&str, Tensor)>,
+        views: usize,
+        hook: &mut dyn EncoderHook,
+    ) -> Result<VisionRun> {
+        let axis = Axis(self.family.views_axis());
+        let mut runs = Vec::with_capacity(views);
+        for v in 0..views {
+            let one: Vec<(&str, Tensor)> = given
+                .iter()
+                .map(|(n, t)| {
+                    let sliced = match t {
+                        Tensor::F32(a) if a.ndim() > axis.0 && a.shape()[axis.0] == views => {
+                            Tensor::F32(a.select(axis, &[v]))
+                        }
+                        Tensor::F16(a) if a.ndim() > axis.0 && a.shape()[axis.0] == views => {
+                            Tensor::F16(a.select(axis, &[v]))
+                        }
+                        Tensor::Bool(a) if a.ndim() > axis.0 && a.shape()[axis.0] == views => {
+                            Tensor::Bool(a.select(axis, &[v]))
+                        }
+                        other => other.clone(),
+                    };
+                    (*n, sliced)
+                })
+                .collect();
+            runs.push(self.vision.run(one, hook)?);
+        }
+        let mut stages: Vec<(String, Duration)> = Vec::new();
+        for run in &runs {
+            for (name, took) in &run.stages {
+                match stages.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, t)) => *t += *took,
+                    None => stages.push((name.clone(), *took)),
+                }
+            }
+        }
+        let declared = self.vision.outputs();
+        let mut joined = Vec::with_capacity(declared.len());
+        for info in declared {
+            let parts: Vec<Tensor> = runs
+                .iter_mut()
+                .map(|r| r.outputs.take(&info.name))
+                .collect::<Option<_>>()
+                .ok_or_else(|| Error::interface("vision_encoder", format!("output `{}` missing", info.name)))?;
+            joined.push(join_views(parts, &info.name)?);
+        }
+        Ok(VisionRun { outputs: NamedOutputs::new(declared, joined), stages })
     }
 
     /// Reshapes the extra encoder outputs named in the manifest into per-row signals, each by its

@@ -28,7 +28,7 @@ use crate::text::TextTokenizer;
 
 pub use crate::select::tiles::{SkippedTiles, TileBudget, TileSkip};
 pub use encode::Encoded;
-pub use options::{PipelineOptions, Positions};
+pub use options::{PipelineOptions, Positions, ViewRun};
 pub use prompt::{original_positions, Prepared};
 pub use request::{ImageInput, Observer, OnText, Quiet, Request, Stage};
 pub use stats::{Answer, GenerationStats, KeptLayout, StageTimes};
@@ -90,6 +90,8 @@ pub struct Pipeline {
     pub tokenizer: TextTokenizer,
     backend_name: &'static str,
     vision: VisionEncoder,
+    /// Run the encoder one view at a time.
+    per_view: bool,
     embed: Box<dyn Session>,
     decoder: Box<dyn Session>,
     decoder_io: DecoderIo,
@@ -200,6 +202,11 @@ impl Pipeline {
         let embed = load(Part::EmbedTokens)?;
         let decoder = load(Part::Decoder)?;
         let decoder_io = DecoderIo::new(decoder.as_ref(), &folder)?;
+        let per_view = match opts.views {
+            ViewRun::Batch => false,
+            ViewRun::OneByOne => true,
+            ViewRun::Auto => backend::spec(backend.name()).is_some_and(|s| s.views_one_by_one),
+        };
         let eos = folder.eos_token_ids();
         let context = folder.context_length()?;
         Ok(Pipeline {
@@ -208,6 +215,7 @@ impl Pipeline {
             tokenizer,
             backend_name: backend.name(),
             vision,
+            per_view,
             embed,
             decoder,
             decoder_io,
@@ -225,6 +233,11 @@ impl Pipeline {
     /// The dtype variant loaded for a part.
     pub fn part_dtype(&self, part: Part) -> Dtype {
         part_dtype(&self.dtypes, part)
+    }
+
+    /// Whether the encoder runs an image's views one at a time (else as one batch).
+    pub fn encodes_views_one_by_one(&self) -> bool {
+        self.per_view
     }
 
     /// Whether the vision encoder runs as stages (`docs/stages.md`).

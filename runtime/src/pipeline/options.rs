@@ -32,6 +32,34 @@ pub struct PipelineOptions {
     pub max_memory: Option<u64>,
     /// Monolithic or staged vision encoder.
     pub encoder: super::EncoderForm,
+    /// Whether the encoder runs all views of an image as one batch or one view at a time.
+    pub views: ViewRun,
+}
+
+/// How the vision encoder runs an image's views (tiles, crops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewRun {
+    /// What the backend runs faster ([`crate::backend::BackendSpec::views_one_by_one`], measured
+    /// in docs/benchmarks.md).
+    #[default]
+    Auto,
+    /// All views in one run (batch axis = views).
+    Batch,
+    /// One run per view, outputs concatenated (the same rows).
+    OneByOne,
+}
+
+impl std::str::FromStr for ViewRun {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(ViewRun::Auto),
+            "batch" => Ok(ViewRun::Batch),
+            "one-by-one" => Ok(ViewRun::OneByOne),
+            _ => Err(Error::invalid("views", s, "expected auto, batch or one-by-one")),
+        }
+    }
 }
 
 impl Default for PipelineOptions {
@@ -47,6 +75,7 @@ impl Default for PipelineOptions {
             image_limits: ImageLimits::default(),
             max_memory: None,
             encoder: super::EncoderForm::Auto,
+            views: ViewRun::Auto,
         }
     }
 }

@@ -94,6 +94,14 @@ pub struct GenerationStats {
     pub decode_tokens_per_s: f64,
     /// Why generation stopped.
     pub stop: crate::generate::StopReason,
+    /// Wall time of each vision-encoder stage run (`vision_embed`, `vision_blocks_K`,
+    /// `vision_head`; `vision_encoder` when monolithic), in run order; ms when serialised.
+    #[serde(serialize_with = "stage_list")]
+    pub encoder_stages: Vec<(String, Duration)>,
+}
+
+fn stage_list<S: serde::Serializer>(v: &[(String, Duration)], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|(n, d)| serde_json::json!({"stage": n, "ms": d.as_secs_f64() * 1e3})))
 }
 
 /// A finished answer.

@@ -77,6 +77,10 @@ pub struct ModelArgs {
     /// vision_encoder file, `auto` the stages when the folder has them for the dtype.
     #[arg(long, default_value = "auto")]
     pub encoder: glimpse_runtime::pipeline::EncoderForm,
+    /// How the encoder runs an image's views: `batch` (one run), `one-by-one`, or `auto` (what
+    /// the backend runs faster, measured in docs/benchmarks.md).
+    #[arg(long, default_value = "auto")]
+    pub views: glimpse_runtime::pipeline::ViewRun,
 }
 
 /// `--dtype`: a default (a dtype or `auto`) and per-part overrides (`decoder=int8`).
@@ -175,6 +179,7 @@ impl ModelArgs {
             backend_options,
             max_memory: self.max_memory,
             encoder: self.encoder,
+            views: self.views,
         };
         Ok((opts, applied))
     }

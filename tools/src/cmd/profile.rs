@@ -28,6 +28,14 @@ pub struct Args {
     /// Comma-separated dtype variants to run side by side (e.g. fp32,int8,q4); overrides --dtype.
     #[arg(long = "dtypes", default_value = "")]
     pub dtypes: String,
+    /// Comma-separated vision encoder forms to run side by side (monolithic,staged); overrides
+    /// --encoder.
+    #[arg(long = "encoders", default_value = "")]
+    pub encoders: String,
+    /// Comma-separated ways to run an image's views side by side (batch,one-by-one); overrides
+    /// --views.
+    #[arg(long = "view-runs", default_value = "")]
+    pub view_runs: String,
     #[command(flatten)]
     pub sweep: SweepArgs,
     /// Untimed runs before measuring each configuration.
@@ -65,7 +73,24 @@ pub fn run(args: Args) -> Result<()> {
     let (_, backend_opts) = args.model.settle(None, None)?;
     let tiles = args.sweep.tile_budgets()?;
     let n_dtypes = if args.dtypes.is_empty() { 1 } else { list(&args.dtypes).len() };
-    let total = n_dtypes * backends.len() * tiles.len() * methods.len() * keeps.len() * (opts.warmup + opts.runs);
+    let encoders: Vec<glimpse_runtime::pipeline::EncoderForm> = if args.encoders.is_empty() {
+        vec![args.model.encoder]
+    } else {
+        list(&args.encoders).iter().map(|e| e.parse()).collect::<Result<_, _>>()?
+    };
+    let view_runs: Vec<glimpse_runtime::pipeline::ViewRun> = if args.view_runs.is_empty() {
+        vec![args.model.views]
+    } else {
+        list(&args.view_runs).iter().map(|e| e.parse()).collect::<Result<_, _>>()?
+    };
+    let total = n_dtypes
+        * encoders.len()
+        * view_runs.len()
+        * backends.len()
+        * tiles.len()
+        * methods.len()
+        * keeps.len()
+        * (opts.warmup + opts.runs);
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} runs {msg}")
@@ -83,14 +108,18 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut configs = Vec::new();
     for d in &dtypes {
-        for b in &backends {
-            for &t in &tiles {
-                configs.push((d.clone(), b, t));
+        for &encoder in &encoders {
+            for &views in &view_runs {
+                for b in &backends {
+                    for &t in &tiles {
+                        configs.push((d.clone(), encoder, views, b, t));
+                    }
+                }
             }
         }
     }
-    for (dtype, b, tile) in configs {
-        let model_args = super::ModelArgs { dtype, ..args.model.clone() };
+    for (dtype, encoder, views, b, tile) in configs {
+        let model_args = super::ModelArgs { dtype, encoder, views, ..args.model.clone() };
         let model_args = super::ModelArgs { backend: Some(b.clone()), ..model_args };
         let (mut po, _) = model_args.pipeline_options(&args.sweep.first()?)?;
         po.tiles = args.sweep.tile_skip(tile);
@@ -190,9 +219,10 @@ fn print_table(rows: &[ProfileRow]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{:<7} {:<6} {:<10} {:>5} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "{:<7} {:<6} {:<5} {:<10} {:>5} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}",
         "backend",
         "dtype",
+        "enc",
         "method",
         "keep",
         "tokens",
@@ -210,9 +240,10 @@ fn print_table(rows: &[ProfileRow]) {
         let m = |k: &str| r.stages.get(k).map_or(0.0, |s| s.median_ms);
         let _ = writeln!(
             out,
-            "{:<7} {:<6} {:<10} {:>5} {:>9} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6.2}",
+            "{:<7} {:<6} {:<5} {:<10} {:>5} {:>9} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6.2}",
             r.backend,
             r.dtype,
+            format!("{}{}", if r.encoder == "staged" { "stg" } else { "mono" }, if r.views_run == "batch" { "" } else { "/1" }),
             if r.tiles == "all" { r.method.clone() } else { format!("{} t{}", r.method, r.tiles) },
             r.keep,
             format!("{}/{}", r.visual_tokens_kept, r.visual_tokens),
@@ -243,17 +274,19 @@ fn write_csv(path: &std::path::Path, rows: &[ProfileRow]) -> Result<()> {
         "decode",
         "end_to_end",
     ];
-    let mut s =
-        String::from("backend,dtype,method,keep,views,visual_tokens,visual_tokens_kept,prompt_tokens,new_tokens");
+    let mut s = String::from(
+        "backend,dtype,encoder,method,keep,views,visual_tokens,visual_tokens_kept,prompt_tokens,new_tokens",
+    );
     for st in stages {
         s.push_str(&format!(",{st}_median_ms,{st}_min_ms,{st}_max_ms"));
     }
     s.push_str(",decode_tokens_per_s,prefill_gflops,encode_gflops,decode_gb_s\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{}",
             r.backend,
             r.dtype,
+            r.encoder,
             r.method,
             r.keep,
             r.views,
