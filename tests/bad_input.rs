@@ -28,9 +28,11 @@ fn missing_config_json_names_the_file() {
 
 #[test]
 fn missing_onnx_part_names_the_file() {
-    // tiny-smolvlm ships fp32 only (tiny-llava also has fp16, which turns this into MissingVariant)
+    // every variant removed (with one left, this is MissingVariant: the next test)
     let tmp = temp_copy(&model("tiny-smolvlm"));
-    std::fs::remove_file(tmp.path().join("onnx/decoder_model_merged.onnx")).unwrap();
+    for v in ["", "_fp16"] {
+        std::fs::remove_file(tmp.path().join(format!("onnx/decoder_model_merged{v}.onnx"))).unwrap();
+    }
     let (e, s) = msg(load(tmp.path()));
     assert!(matches!(e, Error::MissingFile { .. }), "{e:?}");
     assert!(s.contains("decoder_model_merged.onnx"), "{s}");

@@ -156,20 +156,27 @@ fn encoding_reused_across_prompts_gives_the_same_answers() {
     }
 }
 
-/// The committed fp16 variant of tiny-llava (`glimpse quantize --to fp16`: fp16 weights and compute,
-/// fp32 I/O) gives transformers' fp32 greedy tokens. Under qemu cortex-a76 in CI this runs tract's
-/// native f16 kernels (the CPU has FEAT_FP16); on x86 tract widens f16 to f32.
+/// The committed fp16 variants of the tiny models (`glimpse quantize --to fp16`: fp16 weights and
+/// compute, fp32 I/O), monolithic and staged encoder, give transformers' fp32 greedy tokens. Under
+/// qemu cortex-a76 in CI this runs tract's native f16 kernels (the CPU has FEAT_FP16); on x86
+/// tract widens f16 to f32.
 #[test]
-fn fp16_variant_gives_the_fp32_tokens() {
-    let opts = PipelineOptions { dtype: "fp16".parse().expect("dtype"), ..Default::default() };
-    let p = Pipeline::load(model("tiny-llava"), &opts).expect("fp16 variant");
-    for case in cases(&model("tiny-llava")).1 {
-        let gen = GenerationOptions {
-            max_new_tokens: case.json["max_new_tokens"].as_u64().expect("max_new_tokens") as usize,
-            ..Default::default()
-        };
-        let answer = p.ask(Some(&case.image()), case.prompt(), &gen, &mut |_| {}).expect("ask fp16");
-        assert_eq!(answer.token_ids, case.ints("generated_ids"), "tiny-llava/{} fp16", case.name());
+fn fp16_variants_give_the_fp32_tokens() {
+    use glimpse::runtime::pipeline::EncoderForm;
+    for name in TINY_MODELS {
+        for encoder in [EncoderForm::Monolithic, EncoderForm::Staged] {
+            let opts = PipelineOptions { dtype: "fp16".parse().expect("dtype"), encoder, ..Default::default() };
+            let p = Pipeline::load(model(name), &opts).unwrap_or_else(|e| panic!("{name} fp16 {encoder:?}: {e}"));
+            assert_eq!(p.encoder_is_staged(), encoder == EncoderForm::Staged);
+            for case in cases(&model(name)).1 {
+                let gen = GenerationOptions {
+                    max_new_tokens: case.json["max_new_tokens"].as_u64().expect("max_new_tokens") as usize,
+                    ..Default::default()
+                };
+                let answer = p.ask(Some(&case.image()), case.prompt(), &gen, &mut |_| {}).expect("ask fp16");
+                assert_eq!(answer.token_ids, case.ints("generated_ids"), "{name}/{} fp16 {encoder:?}", case.name());
+            }
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod error;
 pub mod eval;
 pub mod family;
 pub mod folder;
+pub mod fuzz;
 pub mod generate;
 pub mod manifest;
 pub mod memory;
