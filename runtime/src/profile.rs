@@ -114,25 +114,6 @@ pub fn part_bytes(pipeline: &Pipeline, part: Part, dtype: crate::folder::Dtype) 
     crate::memory::file_bytes(&pipeline.folder.part_file(part, dtype))
 }
 
-/// The sample key of an encoder stage (`encode:vision_blocks_0`); stages past the eighth group
-/// share one key.
-fn encoder_stage_key(name: &str) -> &'static str {
-    const KEYS: [&str; 11] = [
-        "encode:vision_embed",
-        "encode:vision_head",
-        "encode:vision_blocks_0",
-        "encode:vision_blocks_1",
-        "encode:vision_blocks_2",
-        "encode:vision_blocks_3",
-        "encode:vision_blocks_4",
-        "encode:vision_blocks_5",
-        "encode:vision_blocks_6",
-        "encode:vision_blocks_7",
-        "encode:vision_blocks_more",
-    ];
-    KEYS.iter().copied().find(|k| k.strip_prefix("encode:") == Some(name)).unwrap_or(KEYS[10])
-}
-
 /// Profiles the pipeline's current selection setup: `warmup` untimed runs, then `runs` timed.
 pub fn profile(
     pipeline: &Pipeline,
@@ -143,7 +124,7 @@ pub fn profile(
     progress: &mut dyn FnMut(),
 ) -> Result<ProfileRow> {
     let gen = GenerationOptions { max_new_tokens: opts.new_tokens, ignore_eos: true, ..Default::default() };
-    let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut gaps = Vec::new();
     let mut last = None;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -158,26 +139,25 @@ pub fn profile(
         let t = answer.stats.times;
         let views = answer.stats.views;
         for stage in STAGES {
-            samples.entry(stage.name()).or_default().push(ms(t.get(stage)));
+            samples.entry(stage.name().into()).or_default().push(ms(t.get(stage)));
         }
-        samples.entry("encode_per_view").or_default().push(ms(t.encode) / views.max(1) as f64);
+        samples.entry("encode_per_view".into()).or_default().push(ms(t.encode) / views.max(1) as f64);
         if answer.stats.encoder_stages.len() > 1 {
             let mut sum = 0.0;
             for (name, took) in &answer.stats.encoder_stages {
-                let key: &'static str = encoder_stage_key(name);
-                samples.entry(key).or_default().push(ms(*took));
+                samples.entry(format!("encode:{name}")).or_default().push(ms(*took));
                 sum += ms(*took);
             }
-            samples.entry("encode_stage_sum").or_default().push(sum);
+            samples.entry("encode_stage_sum".into()).or_default().push(sum);
         }
-        samples.entry("ttft").or_default().push(ms(t.ttft()));
-        samples.entry("stage_sum").or_default().push(ms(t.total()));
-        samples.entry("end_to_end").or_default().push(ms(e2e));
+        samples.entry("ttft".into()).or_default().push(ms(t.ttft()));
+        samples.entry("stage_sum".into()).or_default().push(ms(t.total()));
+        samples.entry("end_to_end".into()).or_default().push(ms(e2e));
         gaps.push((ms(e2e) - ms(t.total())).abs() / ms(e2e).max(1e-9));
         last = Some(answer.stats);
     }
     let stats = last.unwrap_or_default();
-    let stages: BTreeMap<String, Spread> = samples.into_iter().map(|(k, v)| (k.to_string(), Spread::of(v))).collect();
+    let stages: BTreeMap<String, Spread> = samples.into_iter().map(|(k, v)| (k, Spread::of(v))).collect();
     let med = |k: &str| stages.get(k).map_or(0.0, |s| s.median_ms);
     let decode_tokens_per_s = if stats.new_tokens > 1 && med("decode") > 0.0 {
         (stats.new_tokens - 1) as f64 / (med("decode") / 1e3)

@@ -18,9 +18,10 @@ use tract_onnx::pb;
 
 use crate::backend::{self, Backend, BackendOptions, LoadHints, NamedOutputs, Session, Tensor};
 use crate::error::{Error, Result};
-use crate::family::{self, VisionInput};
+use crate::family;
 use crate::folder::{Dtype, ModelFolder, Part};
 use crate::manifest::{BlockGroup, Stages};
+use crate::pipeline::vision::as_declared;
 use crate::text::TextTokenizer;
 
 /// What to split and how.
@@ -959,7 +960,9 @@ fn verify(
                 b.load(&scratch.join(format!("{stem}.onnx")), scratch, stem, &h)
             })
             .collect::<Result<_>>()?;
-        verified.push(check_backend(b.as_ref(), mono.as_ref(), &stages, &input, stems, monolithic, opts.dtype)?);
+        // the embed stage takes exactly the monolithic encoder's inputs
+        let inputs = input.inputs_for(mono.inputs(), family.name())?;
+        verified.push(check_backend(b.as_ref(), mono.as_ref(), &stages, &inputs, stems, monolithic, opts.dtype)?);
     }
     if verified.is_empty() {
         return Err(Error::invalid(
@@ -969,28 +972,6 @@ fn verify(
         ));
     }
     Ok((verified, skipped))
-}
-
-fn given<'a>(session: &dyn Session, input: &'a VisionInput) -> Result<Vec<(&'a str, Tensor)>> {
-    session
-        .inputs()
-        .iter()
-        .map(|info| {
-            input
-                .tensors
-                .iter()
-                .find(|(n, _)| *n == info.name)
-                .map(|(n, t)| (n.as_str(), t.clone()))
-                .ok_or_else(|| Error::interface("vision_encoder", format!("no preprocessed input `{}`", info.name)))
-        })
-        .collect()
-}
-
-fn as_declared(session: &dyn Session, name: &str, a: ArrayD<f32>) -> Tensor {
-    match session.inputs().iter().find(|i| i.name == name).map(|i| i.elem) {
-        Some(backend::ElemType::F16) => Tensor::F16(a.mapv(half::f16::from_f32)),
-        _ => Tensor::F32(a),
-    }
 }
 
 fn run_group(session: &dyn Session, hidden: &ArrayD<f32>, stem: &str) -> Result<(ArrayD<f32>, Option<ArrayD<f32>>)> {
@@ -1012,15 +993,15 @@ fn check_backend(
     b: &dyn Backend,
     mono: &dyn Session,
     stages: &[Box<dyn Session>],
-    input: &VisionInput,
+    inputs: &[(&str, Tensor)],
     stems: &[String],
     source: &Path,
     dtype: Dtype,
 ) -> Result<Verified> {
-    let reference = NamedOutputs::new(mono.outputs(), mono.run(given(mono, input)?)?);
+    let reference = NamedOutputs::new(mono.outputs(), mono.run(inputs.to_vec())?);
     let (embed, rest) = stages.split_first().ok_or_else(|| Error::interface("split", "no stages"))?;
     let (head, groups) = rest.split_last().ok_or_else(|| Error::interface("split", "no head"))?;
-    let mut out = NamedOutputs::new(embed.outputs(), embed.run(given(embed.as_ref(), input)?)?);
+    let mut out = NamedOutputs::new(embed.outputs(), embed.run(inputs.to_vec())?);
     let mut hidden =
         out.take(HIDDEN_IN).ok_or_else(|| Error::interface(&stems[0], "no hidden_states"))?.into_f32(&stems[0])?;
     let grid = hidden.shape()[1];

@@ -114,6 +114,17 @@ impl Tensor {
         }
     }
 
+    /// The entries at `index` along `axis` (`ndarray`'s `select`), whatever the element type.
+    pub fn select(&self, axis: usize, index: &[usize]) -> Tensor {
+        let axis = ndarray::Axis(axis);
+        match self {
+            Tensor::F32(a) => Tensor::F32(a.select(axis, index)),
+            Tensor::F16(a) => Tensor::F16(a.select(axis, index)),
+            Tensor::I64(a) => Tensor::I64(a.select(axis, index)),
+            Tensor::Bool(a) => Tensor::Bool(a.select(axis, index)),
+        }
+    }
+
     /// An all-zero tensor of a float element type (used for empty KV caches).
     pub fn zeros(elem: ElemType, shape: &[usize]) -> Result<Tensor> {
         match elem {

@@ -65,20 +65,13 @@ impl VisionInput {
     /// tiles chosen by tile skipping. Tensors with one entry per view on axis 1 are sliced.
     pub fn subset(&self, frames: &[usize]) -> VisionInput {
         let n = self.views.len();
+        // the image inputs ([batch, views, ...]); others pass through
         let tensors = self
             .tensors
             .iter()
             .map(|(name, t)| {
-                let t = match t {
-                    Tensor::F32(a) if a.ndim() > 1 && a.shape()[1] == n => {
-                        Tensor::F32(a.select(ndarray::Axis(1), frames))
-                    }
-                    Tensor::Bool(a) if a.ndim() > 1 && a.shape()[1] == n => {
-                        Tensor::Bool(a.select(ndarray::Axis(1), frames))
-                    }
-                    other => other.clone(),
-                };
-                (name.clone(), t)
+                let sliced = matches!(t, Tensor::F32(_) | Tensor::Bool(_)) && t.shape().len() > 1 && t.shape()[1] == n;
+                (name.clone(), if sliced { t.select(1, frames) } else { t.clone() })
             })
             .collect();
         VisionInput {
@@ -88,6 +81,27 @@ impl VisionInput {
             cols: self.cols,
             anyres: self.anyres.clone(),
         }
+    }
+
+    /// The tensors a model part declares as inputs, by name, in its order; an error names the
+    /// first one the preprocessor does not produce.
+    pub fn inputs_for<'a>(
+        &'a self,
+        declared: &'a [crate::backend::TensorInfo],
+        family: &str,
+    ) -> Result<Vec<(&'a str, Tensor)>> {
+        declared
+            .iter()
+            .map(|info| {
+                let (_, t) = self.tensors.iter().find(|(n, _)| *n == info.name).ok_or_else(|| {
+                    Error::interface(
+                        "vision_encoder",
+                        format!("the {family} preprocessor does not produce input `{}`", info.name),
+                    )
+                })?;
+                Ok((info.name.as_str(), t.clone()))
+            })
+            .collect()
     }
 
     /// Total feature rows over all views.

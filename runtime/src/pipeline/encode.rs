@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ndarray::{Array2, Axis};
 
-use super::vision::{EncoderHook, NoReduction, VisionRun};
+use super::vision::{add_stage_times, EncoderHook, NoReduction, VisionRun};
 use super::Pipeline;
 use crate::backend::{NamedOutputs, Tensor};
 use crate::error::{Error, Result};
@@ -64,16 +64,7 @@ impl Pipeline {
     /// [`Pipeline::encode`] with a hook between the staged encoder's groups of layers (a
     /// monolithic encoder never calls it).
     pub fn encode_with(&self, input: &VisionInput, hook: &mut dyn EncoderHook) -> Result<Encoded> {
-        let mut given: Vec<(&str, Tensor)> = Vec::new();
-        for info in self.vision.inputs() {
-            let t = input.tensors.iter().find(|(n, _)| *n == info.name).ok_or_else(|| {
-                Error::interface(
-                    "vision_encoder",
-                    format!("the {} preprocessor does not produce input `{}`", self.family.name(), info.name),
-                )
-            })?;
-            given.push((info.name.as_str(), t.1.clone()));
-        }
+        let given = input.inputs_for(self.vision.inputs(), self.family.name())?;
         // images in the encoder batch: the views, or LLaVA-OneVision's anyres crops
         let axis = self.family.views_axis();
         let views = given.first().map_or(0, |(_, t)| t.shape().get(axis).copied().unwrap_or(0));
@@ -117,37 +108,21 @@ impl Pipeline {
         views: usize,
         hook: &mut dyn EncoderHook,
     ) -> Result<VisionRun> {
-        let axis = Axis(self.family.views_axis());
+        let axis = self.family.views_axis();
         let mut runs = Vec::with_capacity(views);
         for v in 0..views {
             let one: Vec<(&str, Tensor)> = given
                 .iter()
                 .map(|(n, t)| {
-                    let sliced = match t {
-                        Tensor::F32(a) if a.ndim() > axis.0 && a.shape()[axis.0] == views => {
-                            Tensor::F32(a.select(axis, &[v]))
-                        }
-                        Tensor::F16(a) if a.ndim() > axis.0 && a.shape()[axis.0] == views => {
-                            Tensor::F16(a.select(axis, &[v]))
-                        }
-                        Tensor::Bool(a) if a.ndim() > axis.0 && a.shape()[axis.0] == views => {
-                            Tensor::Bool(a.select(axis, &[v]))
-                        }
-                        other => other.clone(),
-                    };
-                    (*n, sliced)
+                    let per_view = t.shape().len() > axis && t.shape()[axis] == views;
+                    (*n, if per_view { t.select(axis, &[v]) } else { t.clone() })
                 })
                 .collect();
             runs.push(self.vision.run(one, hook)?);
         }
         let mut stages: Vec<(String, Duration)> = Vec::new();
         for run in &runs {
-            for (name, took) in &run.stages {
-                match stages.iter_mut().find(|(n, _)| n == name) {
-                    Some((_, t)) => *t += *took,
-                    None => stages.push((name.clone(), *took)),
-                }
-            }
+            add_stage_times(&mut stages, &run.stages);
         }
         let declared = self.vision.outputs();
         let mut joined = Vec::with_capacity(declared.len());
@@ -233,11 +208,8 @@ impl Pipeline {
         let mut reduced = input.subset(&frames);
         reduced.views = views;
         let mut stages = global.stages.clone();
-        for (name, took) in encoded_tiles.iter().flat_map(|e| &e.stages) {
-            match stages.iter_mut().find(|(n, _)| n == name) {
-                Some((_, t)) => *t += *took,
-                None => stages.push((name.clone(), *took)),
-            }
+        if let Some(tiles) = &encoded_tiles {
+            add_stage_times(&mut stages, &tiles.stages);
         }
         Ok((reduced, Encoded { features, signals: Signals::concat(&signals), stages }))
     }

@@ -10,7 +10,7 @@ mod options;
 mod prompt;
 mod request;
 mod stats;
-mod vision;
+pub(crate) mod vision;
 
 use std::path::Path;
 use std::time::Duration;

@@ -183,10 +183,9 @@ impl VisionEncoder {
                         ));
                     }
                     let s = g.session.as_ref();
-                    let mut inputs =
-                        vec![(HIDDEN, tensor_as(state.hidden.clone().into_dyn(), elem(s.inputs(), HIDDEN)))];
+                    let mut inputs = vec![(HIDDEN, as_declared(s, HIDDEN, state.hidden.clone().into_dyn()))];
                     if s.inputs().iter().any(|i| i.name == BIAS) {
-                        inputs.push((BIAS, tensor_as(state.bias.clone().into_dyn(), elem(s.inputs(), BIAS))));
+                        inputs.push((BIAS, as_declared(s, BIAS, state.bias.clone().into_dyn())));
                     }
                     let stream = stream_out(s).unwrap_or(HIDDEN_OUT).to_string();
                     let mut out = NamedOutputs::new(s.outputs(), s.run(inputs)?);
@@ -209,7 +208,7 @@ impl VisionEncoder {
                     ));
                 }
                 let t = Instant::now();
-                let given = vec![(HIDDEN, tensor_as(state.hidden.into_dyn(), elem(head.inputs(), HIDDEN)))];
+                let given = vec![(HIDDEN, as_declared(head.as_ref(), HIDDEN, state.hidden.into_dyn()))];
                 let outputs = NamedOutputs::new(head.outputs(), head.run(given)?);
                 stages.push(("vision_head".into(), t.elapsed()));
                 Ok(VisionRun { outputs, stages })
@@ -218,15 +217,22 @@ impl VisionEncoder {
     }
 }
 
-fn elem(io: &[TensorInfo], name: &str) -> ElemType {
-    io.iter().find(|i| i.name == name).map_or(ElemType::F32, |i| i.elem)
+/// An f32 array as the element type `session` declares for input `name` (fp16 variants take f16).
+pub(crate) fn as_declared(session: &dyn Session, name: &str, a: ArrayD<f32>) -> Tensor {
+    match session.inputs().iter().find(|i| i.name == name).map(|i| i.elem) {
+        Some(ElemType::F16) => Tensor::F16(a.mapv(half::f16::from_f32)),
+        _ => Tensor::F32(a),
+    }
 }
 
-/// An f32 array as the element type a stage declares (fp16 variants take f16).
-fn tensor_as(a: ArrayD<f32>, elem: ElemType) -> Tensor {
-    match elem {
-        ElemType::F16 => Tensor::F16(a.mapv(half::f16::from_f32)),
-        _ => Tensor::F32(a),
+/// Adds each stage time to the entry of the same name (stages run once per view, or twice with
+/// tile skipping), keeping first-run order.
+pub(crate) fn add_stage_times(into: &mut Vec<(String, Duration)>, more: &[(String, Duration)]) {
+    for (name, took) in more {
+        match into.iter_mut().find(|(n, _)| n == name) {
+            Some((_, t)) => *t += *took,
+            None => into.push((name.clone(), *took)),
+        }
     }
 }
 

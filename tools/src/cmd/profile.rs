@@ -72,18 +72,10 @@ pub fn run(args: Args) -> Result<()> {
     let opts = ProfileOptions { warmup: args.warmup, runs: args.runs.max(1), new_tokens: args.new_tokens };
     let (_, backend_opts) = args.model.settle(None, None)?;
     let tiles = args.sweep.tile_budgets()?;
-    let n_dtypes = if args.dtypes.is_empty() { 1 } else { list(&args.dtypes).len() };
-    let encoders: Vec<glimpse_runtime::pipeline::EncoderForm> = if args.encoders.is_empty() {
-        vec![args.model.encoder]
-    } else {
-        list(&args.encoders).iter().map(|e| e.parse()).collect::<Result<_, _>>()?
-    };
-    let view_runs: Vec<glimpse_runtime::pipeline::ViewRun> = if args.view_runs.is_empty() {
-        vec![args.model.views]
-    } else {
-        list(&args.view_runs).iter().map(|e| e.parse()).collect::<Result<_, _>>()?
-    };
-    let total = n_dtypes
+    let encoders = sweep_or(&args.encoders, args.model.encoder)?;
+    let view_runs = sweep_or(&args.view_runs, args.model.views)?;
+    let dtypes: Vec<super::DtypeArg> = sweep_or(&args.dtypes, args.model.dtype.clone())?;
+    let total = dtypes.len()
         * encoders.len()
         * view_runs.len()
         * backends.len()
@@ -101,11 +93,6 @@ pub fn run(args: Args) -> Result<()> {
     let mut model_bytes = 0;
     let mut realsize = false;
     let mut placements = std::collections::BTreeMap::new();
-    let dtypes: Vec<super::DtypeArg> = if args.dtypes.is_empty() {
-        vec![args.model.dtype.clone()]
-    } else {
-        list(&args.dtypes).iter().map(|d| d.parse()).collect::<Result<_, _>>()?
-    };
     let mut configs = Vec::new();
     for d in &dtypes {
         for &encoder in &encoders {
@@ -213,6 +200,17 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A comma-separated sweep flag's values, or `single` when the flag is empty.
+fn sweep_or<T: std::str::FromStr>(values: &str, single: T) -> Result<Vec<T>>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    if values.is_empty() {
+        return Ok(vec![single]);
+    }
+    Ok(list(values).iter().map(|v| v.parse()).collect::<Result<_, _>>()?)
 }
 
 fn print_table(rows: &[ProfileRow]) {
