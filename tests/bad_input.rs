@@ -222,7 +222,7 @@ fn tile_skipping_on_an_untiled_family_is_an_error() {
     use glimpse::runtime::{SkippedTiles, TileBudget, TileSkip};
     for name in ["tiny-llava", "tiny-llava-onevision"] {
         let opts = PipelineOptions {
-            tiles: Some(TileSkip { budget: TileBudget::Count(1), skipped: SkippedTiles::Drop }),
+            tiles: Some(TileSkip { budget: TileBudget::Count(1), skipped: SkippedTiles::Drop, relevance: 0.0 }),
             ..Default::default()
         };
         let (e, s) = msg(Pipeline::load(model(name), &opts));

@@ -162,7 +162,7 @@ pub fn evaluate(
     // consecutive questions about one picture share its decoded image and, without tile skipping
     // (whose tiles depend on the question), its encoding; every question still reports the
     // measured decode, preprocess and encode times of that picture
-    let reuse_encoding = pipeline.tile_skip().is_none();
+    let reuse_encoding = !pipeline.encoding_depends_on_prompt();
     let mut cache: Option<(String, image::RgbImage, Option<EncodedImage>, std::time::Duration)> = None;
     for (i, q) in set.questions[..n].iter().enumerate() {
         let entry = match cache.take() {

@@ -66,8 +66,9 @@ pub struct ProfileRow {
     pub dtype: String,
     pub method: String,
     pub keep: String,
-    /// Tile budget (`all` without tile skipping).
-    pub tiles: String,
+    /// What acted before or inside the encoder (`all`: nothing; `t2` tiles, `r0.25` regions,
+    /// `m8` merging, joined by `+`).
+    pub reduction: String,
     /// Vision encoder form run: `monolithic` or `staged` (`docs/stages.md`).
     pub encoder: String,
     /// Views encoded as one batch (`batch`) or `one-by-one`.
@@ -173,7 +174,7 @@ pub fn profile(
         dtype,
         method: pipeline.selection().method.clone(),
         keep: pipeline.selection().budget.to_string(),
-        tiles: "all".into(),
+        reduction: "all".into(),
         encoder: if pipeline.encoder_is_staged() { "staged" } else { "monolithic" }.into(),
         views_run: if pipeline.encodes_views_one_by_one() { "one-by-one" } else { "batch" }.into(),
         views,

@@ -112,6 +112,10 @@ impl super::Family for Llava {
         "llava"
     }
 
+    fn encoder_prefix_tokens(&self) -> usize {
+        1
+    }
+
     fn image_token_id(&self) -> i64 {
         self.image_token_id
     }

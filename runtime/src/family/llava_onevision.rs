@@ -159,6 +159,10 @@ impl super::Family for LlavaOnevision {
         "llava_onevision"
     }
 
+    fn patch_grid_views(&self) -> bool {
+        false
+    }
+
     fn image_token_id(&self) -> i64 {
         self.image_token_id
     }

@@ -165,6 +165,16 @@ pub trait Family: Send + Sync {
     fn splits_into_tiles(&self) -> bool {
         false
     }
+    /// Whether every view's LLM tokens are a grid over its patches (square groups of patches,
+    /// one group per token), which region skipping needs; LLaVA-OneVision's crops are packed.
+    fn patch_grid_views(&self) -> bool {
+        true
+    }
+    /// Tokens before the patches in the staged encoder's residual stream (CLIP's CLS: 1), which
+    /// region skipping and token merging always keep.
+    fn encoder_prefix_tokens(&self) -> usize {
+        0
+    }
     /// After the encoder: turns its rows `[encoder_rows, d]` into the views' rows, reading any
     /// extra encoder output it needs (LLaVA-OneVision stitches and unpads anyres crops and adds
     /// `image_newline` rows). The default passes the rows through.

@@ -12,7 +12,7 @@ use super::{
     Pipeline, Positions, Prepared, Request, Stage, StageTimes,
 };
 use crate::error::{Error, Result};
-use crate::family::{self, ViewKind, VisionInput};
+use crate::family::{View, ViewKind, VisionInput};
 use crate::generate::{GenerationOptions, Generator, StopReason};
 use crate::select::{Selection, SelectionInput, Selector};
 
@@ -68,15 +68,11 @@ impl Pipeline {
                 record(&mut times, Stage::Preprocess, e.preprocess, obs);
                 record(&mut times, Stage::Encode, e.encode, obs);
                 encoder_stages.clone_from(&e.encoded.stages);
-                let tokens = e.input.total_tokens();
-                let views = e.input.views.clone();
                 self.select_and_splice(
                     &rendered,
                     render_time,
                     &e.input,
                     &e.encoded,
-                    views,
-                    tokens,
                     selector,
                     positions,
                     &mut scratch,
@@ -95,18 +91,12 @@ impl Pipeline {
                 let started = Instant::now();
                 let input = self.preprocess(img)?;
                 record(&mut times, Stage::Preprocess, started.elapsed(), obs);
-                let original_views = input.views.clone();
-                let original_tokens = input.total_tokens();
                 let started = Instant::now();
-                let (input, encoded) = match self.tiles {
-                    Some(skip) if input.rows * input.cols > 0 => {
-                        let text = self.scratch_text(&mut scratch)?.clone();
-                        self.encode_skipping_tiles(&input, &text, skip)?
-                    }
-                    _ => {
-                        let encoded = self.encode(&input)?;
-                        (input, encoded)
-                    }
+                let encoded = if self.reduces_encoder() {
+                    let mut text = || self.scratch_text(&mut scratch).cloned();
+                    self.encode_reduced(&input, &mut text)?
+                } else {
+                    self.encode(&input)?
                 };
                 record(&mut times, Stage::Encode, started.elapsed(), obs);
                 encoder_stages.clone_from(&encoded.stages);
@@ -115,8 +105,6 @@ impl Pipeline {
                     render_time,
                     &input,
                     &encoded,
-                    original_views,
-                    original_tokens,
                     selector,
                     positions,
                     &mut scratch,
@@ -164,21 +152,27 @@ impl Pipeline {
     }
 
     /// Preprocesses and encodes an image once, to ask several prompts about it with
-    /// [`ImageInput::Encoded`] (`glimpse eval` asks about eight questions per picture). Not
-    /// available with tile skipping, whose choice of tiles depends on the prompt.
+    /// [`ImageInput::Encoded`] (`glimpse eval` asks about eight questions per picture), with
+    /// the reductions that do not depend on the prompt (merging; region skipping by saliency on
+    /// single-view models). Not available when tile or region skipping is guided by the prompt.
     pub fn encode_image(&self, image: &RgbImage) -> Result<EncodedImage> {
-        if self.tiles.is_some() {
+        if self.encoding_depends_on_prompt() {
             return Err(Error::invalid(
-                "tile skipping",
+                "tile / region skipping",
                 "on",
-                "the tiles encoded depend on the prompt, so one encoding cannot serve several prompts",
+                "the tokens encoded depend on the prompt, so one encoding cannot serve several prompts",
             ));
         }
         let started = Instant::now();
         let input = self.preprocess(image)?;
         let preprocess = started.elapsed();
         let started = Instant::now();
-        let encoded = self.encode(&input)?;
+        let encoded = if self.reduces_encoder() {
+            let mut no_text = || Err(Error::interface("pipeline", "prompt-guided reduction without a prompt"));
+            self.encode_reduced(&input, &mut no_text)?
+        } else {
+            self.encode(&input)?
+        };
         Ok(EncodedImage { input, encoded, preprocess, encode: started.elapsed() })
     }
 
@@ -208,8 +202,14 @@ impl Pipeline {
         if selector.needs().text {
             signals.text = Some(self.scratch_text(scratch)?.clone());
         }
-        let sel =
-            selector.select(&SelectionInput { features: &encoded.features, views: &input.views, signals: &signals })?;
+        let sel = match &encoded.present {
+            None => selector.select(&SelectionInput {
+                features: &encoded.features,
+                views: &input.views,
+                signals: &signals,
+            })?,
+            Some(present) => select_present(selector, encoded, &input.views, present, &signals)?,
+        };
         if sel.kept.len() != input.views.len() {
             return Err(Error::interface("select", "selector returned a different number of views"));
         }
@@ -224,8 +224,6 @@ impl Pipeline {
         render_time: Duration,
         input: &VisionInput,
         encoded: &Encoded,
-        original_views: Vec<family::View>,
-        original_tokens: usize,
         selector: &Selector,
         positions: Positions,
         scratch: &mut Scratch<'_>,
@@ -243,16 +241,22 @@ impl Pipeline {
             Positions::Contiguous => None,
             Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), input, &sel)?),
         };
-        let mut prepared = self.splice(ids, Some(&kept_rows), original_tokens, positions)?;
-        prepared.views = input.encoder_views();
-        let skipped_tiles = original_views
-            .into_iter()
-            .filter(|o| {
-                matches!(o.kind, ViewKind::Tile { .. })
-                    && !input.views.iter().any(|v| v.kind == o.kind && v.tokens == o.tokens)
-            })
+        let mut prepared = self.splice(ids, Some(&kept_rows), input.total_tokens(), positions)?;
+        let never = |v: usize| encoded.present.as_ref().is_some_and(|p| p[v].is_empty());
+        prepared.views = input.encoder_views() - (0..input.views.len()).filter(|&v| never(v)).count();
+        let skipped_tiles = input
+            .views
+            .iter()
+            .enumerate()
+            .filter(|&(v, view)| matches!(view.kind, ViewKind::Tile { .. }) && never(v))
+            .map(|(_, view)| view.clone())
             .collect();
-        prepared.layout = Some(KeptLayout { views: input.views.clone(), kept: sel.kept.clone(), skipped_tiles });
+        prepared.layout = Some(KeptLayout {
+            views: input.views.clone(),
+            kept: sel.kept.clone(),
+            skipped_tiles,
+            present: encoded.present.clone(),
+        });
         drop((sel, kept_rows));
         times.splice = render_time + started.elapsed();
         obs.stage(Stage::Splice, times.splice);
@@ -284,4 +288,49 @@ impl Pipeline {
         };
         generator.run(prepared.embeds, &prepared.positions, opts, times, obs)
     }
+}
+
+/// Selection among the rows that exist after tile or region skipping: the selector sees only
+/// them (views of their sizes; a view keeps its grid only when whole), and its choice is mapped
+/// back to indices in the full views.
+fn select_present(
+    selector: &Selector,
+    encoded: &Encoded,
+    views: &[View],
+    present: &[Vec<usize>],
+    signals: &crate::select::Signals,
+) -> Result<Selection> {
+    if present.len() != views.len() || present.iter().zip(views).any(|(p, v)| p.iter().any(|&i| i >= v.tokens)) {
+        return Err(Error::interface("select", "rows present do not match the views"));
+    }
+    let live: Vec<usize> = (0..views.len()).filter(|&v| !present[v].is_empty()).collect();
+    let mut rows = Vec::new();
+    let mut sub_views = Vec::with_capacity(live.len());
+    let mut offset = 0;
+    let starts: Vec<usize> = views
+        .iter()
+        .map(|v| {
+            let s = offset;
+            offset += v.tokens;
+            s
+        })
+        .collect();
+    for &v in &live {
+        rows.extend(present[v].iter().map(|&i| starts[v] + i));
+        let n = present[v].len();
+        let grid = if n == views[v].tokens { views[v].grid } else { (1, n) };
+        sub_views.push(View { tokens: n, grid, ..views[v].clone() });
+    }
+    let features = encoded.features.select(ndarray::Axis(0), &rows);
+    let mut sub_signals = signals.select_rows(&rows);
+    sub_signals.text.clone_from(&signals.text);
+    let sub = selector.select(&SelectionInput { features: &features, views: &sub_views, signals: &sub_signals })?;
+    let mut sel = Selection { kept: vec![Vec::new(); views.len()], replaced: Default::default() };
+    for (k, &v) in live.iter().enumerate() {
+        sel.kept[v] = sub.kept[k].iter().map(|&i| present[v][i]).collect();
+    }
+    for ((k, i), row) in sub.replaced {
+        sel.replaced.insert((live[k], present[live[k]][i]), row);
+    }
+    Ok(sel)
 }

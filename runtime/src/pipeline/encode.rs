@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use ndarray::{Array2, Axis};
 
-use super::vision::{add_stage_times, EncoderHook, NoReduction, VisionRun};
+use super::vision::{add_stage_times, Chain, EncoderHook, NoReduction, VisionEncoder, VisionRun};
 use super::Pipeline;
 use crate::backend::{NamedOutputs, Tensor};
 use crate::error::{Error, Result};
-use crate::family::{View, VisionInput};
-use crate::select::tiles::{self, SkippedTiles, TileSkip};
+use crate::family::{ViewKind, VisionInput};
+use crate::select::regions::{self, Keep, PatchKeep, PatchLayout, RegionSkip};
+use crate::select::tiles::{self, SkippedTiles};
+use crate::select::tome::{MergeConfig, Tome};
 use crate::select::{signals, Signals};
 
 /// Encoder output: feature rows and any pruning signals the export added.
@@ -24,6 +26,10 @@ pub struct Encoded {
     /// Wall time of each encoder stage run (`vision_embed`, `vision_blocks_K`, `vision_head`; or
     /// `vision_encoder`), summed over runs when tile skipping encodes twice.
     pub stages: Vec<(String, Duration)>,
+    /// Rows that exist, per view (ascending indices into the view), when tile or region
+    /// skipping left some never encoded; `None`: every row. Absent rows are zero in `features`
+    /// and never reach the language model.
+    pub present: Option<Vec<Vec<usize>>>,
 }
 
 /// Concatenates per-view outputs on axis 0 (rank-1 outputs, the same for every view, are taken
@@ -64,15 +70,25 @@ impl Pipeline {
     /// [`Pipeline::encode`] with a hook between the staged encoder's groups of layers (a
     /// monolithic encoder never calls it).
     pub fn encode_with(&self, input: &VisionInput, hook: &mut dyn EncoderHook) -> Result<Encoded> {
-        let given = input.inputs_for(self.vision.inputs(), self.family.name())?;
+        self.encode_on(&self.vision, input, hook)
+    }
+
+    fn encode_on(&self, vision: &VisionEncoder, input: &VisionInput, hook: &mut dyn EncoderHook) -> Result<Encoded> {
+        let given = input.inputs_for(vision.inputs(), self.family.name())?;
         // images in the encoder batch: the views, or LLaVA-OneVision's anyres crops
         let axis = self.family.views_axis();
         let views = given.first().map_or(0, |(_, t)| t.shape().get(axis).copied().unwrap_or(0));
-        let VisionRun { mut outputs, stages } = if self.per_view && views > 1 {
-            self.run_views_one_by_one(given, views, hook)?
+        let run = if self.per_view && views > 1 {
+            self.run_views_one_by_one(vision, given, views, hook)?
         } else {
-            self.vision.run(given, hook)?
+            vision.run(given, hook)?
         };
+        self.finish(vision, input, run)
+    }
+
+    /// The encoder's outputs → feature rows (the family's packing) and signals.
+    fn finish(&self, vision: &VisionEncoder, input: &VisionInput, run: VisionRun) -> Result<Encoded> {
+        let VisionRun { mut outputs, stages } = run;
         let first = outputs.first_name().unwrap_or_default();
         let feats = outputs
             .take("image_features")
@@ -95,8 +111,8 @@ impl Pipeline {
         let features =
             feats.into_shape_with_order((n, d)).map_err(|e| Error::interface("vision_encoder", e.to_string()))?;
         let features = self.family.pack(input, features, &mut outputs)?;
-        let signals = self.read_signals(&mut outputs, input)?;
-        Ok(Encoded { features, signals, stages })
+        let signals = if vision.is_staged() { Signals::default() } else { self.read_signals(&mut outputs, input)? };
+        Ok(Encoded { features, signals, stages, present: None })
     }
 
     /// Runs the encoder once per image of its batch (inputs sliced on the family's views axis) and joins the
@@ -104,6 +120,7 @@ impl Pipeline {
     /// come from the first run.
     fn run_views_one_by_one(
         &self,
+        vision: &VisionEncoder,
         given: Vec<(&str, Tensor)>,
         views: usize,
         hook: &mut dyn EncoderHook,
@@ -118,13 +135,13 @@ impl Pipeline {
                     (*n, if per_view { t.select(axis, &[v]) } else { t.clone() })
                 })
                 .collect();
-            runs.push(self.vision.run(one, hook)?);
+            runs.push(vision.run(one, hook)?);
         }
         let mut stages: Vec<(String, Duration)> = Vec::new();
         for run in &runs {
             add_stage_times(&mut stages, &run.stages);
         }
-        let declared = self.vision.outputs();
+        let declared = vision.outputs();
         let mut joined = Vec::with_capacity(declared.len());
         for info in declared {
             let parts: Vec<Tensor> = runs
@@ -161,56 +178,252 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// Tile skipping: encodes the global view, scores every tile's region from it, encodes only
-    /// the chosen tiles, and returns the reduced input with its features. Skipped tiles vanish or
-    /// are represented by the global tokens over their region. `text` is the prompt's embeddings.
-    pub fn encode_skipping_tiles(
+    /// The encoder for a run: the staged one when a hook reduces tokens, else the loaded one.
+    fn encoder_for(&self, reduced: bool) -> &VisionEncoder {
+        match (&self.staged, reduced) {
+            (Some(staged), true) => staged,
+            _ => &self.vision,
+        }
+    }
+
+    /// ToMe for this pipeline, when merging is on.
+    fn merger(&self) -> Option<Tome> {
+        self.merge.map(|r| Tome::new(MergeConfig { r, protected: self.family.encoder_prefix_tokens() }))
+    }
+
+    /// Encodes `input` with every encoder-side reduction the pipeline is configured for: tile or
+    /// region skipping (on tiled families guided by the global view and `text`, the prompt's
+    /// embeddings, which `text` computes on first use) and token merging. Rows never encoded are
+    /// left out of [`Encoded::present`].
+    pub fn encode_reduced(
         &self,
         input: &VisionInput,
-        text: &Array2<f32>,
-        skip: TileSkip,
-    ) -> Result<(VisionInput, Encoded)> {
-        let g = input.views.iter().position(|v| v.kind == crate::family::ViewKind::Global);
-        let (Some(g), false) = (g, tiles::tile_views(&input.views).is_empty()) else {
-            return Ok((input.clone(), self.encode(input)?));
-        };
-        let global = self.encode(&input.subset(&[g]))?;
-        let gview = &input.views[g];
-        let scores = tiles::global_token_scores(&global.features, global.signals.get("attention_received"), text);
-        let chosen = tiles::choose_tiles(&input.views, g, &scores, skip.budget);
-        let encoded_tiles = if chosen.is_empty() { None } else { Some(self.encode(&input.subset(&chosen))?) };
-        // assemble views in the original order with their feature rows
-        let mut views: Vec<View> = Vec::new();
-        let mut parts: Vec<(&Encoded, Vec<usize>)> = Vec::new();
-        let mut tile_row = 0;
-        for (i, view) in input.views.iter().enumerate() {
-            if i == g {
-                views.push(view.clone());
-                parts.push((&global, (0..gview.tokens).collect()));
-            } else if chosen.contains(&i) {
-                let enc =
-                    encoded_tiles.as_ref().ok_or_else(|| Error::interface("tiles", "chosen tiles not encoded"))?;
-                views.push(view.clone());
-                parts.push((enc, (tile_row..tile_row + view.tokens).collect()));
-                tile_row += view.tokens;
-            } else if skip.skipped == SkippedTiles::Global {
-                let rows = tiles::covered(view, gview);
-                views.push(tiles::stand_in(view, gview, rows.len()));
-                parts.push((&global, rows));
-            }
+        text: &mut dyn FnMut() -> Result<Array2<f32>>,
+    ) -> Result<Encoded> {
+        let g = input.views.iter().position(|v| v.kind == ViewKind::Global);
+        let tiled = g.is_some() && !tiles::tile_views(&input.views).is_empty();
+        let relevance = self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0);
+        let text = if tiled && relevance != 0.0 { Some(text()?) } else { None };
+        match (tiled, self.tiles, self.regions) {
+            (true, Some(_), _) | (true, _, Some(_)) => self.encode_guided(input, g.unwrap_or(0), text.as_ref()),
+            (false, _, Some(skip)) => self.encode_salient(input, &skip),
+            _ => self.encode_merged(input, None),
         }
-        let features: Vec<_> = parts.iter().map(|(enc, rows)| enc.features.select(Axis(0), rows)).collect();
-        let signals: Vec<_> = parts.iter().map(|(enc, rows)| enc.signals.select_rows(rows)).collect();
-        let f_views: Vec<_> = features.iter().map(|f| f.view()).collect();
-        let features = ndarray::concatenate(Axis(0), &f_views).map_err(|e| Error::interface("tiles", e.to_string()))?;
-        let mut frames = chosen;
-        frames.push(g);
-        let mut reduced = input.subset(&frames);
-        reduced.views = views;
-        let mut stages = global.stages.clone();
-        if let Some(tiles) = &encoded_tiles {
-            add_stage_times(&mut stages, &tiles.stages);
-        }
-        Ok((reduced, Encoded { features, signals: Signals::concat(&signals), stages }))
     }
+
+    /// The whole input through the encoder, merged when merging is on (`only`: just these views).
+    fn encode_merged(&self, input: &VisionInput, only: Option<&[usize]>) -> Result<Encoded> {
+        let sub;
+        let input = match only {
+            Some(views) => {
+                sub = input.subset(views);
+                &sub
+            }
+            None => input,
+        };
+        match self.merger() {
+            Some(mut tome) => self.encode_on(self.encoder_for(true), input, &mut tome),
+            None => self.encode(input),
+        }
+    }
+
+    /// Single-view region skipping: each view keeps its most salient patch groups (saliency of
+    /// its own patch embeddings), run one view at a time.
+    fn encode_salient(&self, input: &VisionInput, skip: &RegionSkip) -> Result<Encoded> {
+        let prefix = self.family.encoder_prefix_tokens();
+        let mut parts = Vec::with_capacity(input.views.len());
+        let mut present = Vec::with_capacity(input.views.len());
+        for (v, view) in input.views.iter().enumerate() {
+            let mut keep = PatchKeep::new(Keep::Salient(skip.budget), prefix, view.grid);
+            let enc = self.encode_partial(input, v, &mut keep)?;
+            present.push(keep.kept().to_vec());
+            parts.push(enc);
+        }
+        let mut offset = 0;
+        let mut rows = Vec::new();
+        for (v, kept) in present.iter().enumerate() {
+            rows.push((v, kept.iter().map(|&t| (offset + t, t)).collect::<Vec<_>>()));
+            offset += input.views[v].tokens;
+        }
+        let picks: Vec<(&Encoded, Vec<(usize, usize)>)> = parts.iter().zip(rows).map(|(e, (_, r))| (e, r)).collect();
+        let mut out = assemble(input, &picks)?;
+        out.present = Some(present);
+        Ok(out)
+    }
+
+    /// One view through the staged encoder with region skipping (`keep`) and merging.
+    fn encode_partial(&self, input: &VisionInput, view: usize, keep: &mut PatchKeep) -> Result<Encoded> {
+        let one = input.subset(&[view]);
+        let mut tome = self.merger();
+        let mut hooks: Vec<&mut dyn EncoderHook> = vec![keep];
+        if let Some(t) = tome.as_mut() {
+            hooks.push(t);
+        }
+        self.encode_on(self.encoder_for(true), &one, &mut Chain(hooks))
+    }
+
+    /// Tile and region skipping on a tiled image: encodes the global view and scores every
+    /// tile token from the global token over it ([`tiles::global_token_scores`]); tile skipping
+    /// then encodes the best whole tiles, region skipping embeds every tile (one batched embed
+    /// run), adds each token's patch-embedding saliency to its score and runs the layers on the
+    /// chosen patch groups only. Rows never encoded are absent, or stand in from the global view
+    /// under `--skipped-tiles global`; every view keeps its place in the prompt.
+    fn encode_guided(&self, input: &VisionInput, g: usize, text: Option<&Array2<f32>>) -> Result<Encoded> {
+        let global = self.encode_merged(input, Some(&[g]))?;
+        let gview = &input.views[g];
+        let relevance = self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0);
+        let gscores = tiles::global_token_scores(&global.features, text, relevance);
+        let tile_ids = tiles::tile_views(&input.views);
+        let mut runs: Vec<(Vec<usize>, Encoded)> = Vec::new(); // (views, encoding of them in order)
+        let mut extra_stages: Vec<(String, Duration)> = Vec::new();
+        let (kept, skipped): (Vec<Vec<usize>>, SkippedTiles) = match (self.tiles, self.regions) {
+            (_, Some(skip)) => {
+                let staged = self.encoder_for(true);
+                let sub = input.subset(&tile_ids);
+                let (hidden, took) = staged.embed(sub.inputs_for(staged.inputs(), self.family.name())?)?;
+                extra_stages.push(("vision_embed".into(), took));
+                let prefix = self.family.encoder_prefix_tokens();
+                // prior (global view) and local (patch embeddings) scores, each z-scored over all tiles
+                let mut prior = Vec::new();
+                let mut local = Vec::new();
+                for (k, &v) in tile_ids.iter().enumerate() {
+                    let layout = PatchLayout::new(hidden.shape()[1], prefix, input.views[v].grid)?;
+                    prior.extend(regions::prior_of(&input.views[v], gview, &gscores));
+                    local.extend(regions::embedding_saliency(&hidden.index_axis(Axis(0), k).to_owned(), &layout));
+                }
+                let combined: Vec<f32> =
+                    tiles::zscore(&prior).into_iter().zip(tiles::zscore(&local)).map(|(a, b)| a + b).collect();
+                let mut scores = vec![Vec::new(); input.views.len()];
+                let mut at = 0;
+                for &v in &tile_ids {
+                    scores[v] = combined[at..at + input.views[v].tokens].to_vec();
+                    at += input.views[v].tokens;
+                }
+                let kept = regions::choose_regions(&input.views, &scores, skip.budget, skip.scope);
+                for (k, &v) in tile_ids.iter().enumerate() {
+                    if kept[v].is_empty() {
+                        continue;
+                    }
+                    let one = hidden.slice(ndarray::s![k..k + 1, .., ..]).to_owned();
+                    let mut keep = PatchKeep::new(Keep::Tokens(kept[v].clone()), prefix, input.views[v].grid);
+                    let mut tome = self.merger();
+                    let mut hooks: Vec<&mut dyn EncoderHook> = vec![&mut keep];
+                    if let Some(t) = tome.as_mut() {
+                        hooks.push(t);
+                    }
+                    let run = staged.run_groups(one, &mut Chain(hooks))?;
+                    runs.push((vec![v], self.finish(staged, &input.subset(&[v]), run)?));
+                }
+                (kept, skip.skipped)
+            }
+            (Some(skip), None) => {
+                let chosen = tiles::choose_tiles(&input.views, g, &gscores, skip.budget);
+                if !chosen.is_empty() {
+                    runs.push((chosen.clone(), self.encode_merged(input, Some(&chosen))?));
+                }
+                let kept = input
+                    .views
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| if i == g || chosen.contains(&i) { (0..v.tokens).collect() } else { Vec::new() })
+                    .collect();
+                (kept, skip.skipped)
+            }
+            (None, None) => return self.encode_merged(input, None),
+        };
+        let starts: Vec<usize> = input
+            .views
+            .iter()
+            .scan(0, |acc, v| {
+                let s = *acc;
+                *acc += v.tokens;
+                Some(s)
+            })
+            .collect();
+        // each present row: (encoding, row in it)
+        let mut picks: Vec<(&Encoded, Vec<(usize, usize)>)> = vec![(&global, Vec::new())];
+        for (_, e) in &runs {
+            picks.push((e, Vec::new()));
+        }
+        let mut present = vec![Vec::new(); input.views.len()];
+        for (v, view) in input.views.iter().enumerate() {
+            let at = starts[v];
+            if v == g {
+                picks[0].1.extend((0..view.tokens).map(|t| (at + t, t)));
+                present[v] = (0..view.tokens).collect();
+                continue;
+            }
+            let mut here: Vec<usize> = kept[v].clone();
+            if let Some((r, (views, _))) = runs.iter().enumerate().find(|(_, (vs, _))| vs.contains(&v)) {
+                // rows of view v within that run: views before it in the run come first
+                let before: usize = views.iter().take_while(|&&w| w != v).map(|&w| input.views[w].tokens).sum();
+                picks[r + 1].1.extend(kept[v].iter().map(|&t| (at + t, before + t)));
+            }
+            if skipped == SkippedTiles::Global && kept[v].len() < view.tokens {
+                // one stand-in per global token over the dropped part, at the first dropped tile
+                // token under it
+                let mut used = std::collections::BTreeSet::new();
+                for t in 0..view.tokens {
+                    let gt = regions::global_token_over(view, gview, t);
+                    if kept[v].binary_search(&t).is_err() && used.insert(gt) {
+                        picks[0].1.push((at + t, gt));
+                        here.push(t);
+                    }
+                }
+            }
+            here.sort_unstable();
+            present[v] = here;
+        }
+        let mut out = assemble(input, &picks)?;
+        let mut stages = global.stages.clone();
+        add_stage_times(&mut stages, &extra_stages);
+        for (_, e) in &runs {
+            add_stage_times(&mut stages, &e.stages);
+        }
+        out.stages = stages;
+        out.present = Some(present);
+        Ok(out)
+    }
+}
+
+/// Builds the full-layout encoding of `input` from rows of several encodings: `(encoding,
+/// [(row in the full layout, row in that encoding)])`. Rows not given are zero (and absent);
+/// a signal is kept only when every encoding that gives rows has it.
+fn assemble(input: &VisionInput, picks: &[(&Encoded, Vec<(usize, usize)>)]) -> Result<Encoded> {
+    let n = input.total_tokens();
+    let used: Vec<&(&Encoded, Vec<(usize, usize)>)> = picks.iter().filter(|(_, r)| !r.is_empty()).collect();
+    let d = used.first().map_or(0, |(e, _)| e.features.ncols());
+    let mut features = Array2::<f32>::zeros((n, d));
+    let check = |dst: usize, src: usize, e: &Encoded| {
+        if dst >= n || src >= e.features.nrows() || e.features.ncols() != d {
+            Err(Error::interface("encoder reduction", format!("row {src} -> {dst} outside the layout of {n}")))
+        } else {
+            Ok(())
+        }
+    };
+    for (e, rows) in &used {
+        for &(dst, src) in rows {
+            check(dst, src, e)?;
+            features.row_mut(dst).assign(&e.features.row(src));
+        }
+    }
+    let mut signals = Signals::default();
+    if let Some((first, _)) = used.first() {
+        for (name, a) in first.signals.iter() {
+            if !used.iter().all(|(e, _)| e.signals.get(name).is_some_and(|b| b.ncols() == a.ncols())) {
+                continue;
+            }
+            let mut full = Array2::<f32>::zeros((n, a.ncols()));
+            for (e, rows) in &used {
+                let b = e.signals.get(name).ok_or_else(|| Error::interface("encoder reduction", "signal"))?;
+                for &(dst, src) in rows {
+                    if src < b.nrows() {
+                        full.row_mut(dst).assign(&b.row(src));
+                    }
+                }
+            }
+            signals.insert(name, full);
+        }
+    }
+    Ok(Encoded { features, signals, stages: Vec::new(), present: None })
 }

@@ -26,13 +26,16 @@ use crate::preprocess::{self, ImageLimits};
 use crate::select::{SelectConfig, Selector};
 use crate::text::TextTokenizer;
 
+pub use crate::select::regions::RegionSkip;
 pub use crate::select::tiles::{SkippedTiles, TileBudget, TileSkip};
 pub use encode::Encoded;
 pub use options::{PipelineOptions, Positions, ViewRun};
 pub use prompt::{original_positions, Prepared};
 pub use request::{ImageInput, Observer, OnText, Quiet, Request, Stage};
 pub use stats::{Answer, GenerationStats, KeptLayout, StageTimes};
-pub use vision::{Between, EncoderForm, EncoderHook, Group, NoReduction, VisionEncoder, VisionRun};
+pub use vision::{
+    Between, Chain, EncoderForm, EncoderHook, Group, NoReduction, VisionEncoder, VisionRun, REDUCTION_STAGE,
+};
 
 /// An image preprocessed and encoded once (see [`Pipeline::encode_image`]), with the measured
 /// preprocess and encode times.
@@ -90,6 +93,9 @@ pub struct Pipeline {
     pub tokenizer: TextTokenizer,
     backend_name: &'static str,
     vision: VisionEncoder,
+    /// The staged encoder for reduced runs when `vision` is the monolithic one (region skipping
+    /// and merging need stages; full views still run `vision`, which carries the signals).
+    staged: Option<VisionEncoder>,
     /// Run the encoder one view at a time.
     per_view: bool,
     embed: Box<dyn Session>,
@@ -98,6 +104,8 @@ pub struct Pipeline {
     selector: Selector,
     positions: Positions,
     tiles: Option<TileSkip>,
+    regions: Option<RegionSkip>,
+    merge: Option<crate::select::Budget>,
     dtypes: Vec<(Part, Dtype)>,
     signal_outputs: Vec<(String, String)>,
     eos: Vec<i64>,
@@ -128,6 +136,20 @@ impl Pipeline {
                 "tile skipping (--tiles)",
                 family.name(),
                 "needs a family that splits images into tiles plus a global view (idefics3 / smolvlm with image splitting)",
+            ));
+        }
+        if opts.regions.is_some() && !family.patch_grid_views() {
+            return Err(Error::invalid(
+                "region skipping (--regions)",
+                family.name(),
+                "needs views whose tokens are a grid over their patches (idefics3, llava); LLaVA-OneVision packs its crops",
+            ));
+        }
+        if opts.regions.is_some() && opts.tiles.is_some() {
+            return Err(Error::invalid(
+                "region skipping (--regions)",
+                "with --tiles",
+                "region skipping already chooses within and across tiles; use one of the two",
             ));
         }
         let selector = Selector::new(opts.select.clone())?;
@@ -164,31 +186,40 @@ impl Pipeline {
             };
             backend.load(path, &folder.root, part.stem(), &hints)
         };
-        let vision = match staged_files(&folder, part_dtype(&dtypes, Part::VisionEncoder), opts.encoder)? {
-            None => VisionEncoder::Monolithic(load(Part::VisionEncoder)?),
-            Some(files) => {
-                let stages =
-                    manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
-                let (hints, head_hints) = (family.encoder_hints(), family.head_hints());
-                let none = crate::backend::LoadHints::default();
-                let mut sessions = Vec::with_capacity(files.len());
-                for (k, (stem, path)) in files.iter().enumerate() {
-                    let h = match k {
-                        0 => &hints,
-                        k if k + 1 == files.len() => &head_hints,
-                        _ => &none,
-                    };
-                    sessions.push(backend.load(path, &folder.root, stem, h)?);
-                }
-                let head = sessions.pop().ok_or_else(|| Error::interface("vision stages", "no head"))?;
-                let mut rest = sessions.into_iter();
-                let embed = rest.next().ok_or_else(|| Error::interface("vision stages", "no embed stage"))?;
-                let groups = rest.zip(&stages.blocks).map(|(session, b)| Group { session, layers: b.layers }).collect();
-                let v = VisionEncoder::Staged { embed, groups, head };
-                let stems: Vec<&str> = files.iter().map(|(s, _)| s.as_str()).collect();
-                v.check(&stems)?;
-                v
+        let load_staged = |files: Vec<(String, std::path::PathBuf)>| -> Result<VisionEncoder> {
+            let stages = manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
+            let (hints, head_hints) = (family.encoder_hints(), family.head_hints());
+            let none = crate::backend::LoadHints::default();
+            let mut sessions = Vec::with_capacity(files.len());
+            for (k, (stem, path)) in files.iter().enumerate() {
+                let h = match k {
+                    0 => &hints,
+                    k if k + 1 == files.len() => &head_hints,
+                    _ => &none,
+                };
+                sessions.push(backend.load(path, &folder.root, stem, h)?);
             }
+            let head = sessions.pop().ok_or_else(|| Error::interface("vision stages", "no head"))?;
+            let mut rest = sessions.into_iter();
+            let embed = rest.next().ok_or_else(|| Error::interface("vision stages", "no embed stage"))?;
+            let groups = rest.zip(&stages.blocks).map(|(session, b)| Group { session, layers: b.layers }).collect();
+            let v = VisionEncoder::Staged { embed, groups, head };
+            let stems: Vec<&str> = files.iter().map(|(s, _)| s.as_str()).collect();
+            v.check(&stems)?;
+            Ok(v)
+        };
+        let vision_dtype = part_dtype(&dtypes, Part::VisionEncoder);
+        let vision = match staged_files(&folder, vision_dtype, opts.encoder)? {
+            None => VisionEncoder::Monolithic(load(Part::VisionEncoder)?),
+            Some(files) => load_staged(files)?,
+        };
+        let reduces = opts.regions.is_some() || opts.merge.is_some();
+        let staged = if reduces && !vision.is_staged() {
+            let files = staged_files(&folder, vision_dtype, EncoderForm::Staged)?
+                .ok_or_else(|| Error::interface("vision stages", "none listed"))?;
+            Some(load_staged(files)?)
+        } else {
+            None
         };
         family.check_encoder(vision.outputs())?;
         for (signal, output) in &signal_outputs {
@@ -215,6 +246,7 @@ impl Pipeline {
             tokenizer,
             backend_name: backend.name(),
             vision,
+            staged,
             per_view,
             embed,
             decoder,
@@ -222,6 +254,8 @@ impl Pipeline {
             selector,
             positions: opts.positions,
             tiles: opts.tiles,
+            regions: opts.regions,
+            merge: opts.merge,
             dtypes,
             signal_outputs,
             eos,
@@ -262,6 +296,28 @@ impl Pipeline {
     /// Tile skipping in effect, if any.
     pub fn tile_skip(&self) -> Option<TileSkip> {
         self.tiles
+    }
+
+    /// Region skipping in effect, if any.
+    pub fn region_skip(&self) -> Option<RegionSkip> {
+        self.regions
+    }
+
+    /// Token merging in the encoder in effect (tokens per group boundary), if any.
+    pub fn merge(&self) -> Option<crate::select::Budget> {
+        self.merge
+    }
+
+    /// Whether any reduction acts before or inside the encoder (tiles, regions, merging).
+    pub fn reduces_encoder(&self) -> bool {
+        self.tiles.is_some() || self.regions.is_some() || self.merge.is_some()
+    }
+
+    /// Whether the tokens encoded depend on the prompt (tile or region skipping guided by the
+    /// global view), so one encoding cannot serve several prompts.
+    pub fn encoding_depends_on_prompt(&self) -> bool {
+        let relevance = self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0);
+        self.family.splits_into_tiles() && relevance != 0.0
     }
 
     /// The backend running the parts.

@@ -6,8 +6,9 @@ use crate::backend;
 use crate::error::{Error, Result};
 use crate::folder::{Dtype, Part};
 use crate::preprocess::ImageLimits;
+use crate::select::regions::RegionSkip;
 use crate::select::tiles::TileSkip;
-use crate::select::SelectConfig;
+use crate::select::{Budget, SelectConfig};
 
 /// How a pipeline is built.
 #[derive(Debug, Clone)]
@@ -26,6 +27,10 @@ pub struct PipelineOptions {
     pub positions: Positions,
     /// Skip whole tiles before the encoder (tiled families only).
     pub tiles: Option<TileSkip>,
+    /// Run the encoder's layers only on the best patch groups (needs stages).
+    pub regions: Option<RegionSkip>,
+    /// ToMe: tokens merged per view after each group of encoder layers (needs stages).
+    pub merge: Option<Budget>,
     /// Limits on input images.
     pub image_limits: ImageLimits,
     /// Memory budget in bytes checked before loading (`None`: what the machine has free).
@@ -72,6 +77,8 @@ impl Default for PipelineOptions {
             select: SelectConfig::default(),
             positions: Positions::Original,
             tiles: None,
+            regions: None,
+            merge: None,
             image_limits: ImageLimits::default(),
             max_memory: None,
             encoder: super::EncoderForm::Auto,

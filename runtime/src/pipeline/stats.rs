@@ -122,4 +122,7 @@ pub struct KeptLayout {
     pub views: Vec<View>,
     pub kept: Vec<Vec<usize>>,
     pub skipped_tiles: Vec<View>,
+    /// Rows that were encoded (or stood in from the global view) per view, when tile or region
+    /// skipping left some never encoded.
+    pub present: Option<Vec<Vec<usize>>>,
 }

@@ -56,6 +56,11 @@ pub struct Between {
 
 /// Reduces (and restores) tokens between the groups of a staged encoder.
 pub trait EncoderHook {
+    /// After the embed stage, before the first group: may drop tokens (region skipping); the
+    /// state then holds the embedded full grid, `state.grid` tokens per view.
+    fn before_groups(&mut self, _state: &mut Between) -> Result<()> {
+        Ok(())
+    }
     /// After group `index` (encoder layers `layers`) ran, before the next group: may change the
     /// tokens, the bias or both (a group runs on any number of tokens).
     fn after_group(&mut self, _index: usize, _layers: [usize; 2], _state: &mut Between) -> Result<()> {
@@ -87,10 +92,30 @@ pub enum VisionEncoder {
     Staged { embed: Box<dyn Session>, groups: Vec<Group>, head: Box<dyn Session> },
 }
 
+/// Hooks run in order: `before_groups` and `after_group` first to last, `before_head` last to
+/// first (what the last hook reduced is restored first), e.g. region skipping then merging.
+pub struct Chain<'a>(pub Vec<&'a mut dyn EncoderHook>);
+
+impl EncoderHook for Chain<'_> {
+    fn before_groups(&mut self, state: &mut Between) -> Result<()> {
+        self.0.iter_mut().try_for_each(|h| h.before_groups(state))
+    }
+    fn after_group(&mut self, index: usize, layers: [usize; 2], state: &mut Between) -> Result<()> {
+        self.0.iter_mut().try_for_each(|h| h.after_group(index, layers, state))
+    }
+    fn before_head(&mut self, state: &mut Between) -> Result<()> {
+        self.0.iter_mut().rev().try_for_each(|h| h.before_head(state))
+    }
+}
+
+/// The stage key under which the hook's own time (scoring, matching, merging) is reported.
+pub const REDUCTION_STAGE: &str = "encoder_reduction";
+
 /// The encoder's outputs (the monolithic ones, or the head's) and the time of each stage run.
 pub struct VisionRun {
     pub outputs: NamedOutputs,
-    /// `(stage stem, wall time)` in run order; one entry for a monolithic encoder.
+    /// `(stage stem, wall time)` in run order; one entry for a monolithic encoder. The hook's
+    /// time is [`REDUCTION_STAGE`], listed before the head.
     pub stages: Vec<(String, Duration)>,
 }
 
@@ -164,56 +189,84 @@ impl VisionEncoder {
                 let outputs = NamedOutputs::new(s.outputs(), s.run(given)?);
                 Ok(VisionRun { outputs, stages: vec![("vision_encoder".into(), t.elapsed())] })
             }
-            VisionEncoder::Staged { embed, groups, head } => {
-                let mut stages = Vec::with_capacity(groups.len() + 2);
-                let t = Instant::now();
-                let mut out = NamedOutputs::new(embed.outputs(), embed.run(given)?);
-                let hidden = take3(&mut out, HIDDEN, "vision_embed")?;
-                stages.push(("vision_embed".into(), t.elapsed()));
-                let (views, grid) = (hidden.shape()[0], hidden.shape()[1]);
-                let mut state = Between { hidden, bias: Array2::zeros((views, grid)), keys: None, grid };
-                for (k, g) in groups.iter().enumerate() {
-                    let name = format!("vision_blocks_{k}");
-                    let t = Instant::now();
-                    let (v, n) = (state.hidden.shape()[0], state.hidden.shape()[1]);
-                    if state.bias.dim() != (v, n) {
-                        return Err(Error::interface(
-                            &name,
-                            format!("attention bias {:?} does not match the tokens [{v}, {n}]", state.bias.dim()),
-                        ));
-                    }
-                    let s = g.session.as_ref();
-                    let mut inputs = vec![(HIDDEN, as_declared(s, HIDDEN, state.hidden.clone().into_dyn()))];
-                    if s.inputs().iter().any(|i| i.name == BIAS) {
-                        inputs.push((BIAS, as_declared(s, BIAS, state.bias.clone().into_dyn())));
-                    }
-                    let stream = stream_out(s).unwrap_or(HIDDEN_OUT).to_string();
-                    let mut out = NamedOutputs::new(s.outputs(), s.run(inputs)?);
-                    state.hidden = take3(&mut out, &stream, &name)?;
-                    state.keys = out.take(KEYS).map(|t| to3(t, KEYS, &name)).transpose()?;
-                    stages.push((name, t.elapsed()));
-                    if k + 1 < groups.len() {
-                        hook.after_group(k, g.layers, &mut state)?;
-                    }
-                }
-                hook.before_head(&mut state)?;
-                if state.hidden.shape()[1] != state.grid {
-                    return Err(Error::interface(
-                        "vision_head",
-                        format!(
-                            "the encoder reduction left {} tokens per view; the head needs the full grid of {}",
-                            state.hidden.shape()[1],
-                            state.grid
-                        ),
-                    ));
-                }
-                let t = Instant::now();
-                let given = vec![(HIDDEN, as_declared(head.as_ref(), HIDDEN, state.hidden.into_dyn()))];
-                let outputs = NamedOutputs::new(head.outputs(), head.run(given)?);
-                stages.push(("vision_head".into(), t.elapsed()));
-                Ok(VisionRun { outputs, stages })
+            VisionEncoder::Staged { .. } => {
+                let (hidden, took) = self.embed(given)?;
+                let mut run = self.run_groups(hidden, hook)?;
+                run.stages.insert(0, ("vision_embed".into(), took));
+                Ok(run)
             }
         }
+    }
+
+    /// The embed stage alone: the residual stream entering the first group `[views, tokens, d]`
+    /// and its time. An error for a monolithic encoder.
+    pub fn embed(&self, given: Vec<(&str, Tensor)>) -> Result<(Array3<f32>, Duration)> {
+        let VisionEncoder::Staged { embed, .. } = self else {
+            return Err(Error::interface("vision_encoder", "a monolithic encoder has no embed stage"));
+        };
+        let t = Instant::now();
+        let mut out = NamedOutputs::new(embed.outputs(), embed.run(given)?);
+        let hidden = take3(&mut out, HIDDEN, "vision_embed")?;
+        Ok((hidden, t.elapsed()))
+    }
+
+    /// The groups (with `hook` before, between and after them) and the head on an embedded
+    /// stream `[views, tokens, d]` (what [`VisionEncoder::embed`] returns).
+    pub fn run_groups(&self, hidden: Array3<f32>, hook: &mut dyn EncoderHook) -> Result<VisionRun> {
+        let VisionEncoder::Staged { groups, head, .. } = self else {
+            return Err(Error::interface("vision_encoder", "a monolithic encoder has no groups"));
+        };
+        let mut stages = Vec::with_capacity(groups.len() + 2);
+        let (views, grid) = (hidden.shape()[0], hidden.shape()[1]);
+        let mut state = Between { hidden, bias: Array2::zeros((views, grid)), keys: None, grid };
+        let mut hook_time = Duration::ZERO;
+        let t = Instant::now();
+        hook.before_groups(&mut state)?;
+        hook_time += t.elapsed();
+        for (k, g) in groups.iter().enumerate() {
+            let name = format!("vision_blocks_{k}");
+            let t = Instant::now();
+            let (v, n) = (state.hidden.shape()[0], state.hidden.shape()[1]);
+            if state.bias.dim() != (v, n) {
+                return Err(Error::interface(
+                    &name,
+                    format!("attention bias {:?} does not match the tokens [{v}, {n}]", state.bias.dim()),
+                ));
+            }
+            let s = g.session.as_ref();
+            let mut inputs = vec![(HIDDEN, as_declared(s, HIDDEN, state.hidden.clone().into_dyn()))];
+            if s.inputs().iter().any(|i| i.name == BIAS) {
+                inputs.push((BIAS, as_declared(s, BIAS, state.bias.clone().into_dyn())));
+            }
+            let stream = stream_out(s).unwrap_or(HIDDEN_OUT).to_string();
+            let mut out = NamedOutputs::new(s.outputs(), s.run(inputs)?);
+            state.hidden = take3(&mut out, &stream, &name)?;
+            state.keys = out.take(KEYS).map(|t| to3(t, KEYS, &name)).transpose()?;
+            stages.push((name, t.elapsed()));
+            if k + 1 < groups.len() {
+                let t = Instant::now();
+                hook.after_group(k, g.layers, &mut state)?;
+                hook_time += t.elapsed();
+            }
+        }
+        let t = Instant::now();
+        hook.before_head(&mut state)?;
+        stages.push((REDUCTION_STAGE.into(), hook_time + t.elapsed()));
+        if state.hidden.shape()[1] != state.grid {
+            return Err(Error::interface(
+                "vision_head",
+                format!(
+                    "the encoder reduction left {} tokens per view; the head needs the full grid of {}",
+                    state.hidden.shape()[1],
+                    state.grid
+                ),
+            ));
+        }
+        let t = Instant::now();
+        let given = vec![(HIDDEN, as_declared(head.as_ref(), HIDDEN, state.hidden.into_dyn()))];
+        let outputs = NamedOutputs::new(head.outputs(), head.run(given)?);
+        stages.push(("vision_head".into(), t.elapsed()));
+        Ok(VisionRun { outputs, stages })
     }
 }
 

@@ -22,10 +22,12 @@ pub mod globalcom2;
 pub mod pool;
 pub mod random;
 pub mod recoverable;
+pub mod regions;
 mod selector;
 pub mod signals;
 pub mod tiles;
 pub mod todre;
+pub mod tome;
 pub mod uniform;
 pub mod visionzip;
 pub mod vtc_cls;
@@ -191,6 +193,23 @@ pub const METHODS: &[MethodSpec] = &[
     globalcom2::SPEC,
     recoverable::SPEC,
 ];
+
+/// A registered method that acts before or inside the vision encoder. These compose with each
+/// other and with one [`METHODS`] entry in a request; each has its own flag.
+#[derive(Debug, Clone, Copy)]
+pub struct EncoderMethodSpec {
+    pub name: &'static str,
+    /// The flag that turns it on.
+    pub flag: &'static str,
+    /// One line for `--help` and docs.
+    pub summary: &'static str,
+    pub acts: Acts,
+    /// Whether it needs the staged encoder (`docs/stages.md`).
+    pub staged: bool,
+}
+
+/// The registry of encoder-side methods: one line each, in pipeline order.
+pub const ENCODER_METHODS: &[EncoderMethodSpec] = &[tiles::SPEC, regions::SPEC, tome::SPEC];
 
 /// Every method name, `none` first.
 pub fn available() -> Vec<&'static str> {

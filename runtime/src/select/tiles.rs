@@ -67,6 +67,9 @@ impl std::str::FromStr for SkippedTiles {
 pub struct TileSkip {
     pub budget: TileBudget,
     pub skipped: SkippedTiles,
+    /// Weight of prompt relevance in the global view's scores (0: distinctiveness alone, the
+    /// default; the encoding then does not depend on the prompt).
+    pub relevance: f32,
 }
 
 /// Indices of the tile views.
@@ -87,27 +90,41 @@ pub fn covered(tile: &View, global: &View) -> Vec<usize> {
         .collect()
 }
 
-/// Per-token scores of the global view: z-scored relevance to the prompt (mean cosine with the
-/// prompt's embeddings) plus z-scored saliency (attention received when exported, else the
-/// distance from the mean feature).
-pub fn global_token_scores(features: &Array2<f32>, received: Option<&Array2<f32>>, text: &Array2<f32>) -> Vec<f32> {
-    let z = |v: Vec<f32>| -> Vec<f32> {
-        let n = v.len().max(1) as f32;
-        let mean = v.iter().sum::<f32>() / n;
-        let sd = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt();
-        v.iter().map(|x| if sd > 0.0 { (x - mean) / sd } else { 0.0 }).collect()
-    };
-    let fnorm = normalized(features.view());
-    let tnorm = normalized(text.view());
-    let relevance: Vec<f32> = fnorm.dot(&tnorm.t()).rows().into_iter().map(|r| r.mean().unwrap_or(0.0)).collect();
-    let saliency: Vec<f32> = match received {
-        Some(a) if a.nrows() == features.nrows() => a.column(0).to_vec(),
-        _ => {
-            let mean = features.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(features.ncols()));
-            features.rows().into_iter().map(|r| (&r - &mean).mapv(|x| x * x).sum().sqrt()).collect()
+/// Z-scores (zero when constant).
+pub fn zscore(v: &[f32]) -> Vec<f32> {
+    let n = v.len().max(1) as f32;
+    let mean = v.iter().sum::<f32>() / n;
+    let sd = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt();
+    v.iter().map(|x| if sd > 0.0 { (x - mean) / sd } else { 0.0 }).collect()
+}
+
+/// Per-token saliency of feature rows: distance from the mean row.
+pub fn distinctiveness(features: &Array2<f32>) -> Vec<f32> {
+    let mean = features.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(features.ncols()));
+    features.rows().into_iter().map(|r| (&r - &mean).mapv(|x| x * x).sum().sqrt()).collect()
+}
+
+/// Per-token scores of the global view: z-scored distinctiveness (distance of a token's
+/// features from the view's mean), plus `relevance` × z-scored relevance to the prompt (mean
+/// cosine with the prompt's embeddings) when `text` is given.
+///
+/// Why distinctiveness alone by default (docs/pruning.md, "Fixing tile scoring"): on
+/// testbed-smolvlm the prompt relevance of connector outputs to token embeddings points away from
+/// the object asked about (region skipping at 0.25 answers 27% of quadrant questions with it,
+/// 92% without), and attention received singles out the same few tokens in every picture, so
+/// the old relevance + attention score picked the top-right tile for every question.
+pub fn global_token_scores(features: &Array2<f32>, text: Option<&Array2<f32>>, relevance: f32) -> Vec<f32> {
+    let dist = zscore(&distinctiveness(features));
+    match text {
+        Some(text) if relevance != 0.0 => {
+            let fnorm = normalized(features.view());
+            let tnorm = normalized(text.view());
+            let rel: Vec<f32> =
+                fnorm.dot(&tnorm.t()).rows().into_iter().map(|r| r.mean().unwrap_or(0.0)).collect();
+            dist.into_iter().zip(zscore(&rel)).map(|(a, b)| a + relevance * b).collect()
         }
-    };
-    z(relevance).into_iter().zip(z(saliency)).map(|(a, b)| a + b).collect()
+        _ => dist,
+    }
 }
 
 /// The tiles to encode (view indices, ascending): the `budget` tiles whose regions score
@@ -137,6 +154,15 @@ pub fn stand_in(tile: &View, global: &View, rows: usize) -> View {
     let grid = if rows.is_multiple_of(side_w) { (rows / side_w, side_w) } else { (1, rows) };
     View { tokens: rows, grid, ..tile.clone() }
 }
+
+/// Tile skipping in the registry of encoder-side methods.
+pub const SPEC: super::EncoderMethodSpec = super::EncoderMethodSpec {
+    name: "tiles",
+    flag: "--tiles",
+    summary: "encode only the tiles whose regions the global view scores best",
+    acts: super::Acts::BeforeEncoder,
+    staged: false,
+};
 
 #[cfg(test)]
 mod tests {

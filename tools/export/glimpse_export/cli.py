@@ -176,11 +176,16 @@ def add_export_testbed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parity-items", type=int, default=300)
     p.add_argument("--signals", action="store_true",
                    help="add pruning-signal outputs to vision_encoder.onnx and write glimpse.json")
+    p.add_argument("--stages-only", action="store_true",
+                   help="only (re)write the staged vision encoder next to the existing files (docs/stages.md)")
+    add_stage_groups(p)
 
 
 def cmd_export_testbed(args, ap) -> int:
-    from .testbed.export import run_testbed_export
+    from .testbed.export import run_testbed_export, run_testbed_stages
 
+    if args.stages_only:
+        return _print_json(run_testbed_stages(args.model, args.stage_groups))
     return _print_json(run_testbed_export(args.model, args.parity_items, args.signals))
 
 

@@ -1,6 +1,7 @@
 //! `glimpse eval`: accuracy on a question set, with a progress bar. Comma-separated `--prune`,
-//! `--keep` and `--tiles` values sweep every combination in one run (one model load) and print a
-//! table (`--markdown` for docs).
+//! `--keep`, `--tiles`, `--regions` and `--merge` values sweep every combination in one run
+//! and print a table (`--markdown` for docs); the encoder column says what acted before or
+//! inside the encoder (`all`: nothing; `t2` tiles, `r0.25` regions, `m8` merging).
 
 use std::path::PathBuf;
 
@@ -9,7 +10,7 @@ use glimpse_runtime::eval::{evaluate, Accuracy, EvalOptions, EvalReport, EvalSet
 use glimpse_runtime::Pipeline;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{tile_label, ModelArgs, SweepArgs};
+use super::{ModelArgs, SweepArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -37,28 +38,30 @@ pub struct Args {
 struct Row {
     method: String,
     keep: String,
-    tiles: String,
+    /// The reductions before / inside the encoder ([`super::EncoderSide::label`]).
+    encoder: String,
     report: EvalReport,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let set_dir = args.set.clone().unwrap_or_else(|| args.model.model.join("eval"));
     let set = EvalSet::load(&set_dir).with_context(|| format!("loading eval set {}", set_dir.display()))?;
-    let tiles = args.sweep.tile_budgets()?;
+    let sides = args.sweep.encoder_sides()?;
     let (mut po, applied) = args.model.pipeline_options(&args.sweep.first()?)?;
     let (methods, keeps) = args.sweep.methods_and_keeps(&applied)?;
     glimpse_runtime::settings::check_sweep(&methods, &keeps)?;
     let n = args.limit.map_or(set.questions.len(), |l| l.min(set.questions.len()));
     let opts = EvalOptions { max_new_tokens: args.max_new_tokens, limit: args.limit, keep_predictions: args.json };
-    let configs = tiles.len() * methods.len() * keeps.len();
+    let configs = sides.len() * methods.len() * keeps.len();
     let bar = ProgressBar::new((n * configs) as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} answers, {per_sec}, eta {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut rows = Vec::new();
-    for tile in &tiles {
-        po.tiles = args.sweep.tile_skip(*tile);
+    for side in &sides {
+        args.sweep.apply(*side, &mut po);
+        let label = side.label();
         let mut pipeline = Pipeline::load(&args.model.model, &po)
             .with_context(|| format!("loading model {}", args.model.model.display()))?;
         for m in &methods {
@@ -71,18 +74,18 @@ pub fn run(args: Args) -> Result<()> {
                 }
                 if keep.is_full()
                     && m != &methods[0]
-                    && rows.iter().any(|r: &Row| r.keep == "1" && r.tiles == tile_label(*tile))
+                    && rows.iter().any(|r: &Row| r.keep == "1" && r.encoder == label)
                 {
                     bar.inc(n as u64);
                     continue;
                 }
                 pipeline.set_selection(args.sweep.config(m, keep), args.sweep.positions)?;
-                bar.set_message(format!("{m} keep {keep} tiles {}", tile_label(*tile)));
+                bar.set_message(format!("{m} keep {keep} encoder {label}"));
                 let done_before = bar.position();
                 let report =
                     evaluate(&pipeline, &set, &opts, &mut |done, _| bar.set_position(done_before + done as u64))
                         .with_context(|| format!("evaluating {m} keep {keep}"))?;
-                rows.push(Row { method: m.clone(), keep: keep.to_string(), tiles: tile_label(*tile), report });
+                rows.push(Row { method: m.clone(), keep: keep.to_string(), encoder: label.clone(), report });
             }
         }
     }
@@ -90,7 +93,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         let v: Vec<_> = rows
             .iter()
-            .map(|r| serde_json::json!({"prune": r.method, "keep": r.keep, "tiles": r.tiles, "report": r.report}))
+            .map(|r| serde_json::json!({"prune": r.method, "keep": r.keep, "encoder": r.encoder, "report": r.report}))
             .collect();
         let v = serde_json::json!({
             "model": args.model.model,
@@ -108,7 +111,7 @@ pub fn run(args: Args) -> Result<()> {
     let types: Vec<String> = rows.first().map(|r| r.report.by_type.keys().cloned().collect()).unwrap_or_default();
     let pct = |a: &Accuracy| format!("{:.1}", a.accuracy * 100.0);
     if args.markdown {
-        out!("| method | keep | tiles | tokens | accuracy % [95% CI] | {} | TTFT ms |", types.join(" | "));
+        out!("| method | keep | encoder | tokens | accuracy % [95% CI] | {} | TTFT ms |", types.join(" | "));
         out!("|---|---|---|---|---|{}---|", "---|".repeat(types.len()));
     } else {
         out!("{} ({} questions, dtype {})", args.model.model.display(), n, args.model.dtype_label());
@@ -123,12 +126,12 @@ pub fn run(args: Args) -> Result<()> {
                 "| {} | {} | {} | {tokens} | {overall} | {} | {:.1} |",
                 r.method,
                 r.keep,
-                r.tiles,
+                r.encoder,
                 per.join(" | "),
                 r.report.mean_ttft_ms
             );
         } else {
-            out!("{:<10} keep {:<5} tiles {:<4} tokens {tokens:<9} overall {overall}", r.method, r.keep, r.tiles);
+            out!("{:<10} keep {:<5} encoder {:<8} tokens {tokens:<9} overall {overall}", r.method, r.keep, r.encoder);
             for (t, a) in &r.report.by_type {
                 out!(
                     "    {t:<12} {:5.1}% [{:.1}, {:.1}] ({}/{})",

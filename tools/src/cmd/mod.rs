@@ -24,6 +24,8 @@ use std::path::PathBuf;
 use glimpse_runtime::backend::BackendOptions;
 use glimpse_runtime::preprocess::ImageLimits;
 use glimpse_runtime::settings::{self, Applied, Asked};
+use glimpse_runtime::pipeline::RegionSkip;
+use glimpse_runtime::select::tome;
 use glimpse_runtime::{
     Budget, Dtype, PipelineOptions, Positions, Scope, SelectConfig, SkippedTiles, TileBudget, TileSkip,
 };
@@ -175,7 +177,18 @@ impl ModelArgs {
             image_limits: ImageLimits { max_pixels: self.max_image_pixels, ..ImageLimits::default() },
             select: config,
             positions: select.positions,
-            tiles: select.tiles.map(|budget| TileSkip { budget, skipped: select.skipped_tiles }),
+            tiles: select.tiles.map(|budget| TileSkip {
+                budget,
+                skipped: select.skipped_tiles,
+                relevance: select.region_relevance,
+            }),
+            regions: select.regions.map(|budget| RegionSkip {
+                budget,
+                scope: select.region_scope,
+                skipped: select.skipped_tiles,
+                relevance: select.region_relevance,
+            }),
+            merge: select.merge.as_deref().map(tome::parse_r).transpose()?.flatten(),
             backend_options,
             max_memory: self.max_memory,
             encoder: self.encoder,
@@ -220,9 +233,26 @@ pub struct SelectArgs {
     /// from the global view (tiled models such as SmolVLM).
     #[arg(long)]
     pub tiles: Option<TileBudget>,
-    /// What replaces a skipped tile: drop (nothing) or global (its share of the global view).
+    /// What replaces a skipped tile or region: drop (nothing) or global (its share of the global
+    /// view).
     #[arg(long, default_value = "drop")]
     pub skipped_tiles: SkippedTiles,
+    /// Region skipping before the encoder's layers (needs stages, `glimpse split`): encode only
+    /// this fraction (or count) of the tiles' tokens, chosen from the global view; single-view
+    /// models (LLaVA) keep their most salient patches.
+    #[arg(long)]
+    pub regions: Option<Budget>,
+    /// Region budget over all tiles together (global) or within each tile (per-view).
+    #[arg(long, default_value = "global")]
+    pub region_scope: Scope,
+    /// Weight of prompt relevance in the global view's tile and region scores (0: the
+    /// distinctiveness of the global tokens alone; measured in docs/pruning.md).
+    #[arg(long, default_value_t = 0.0)]
+    pub region_relevance: f32,
+    /// Token merging inside the encoder (ToMe; needs stages): tokens merged per view after each
+    /// group of layers, a count (8) or a fraction (0.25, at most 0.5); 0 = off.
+    #[arg(long)]
+    pub merge: Option<String>,
 }
 
 impl SelectArgs {
@@ -237,6 +267,10 @@ impl SelectArgs {
             lambda: 0.5,
             tiles: None,
             skipped_tiles: SkippedTiles::Drop,
+            regions: None,
+            region_scope: Scope::Global,
+            region_relevance: 0.0,
+            merge: None,
         }
     }
 }
@@ -271,12 +305,86 @@ pub struct SweepArgs {
     /// Tiles to encode (counts or ratios, comma-separated to sweep; `all` = no skipping).
     #[arg(long, default_value = "all")]
     pub tiles: String,
-    /// What replaces a skipped tile: drop or global.
+    /// What replaces a skipped tile or region: drop or global.
     #[arg(long, default_value = "drop")]
     pub skipped_tiles: SkippedTiles,
+    /// Region budgets before the encoder's layers (fractions or counts of the tiles' tokens,
+    /// comma-separated to sweep; `all` = no region skipping; needs stages).
+    #[arg(long, default_value = "all")]
+    pub regions: String,
+    /// Region budget scope: global or per-view.
+    #[arg(long, default_value = "global")]
+    pub region_scope: Scope,
+    /// Weight of prompt relevance in the global view's tile and region scores.
+    #[arg(long, default_value_t = 0.0)]
+    pub region_relevance: f32,
+    /// ToMe merge amounts per group boundary (comma-separated to sweep; 0 = off; needs stages).
+    #[arg(long, default_value = "0")]
+    pub merge: String,
+}
+
+/// One swept configuration of the reductions before and inside the encoder.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncoderSide {
+    pub tiles: Option<TileBudget>,
+    pub regions: Option<Budget>,
+    pub merge: Option<Budget>,
+}
+
+impl EncoderSide {
+    /// Its label in reports: `all` without reduction, else `t2`, `r0.25`, `m8` joined by `+`.
+    pub fn label(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(t) = self.tiles {
+            parts.push(format!("t{}", tile_label(Some(t))));
+        }
+        if let Some(r) = self.regions {
+            parts.push(format!("r{r}"));
+        }
+        if let Some(m) = self.merge {
+            parts.push(format!("m{m}"));
+        }
+        if parts.is_empty() {
+            "all".into()
+        } else {
+            parts.join("+")
+        }
+    }
 }
 
 impl SweepArgs {
+    /// Every combination of the swept tile, region and merge values.
+    pub fn encoder_sides(&self) -> anyhow::Result<Vec<EncoderSide>> {
+        let tiles = self.tile_budgets()?;
+        let regions: Vec<Option<Budget>> = list(&self.regions)
+            .iter()
+            .map(|r| if r == "all" { Ok(None) } else { r.parse().map(Some) })
+            .collect::<Result<_, _>>()?;
+        let merges: Vec<Option<Budget>> =
+            list(&self.merge).iter().map(|m| tome::parse_r(m)).collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for &t in &tiles {
+            for &r in &regions {
+                for &m in &merges {
+                    out.push(EncoderSide { tiles: t, regions: r, merge: m });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets one swept encoder-side configuration on pipeline options.
+    pub fn apply(&self, side: EncoderSide, po: &mut PipelineOptions) {
+        po.tiles = self.tile_skip(side.tiles);
+        po.regions = side.regions.map(|budget| RegionSkip {
+            budget,
+            scope: self.region_scope,
+            skipped: self.skipped_tiles,
+            relevance: self.region_relevance,
+        });
+        po.merge = side.merge;
+    }
+
     /// The methods and keep budgets swept: the flags, or the target profile's pruning (as
     /// `applied` says) where a flag is absent.
     pub fn methods_and_keeps(&self, applied: &Applied) -> anyhow::Result<(Vec<String>, Vec<Budget>)> {
@@ -314,7 +422,7 @@ impl SweepArgs {
 
     /// Tile skipping for one swept tile budget.
     pub fn tile_skip(&self, tile: Option<TileBudget>) -> Option<TileSkip> {
-        tile.map(|budget| TileSkip { budget, skipped: self.skipped_tiles })
+        tile.map(|budget| TileSkip { budget, skipped: self.skipped_tiles, relevance: self.region_relevance })
     }
 
     /// The selection of one swept configuration.

@@ -81,7 +81,7 @@ mod tests {
     fn pruned_cells_are_dimmed_and_kept_cells_untouched() {
         let img = RgbImage::from_pixel(8, 8, Rgb([200, 200, 200]));
         let view = View { kind: ViewKind::Whole, tokens: 4, grid: (2, 2), region: [0.0, 0.0, 1.0, 1.0] };
-        let layout = KeptLayout { views: vec![view], kept: vec![vec![0, 3]], skipped_tiles: vec![] };
+        let layout = KeptLayout { views: vec![view], kept: vec![vec![0, 3]], skipped_tiles: vec![], present: None };
         let out = std::env::temp_dir().join(format!("glimpse-overlay-{}.png", std::process::id()));
         show_kept(&img, &layout, &out).unwrap();
         let drawn = image::open(&out).unwrap().to_rgb8();

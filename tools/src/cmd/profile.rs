@@ -10,7 +10,7 @@ use glimpse_runtime::profile::{peak_rss_bytes, profile, ProfileOptions, ProfileR
 use glimpse_runtime::Pipeline;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{list, tile_label, ModelArgs, SweepArgs};
+use super::{list, ModelArgs, SweepArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -71,7 +71,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let opts = ProfileOptions { warmup: args.warmup, runs: args.runs.max(1), new_tokens: args.new_tokens };
     let (_, backend_opts) = args.model.settle(None, None)?;
-    let tiles = args.sweep.tile_budgets()?;
+    let sides = args.sweep.encoder_sides()?;
     let encoders = sweep_or(&args.encoders, args.model.encoder)?;
     let view_runs = sweep_or(&args.view_runs, args.model.views)?;
     let dtypes: Vec<super::DtypeArg> = sweep_or(&args.dtypes, args.model.dtype.clone())?;
@@ -79,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
         * encoders.len()
         * view_runs.len()
         * backends.len()
-        * tiles.len()
+        * sides.len()
         * methods.len()
         * keeps.len()
         * (opts.warmup + opts.runs);
@@ -98,18 +98,18 @@ pub fn run(args: Args) -> Result<()> {
         for &encoder in &encoders {
             for &views in &view_runs {
                 for b in &backends {
-                    for &t in &tiles {
+                    for &t in &sides {
                         configs.push((d.clone(), encoder, views, b, t));
                     }
                 }
             }
         }
     }
-    for (dtype, encoder, views, b, tile) in configs {
+    for (dtype, encoder, views, b, side) in configs {
         let model_args = super::ModelArgs { dtype, encoder, views, ..args.model.clone() };
         let model_args = super::ModelArgs { backend: Some(b.clone()), ..model_args };
         let (mut po, _) = model_args.pipeline_options(&args.sweep.first()?)?;
-        po.tiles = args.sweep.tile_skip(tile);
+        args.sweep.apply(side, &mut po);
         let mut pipeline = Pipeline::load(&args.model.model, &po)
             .with_context(|| format!("loading {} with backend {b}", args.model.model.display()))?;
         placements.insert(
@@ -138,7 +138,7 @@ pub fn run(args: Args) -> Result<()> {
                 pipeline.set_selection(args.sweep.config(m, keep), args.sweep.positions)?;
                 let mut row = profile(&pipeline, &args.image, &args.prompt, &opts, cal.as_ref(), &mut || bar.inc(1))
                     .with_context(|| format!("profiling {b} {m} keep {keep}"))?;
-                row.tiles = tile_label(tile);
+                row.reduction = side.label();
                 rows.push(row);
             }
         }
@@ -242,7 +242,7 @@ fn print_table(rows: &[ProfileRow]) {
             r.backend,
             r.dtype,
             format!("{}{}", if r.encoder == "staged" { "stg" } else { "mono" }, if r.views_run == "batch" { "" } else { "/1" }),
-            if r.tiles == "all" { r.method.clone() } else { format!("{} t{}", r.method, r.tiles) },
+            if r.reduction == "all" { r.method.clone() } else { format!("{} {}", r.method, r.reduction) },
             r.keep,
             format!("{}/{}", r.visual_tokens_kept, r.visual_tokens),
             m("preprocess"),
@@ -273,7 +273,7 @@ fn write_csv(path: &std::path::Path, rows: &[ProfileRow]) -> Result<()> {
         "end_to_end",
     ];
     let mut s = String::from(
-        "backend,dtype,encoder,method,keep,views,visual_tokens,visual_tokens_kept,prompt_tokens,new_tokens",
+        "backend,dtype,encoder,views_run,reduction,method,keep,views,visual_tokens,visual_tokens_kept,prompt_tokens,new_tokens",
     );
     for st in stages {
         s.push_str(&format!(",{st}_median_ms,{st}_min_ms,{st}_max_ms"));
@@ -281,10 +281,12 @@ fn write_csv(path: &std::path::Path, rows: &[ProfileRow]) -> Result<()> {
     s.push_str(",decode_tokens_per_s,prefill_gflops,encode_gflops,decode_gb_s\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
             r.backend,
             r.dtype,
             r.encoder,
+            r.views_run,
+            r.reduction,
             r.method,
             r.keep,
             r.views,

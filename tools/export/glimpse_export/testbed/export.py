@@ -14,7 +14,9 @@ from ..images import load_rgb
 from ..onnx_parts import export_all
 from ..ort_loop import OrtModel
 from ..parity import compute_case, messages, self_check
+from ..manifest import write_manifest
 from ..signals import export_signals
+from ..stages import export_stages
 from .eval import MAX_ANSWER_TOKENS, groups, normalize, predict, read_evalset, summarize
 from .model import load_testbed
 
@@ -82,3 +84,22 @@ def run_testbed_export(model_dir: Path, parity_items: int, signals: bool = False
         raise ExportError(f"ORT accuracy {acc_ort} vs transformers {acc_hf} on {len(sub)} items")
     return {"self_check": report, "parity_items": len(sub), "answer_agreement": agree,
             "accuracy_transformers": acc_hf, "accuracy_onnxruntime": acc_ort}
+
+
+def run_testbed_stages(model_dir: Path, groups: int) -> dict:
+    """Write the staged vision encoder of a trained testbed next to its monolithic ``vision_encoder.onnx`` (which
+    stays byte-identical, signals included) and list it in glimpse.json; checked like the tiny models' stages
+    (torch against transformers' hidden states, the ONNX chain against the monolithic file, fewer tokens)."""
+    seed_everything(0)
+    bundle = load_testbed(model_dir)
+    for p in bundle.model.parameters():
+        p.requires_grad_(False)
+    eval_dir = model_dir / "eval"
+    rows = read_evalset(eval_dir)
+    cases = [compute_case(bundle, f"eval{i}", eval_dir / rows[i]["image"]) for i in (0, 8)]
+    spec = bundle.spec
+    stages, report = export_stages(spec, bundle.model, model_dir / "onnx", spec.vision_trace_args(cases[0].torch_inputs),
+                                   [spec.vision_args(c.torch_inputs) for c in cases], bundle.extra["image_seq_len"],
+                                   groups)
+    write_manifest(model_dir, stages=stages)
+    return {"stages": stages, "report": report}
