@@ -231,18 +231,23 @@ fn tile_skipping_encodes_only_the_chosen_tiles() {
     let (rows, cols) = case.layout().expect("tiled");
     let opts = GenerationOptions { max_new_tokens: 20, ..Default::default() };
     let with = |budget, skipped| {
-        let po = PipelineOptions { tiles: Some(TileSkip { budget, skipped }), ..Default::default() };
+        let po = PipelineOptions { tiles: Some(TileSkip { budget, skipped, relevance: 0.0 }), ..Default::default() };
         let p = Pipeline::load(model(name), &po).expect("load");
         p.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask")
     };
     // Keeping every tile is exactly the unskipped run.
     let all = with(TileBudget::Count(rows * cols), SkippedTiles::Drop);
     assert_eq!(all.token_ids, case.ints("generated_ids"));
-    // Two tiles + the global view reach the model; the rest vanish with their markers.
+    // Two tiles + the global view reach the model; the others lose their image tokens but keep
+    // their markers, so every kept token keeps its position.
     let two = with(TileBudget::Count(2), SkippedTiles::Drop);
     assert_eq!(two.stats.visual_tokens, 16 * (rows * cols + 1));
     assert_eq!(two.stats.visual_tokens_kept, 16 * 3);
     assert_eq!(two.stats.views, 3);
+    assert_eq!(
+        all.stats.prompt_tokens - two.stats.prompt_tokens,
+        all.stats.visual_tokens_kept - two.stats.visual_tokens_kept
+    );
     let layout = two.layout.expect("layout");
     assert_eq!(layout.skipped_tiles.len(), rows * cols - 2);
     // Global-share stand-ins keep every tile marker with fewer tokens behind it.

@@ -138,7 +138,10 @@ fn staged_encoders_give_the_monolithic_features_and_tokens() {
                     let diff = (&a.features - &b.features).iter().fold(0f32, |m, d| m.max(d.abs()));
                     assert!(diff <= 1e-6, "{name}/{} {}: features differ by {diff}", case.name(), base.backend);
                     let names: Vec<&str> = a.stages.iter().map(|(n, _)| n.as_str()).collect();
-                    assert_eq!(names, ["vision_embed", "vision_blocks_0", "vision_blocks_1", "encoder_reduction", "vision_head"]);
+                    assert_eq!(
+                        names,
+                        ["vision_embed", "vision_blocks_0", "vision_blocks_1", "encoder_reduction", "vision_head"]
+                    );
                     let opts = GenerationOptions { max_new_tokens: 20, ..Default::default() };
                     let got = staged.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask");
                     assert_eq!(

@@ -61,6 +61,8 @@ pub struct Asked {
     pub keep: Option<Budget>,
     /// `--ep`: ONNX Runtime execution providers (empty: the profile's).
     pub execution_providers: Vec<String>,
+    /// `--fast` (`None`: the profile's default).
+    pub fast: Option<bool>,
 }
 
 /// The settled choices.
@@ -77,6 +79,19 @@ pub struct Applied {
     pub keep: Choice<String>,
     /// ONNX Runtime execution providers, in priority order.
     pub execution_providers: Choice<Vec<String>>,
+    /// The `--fast` preset (from the profile: only where the folder has stages).
+    pub fast: Choice<bool>,
+}
+
+impl Applied {
+    /// The preset as pipeline options take it.
+    pub fn fast_mode(&self) -> crate::pipeline::Fast {
+        match (self.fast.value, self.fast.from) {
+            (false, _) => crate::pipeline::Fast::Off,
+            (true, Source::Flag) => crate::pipeline::Fast::On,
+            (true, _) => crate::pipeline::Fast::WhereStaged,
+        }
+    }
 }
 
 /// The profile named by `target`, or the one detected for this machine.
@@ -130,6 +145,7 @@ pub fn settle(asked: &Asked, opts: &BackendOptions) -> Result<(Applied, BackendO
         _ => e,
     })?;
     let profile_keep = profile.pruning.keep_ratio;
+    let profile_fast = profile.pruning.fast;
     let keep = match (asked.keep, method_from_profile) {
         (Some(k), _) => Choice::new(k.to_string(), Source::Flag),
         (None, true) => Choice::new(profile_keep.to_string(), Source::Profile),
@@ -153,7 +169,11 @@ pub fn settle(asked: &Asked, opts: &BackendOptions) -> Result<(Applied, BackendO
         ));
     }
     let profile = Choice::new(name, profile_from);
-    Ok((Applied { profile, backend, threads, prune, keep, execution_providers }, opts))
+    let fast = match asked.fast {
+        Some(f) => Choice::new(f, Source::Flag),
+        None => Choice::new(profile_fast, Source::Profile),
+    };
+    Ok((Applied { profile, backend, threads, prune, keep, execution_providers, fast }, opts))
 }
 
 fn keep_is_full(keep: &str) -> bool {

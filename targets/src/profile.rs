@@ -195,6 +195,10 @@ pub struct Pruning {
     pub method: String,
     /// Fraction of visual tokens kept, in (0, 1]; 1.0 with method `none`.
     pub keep_ratio: f32,
+    /// Whether `--fast` (region skipping and merging inside the encoder, the preset measured in
+    /// docs/pruning.md) is on by default, on folders that have a staged encoder.
+    #[serde(default)]
+    pub fast: bool,
 }
 
 /// How detection recognises the machine a profile is for (the `[detect]` table). A board

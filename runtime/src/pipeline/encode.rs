@@ -269,7 +269,12 @@ impl Pipeline {
     /// chosen patch groups only. Rows never encoded are absent, or stand in from the global view
     /// under `--skipped-tiles global`; every view keeps its place in the prompt.
     fn encode_guided(&self, input: &VisionInput, g: usize, text: Option<&Array2<f32>>) -> Result<Encoded> {
-        let global = self.encode_merged(input, Some(&[g]))?;
+        // under region skipping the tiles' rows come from the stages, which carry no signals, so
+        // the global view runs the stages too (cheaper than the monolithic file's signal outputs)
+        let global = match (self.regions, self.merger()) {
+            (Some(_), None) => self.encode_on(self.encoder_for(true), &input.subset(&[g]), &mut NoReduction)?,
+            _ => self.encode_merged(input, Some(&[g]))?,
+        };
         let gview = &input.views[g];
         let relevance = self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0);
         let gscores = tiles::global_token_scores(&global.features, text, relevance);

@@ -29,7 +29,7 @@ use crate::text::TextTokenizer;
 pub use crate::select::regions::RegionSkip;
 pub use crate::select::tiles::{SkippedTiles, TileBudget, TileSkip};
 pub use encode::Encoded;
-pub use options::{PipelineOptions, Positions, ViewRun};
+pub use options::{fast_preset, Fast, PipelineOptions, Positions, ViewRun};
 pub use prompt::{original_positions, Prepared};
 pub use request::{ImageInput, Observer, OnText, Quiet, Request, Stage};
 pub use stats::{Answer, GenerationStats, KeptLayout, StageTimes};
@@ -138,6 +138,24 @@ impl Pipeline {
                 "needs a family that splits images into tiles plus a global view (idefics3 / smolvlm with image splitting)",
             ));
         }
+        let preset;
+        let opts = match opts.fast {
+            Fast::Off => opts,
+            _ if opts.regions.is_some() || opts.merge.is_some() || opts.tiles.is_some() => opts,
+            Fast::WhereStaged if folder.manifest.stages.is_none() => opts,
+            fast => {
+                if folder.manifest.stages.is_none() {
+                    return Err(Error::field(
+                        folder.path("glimpse.json"),
+                        "stages",
+                        format!("--fast ({fast:?}) needs a staged vision encoder (make one with `glimpse split --model DIR`)"),
+                    ));
+                }
+                let (regions, merge) = fast_preset(family.splits_into_tiles(), family.patch_grid_views());
+                preset = PipelineOptions { regions, merge, ..opts.clone() };
+                &preset
+            }
+        };
         if opts.regions.is_some() && !family.patch_grid_views() {
             return Err(Error::invalid(
                 "region skipping (--regions)",

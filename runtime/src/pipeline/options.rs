@@ -31,6 +31,8 @@ pub struct PipelineOptions {
     pub regions: Option<RegionSkip>,
     /// ToMe: tokens merged per view after each group of encoder layers (needs stages).
     pub merge: Option<Budget>,
+    /// The `--fast` preset: fills `regions` and `merge` when neither they nor `tiles` are set.
+    pub fast: Fast,
     /// Limits on input images.
     pub image_limits: ImageLimits,
     /// Memory budget in bytes checked before loading (`None`: what the machine has free).
@@ -39,6 +41,37 @@ pub struct PipelineOptions {
     pub encoder: super::EncoderForm,
     /// Whether the encoder runs all views of an image as one batch or one view at a time.
     pub views: ViewRun,
+}
+
+/// The `--fast` preset: the combination of reductions before and inside the encoder measured
+/// best on the testbeds (docs/pruning.md, "The --fast preset").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fast {
+    #[default]
+    Off,
+    /// On; an error on a folder without a staged encoder (`glimpse split` makes one).
+    On,
+    /// On where the folder has a staged encoder, else off (a target profile's default).
+    WhereStaged,
+}
+
+/// What `--fast` turns on for a family: on tiled families (SmolVLM) region skipping at 0.3 of
+/// the tiles' tokens plus ToMe merging a quarter of the tokens after every group of layers; on
+/// single-view families (LLaVA) region skipping at 0.25 by patch saliency, without merging
+/// (merging cost testbed-llava 5 points at that budget). OneVision (packed crops): merging only.
+pub fn fast_preset(tiled: bool, patch_grid: bool) -> (Option<RegionSkip>, Option<Budget>) {
+    let regions = |r: f32| RegionSkip {
+        budget: Budget::Ratio(r),
+        scope: crate::select::Scope::Global,
+        skipped: crate::select::tiles::SkippedTiles::Drop,
+        relevance: 0.0,
+    };
+    match (tiled, patch_grid) {
+        (true, _) => (Some(regions(0.3)), Some(Budget::Ratio(0.25))),
+        (false, true) => (Some(regions(0.25)), None),
+        (false, false) => (None, Some(Budget::Ratio(0.25))),
+    }
 }
 
 /// How the vision encoder runs an image's views (tiles, crops).
@@ -79,6 +112,7 @@ impl Default for PipelineOptions {
             tiles: None,
             regions: None,
             merge: None,
+            fast: Fast::Off,
             image_limits: ImageLimits::default(),
             max_memory: None,
             encoder: super::EncoderForm::Auto,

@@ -98,7 +98,7 @@ impl PatchLayout {
     /// leading non-patch tokens; an error when the patches are not `scale² × grid` for an integer scale.
     pub fn new(hidden: usize, prefix: usize, grid: (usize, usize)) -> Result<Self> {
         let cells = grid.0 * grid.1;
-        let patches = hidden.checked_sub(prefix).unwrap_or(0);
+        let patches = hidden.saturating_sub(prefix);
         let per = patches.checked_div(cells).unwrap_or(0);
         let scale = (per as f64).sqrt().round() as usize;
         if cells == 0 || scale == 0 || scale * scale * cells != patches {

@@ -119,8 +119,7 @@ pub fn global_token_scores(features: &Array2<f32>, text: Option<&Array2<f32>>, r
         Some(text) if relevance != 0.0 => {
             let fnorm = normalized(features.view());
             let tnorm = normalized(text.view());
-            let rel: Vec<f32> =
-                fnorm.dot(&tnorm.t()).rows().into_iter().map(|r| r.mean().unwrap_or(0.0)).collect();
+            let rel: Vec<f32> = fnorm.dot(&tnorm.t()).rows().into_iter().map(|r| r.mean().unwrap_or(0.0)).collect();
             dist.into_iter().zip(zscore(&rel)).map(|(a, b)| a + relevance * b).collect()
         }
         _ => dist,

@@ -33,6 +33,10 @@ pub struct Args {
     /// Print a Markdown table (one row per configuration).
     #[arg(long)]
     pub markdown: bool,
+    /// Draw accuracy against mean TTFT of every configuration, with the Pareto front, into
+    /// this SVG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 struct Row {
@@ -72,9 +76,7 @@ pub fn run(args: Args) -> Result<()> {
                     bar.inc(n as u64);
                     continue;
                 }
-                if keep.is_full()
-                    && m != &methods[0]
-                    && rows.iter().any(|r: &Row| r.keep == "1" && r.encoder == label)
+                if keep.is_full() && m != &methods[0] && rows.iter().any(|r: &Row| r.keep == "1" && r.encoder == label)
                 {
                     bar.inc(n as u64);
                     continue;
@@ -90,6 +92,26 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    if let Some(path) = &args.plot {
+        let points: Vec<super::plot::Point> = rows
+            .iter()
+            .map(|r| super::plot::Point {
+                label: if r.method == "none" {
+                    r.encoder.clone()
+                } else {
+                    format!("{} {} {}", r.encoder, r.method, r.keep)
+                },
+                ttft_ms: r.report.mean_ttft_ms,
+                accuracy: r.report.overall.accuracy * 100.0,
+            })
+            .collect();
+        let title = format!("{}: accuracy vs time to first token", args.model.model.display());
+        super::plot::accuracy_vs_ttft(path, &title, &points).with_context(|| format!("plotting {}", path.display()))?;
+        // the front in the table order the plot draws it
+        for i in super::plot::pareto_front(&points) {
+            eprintln!("pareto: {} ({:.1} ms, {:.1}%)", points[i].label, points[i].ttft_ms, points[i].accuracy);
+        }
+    }
     if args.json {
         let v: Vec<_> = rows
             .iter()

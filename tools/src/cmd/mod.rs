@@ -22,10 +22,10 @@ pub mod targets;
 use std::path::PathBuf;
 
 use glimpse_runtime::backend::BackendOptions;
-use glimpse_runtime::preprocess::ImageLimits;
-use glimpse_runtime::settings::{self, Applied, Asked};
 use glimpse_runtime::pipeline::RegionSkip;
+use glimpse_runtime::preprocess::ImageLimits;
 use glimpse_runtime::select::tome;
+use glimpse_runtime::settings::{self, Applied, Asked};
 use glimpse_runtime::{
     Budget, Dtype, PipelineOptions, Positions, Scope, SelectConfig, SkippedTiles, TileBudget, TileSkip,
 };
@@ -83,6 +83,11 @@ pub struct ModelArgs {
     /// the backend runs faster, measured in docs/benchmarks.md).
     #[arg(long, default_value = "auto")]
     pub views: glimpse_runtime::pipeline::ViewRun,
+    /// The preset measured best on the testbeds (docs/pruning.md): region skipping before the
+    /// encoder's layers plus token merging inside it (needs stages). Explicit --tiles, --regions
+    /// or --merge replace it. Default: the target profile's.
+    #[arg(long)]
+    pub fast: bool,
 }
 
 /// `--dtype`: a default (a dtype or `auto`) and per-part overrides (`decoder=int8`).
@@ -131,6 +136,7 @@ impl ModelArgs {
             prune,
             keep,
             execution_providers: self.ep.clone(),
+            fast: self.fast.then_some(true),
         }
     }
 
@@ -189,6 +195,7 @@ impl ModelArgs {
                 relevance: select.region_relevance,
             }),
             merge: select.merge.as_deref().map(tome::parse_r).transpose()?.flatten(),
+            fast: applied.fast_mode(),
             backend_options,
             max_memory: self.max_memory,
             encoder: self.encoder,

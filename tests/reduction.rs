@@ -1,0 +1,141 @@
+//! Token reduction before and inside the vision encoder (`--regions`, `--merge`, `--tiles`):
+//! keeping everything changes nothing, budgets are honoured end to end, every view keeps its
+//! place in the prompt, and what cannot work says so.
+
+mod common;
+
+use common::*;
+use glimpse::runtime::pipeline::{ImageInput, Quiet, RegionSkip, Request, SkippedTiles};
+use glimpse::runtime::select::{Budget, Scope};
+use glimpse::runtime::{GenerationOptions, Pipeline, PipelineOptions};
+use ndarray::Array2;
+
+fn regions(budget: Budget, scope: Scope) -> Option<RegionSkip> {
+    Some(RegionSkip { budget, scope, skipped: SkippedTiles::Drop, relevance: 0.0 })
+}
+
+fn images() -> std::path::PathBuf {
+    repo().join("models/images")
+}
+
+fn no_text() -> glimpse::runtime::Result<Array2<f32>> {
+    panic!("no reduction here should need the prompt")
+}
+
+#[test]
+fn keeping_everything_equals_the_unreduced_staged_encoder_exactly() {
+    let dir = model("tiny-smolvlm");
+    let plain = Pipeline::load(&dir, &PipelineOptions::default()).expect("load");
+    assert!(plain.encoder_is_staged());
+    let configs = [
+        PipelineOptions { regions: regions(Budget::Ratio(1.0), Scope::Global), ..Default::default() },
+        PipelineOptions { merge: Some(Budget::Count(0)), ..Default::default() },
+        PipelineOptions {
+            regions: regions(Budget::Ratio(1.0), Scope::PerView),
+            merge: Some(Budget::Count(0)),
+            ..Default::default()
+        },
+    ];
+    for opts in configs {
+        let reduced = Pipeline::load(&dir, &opts).expect("load reduced");
+        for image in ["scene.png", "wide.png"] {
+            let img = plain.load_image(&images().join(image)).expect("image");
+            let input = plain.preprocess(&img).expect("preprocess");
+            let a = plain.encode(&input).expect("plain");
+            let b = reduced.encode_reduced(&input, &mut no_text).expect("reduced");
+            assert_eq!(a.features, b.features, "{image}: {:?} / {:?}", opts.regions, opts.merge);
+            if let Some(present) = &b.present {
+                for (v, p) in present.iter().enumerate() {
+                    assert_eq!(p.len(), input.views[v].tokens, "{image}: view {v} lost rows");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn region_budgets_hold_end_to_end_and_views_keep_their_place() {
+    let dir = model("testbed-smolvlm");
+    let opts = GenerationOptions { max_new_tokens: 4, ..Default::default() };
+    let img = images().join("scene.png");
+    let full = Pipeline::load(&dir, &PipelineOptions::default()).expect("load");
+    let want = full.ask(Some(&img), "What number is written?", &opts, &mut |_| {}).expect("full");
+    for (budget, scope, merge) in [
+        (Budget::Ratio(0.25), Scope::Global, None),
+        (Budget::Ratio(0.5), Scope::PerView, Some(Budget::Ratio(0.25))),
+        (Budget::Count(10), Scope::Global, Some(Budget::Count(8))),
+    ] {
+        let p = Pipeline::load(&dir, &PipelineOptions { regions: regions(budget, scope), merge, ..Default::default() })
+            .expect("load");
+        let a = p.ask(Some(&img), "What number is written?", &opts, &mut |_| {}).expect("ask");
+        let layout = a.layout.as_ref().expect("layout");
+        let present = layout.present.as_ref().expect("rows present");
+        // the prompt keeps every view (markers included): the same number of views as unreduced
+        assert_eq!(layout.views.len(), want.layout.as_ref().unwrap().views.len());
+        let tiles: Vec<usize> = (0..layout.views.len()).filter(|&v| layout.views[v].tokens == 64).collect();
+        let tile_tokens: usize = tiles.iter().map(|&v| layout.views[v].tokens).sum::<usize>() - 64;
+        let kept_tiles: usize = present.iter().map(Vec::len).sum::<usize>() - 64;
+        let expect = match scope {
+            Scope::Global => budget.of(tile_tokens),
+            Scope::PerView => (tiles.len() - 1) * budget.of(64),
+        };
+        assert_eq!(kept_tiles, expect, "{budget} {scope:?}");
+        assert_eq!(a.stats.visual_tokens_kept, 64 + expect);
+        assert_eq!(a.stats.visual_tokens, want.stats.visual_tokens);
+        assert!(a.stats.prompt_tokens < want.stats.prompt_tokens);
+        assert!(a.stats.encoder_stages.iter().any(|(n, _)| n == "encoder_reduction"));
+    }
+}
+
+#[test]
+fn single_view_models_keep_their_most_salient_patches() {
+    let dir = model("testbed-llava");
+    let p = Pipeline::load(
+        &dir,
+        &PipelineOptions { regions: regions(Budget::Ratio(0.25), Scope::Global), ..Default::default() },
+    )
+    .expect("load");
+    // prompt-independent: one encoding serves several prompts
+    let img = p.load_image(&images().join("scene.png")).expect("image");
+    let enc = p.encode_image(&img).expect("encode once");
+    let gen = GenerationOptions { max_new_tokens: 4, ..Default::default() };
+    for q in ["What number is written?", "How many circles are there?"] {
+        let a = p.answer(&Request::new(q).with_image(ImageInput::Encoded(&enc)), &gen, &mut Quiet).expect("answer");
+        assert_eq!(a.stats.visual_tokens_kept, 36, "{q}");
+        assert_eq!(a.stats.visual_tokens, 144);
+    }
+}
+
+#[test]
+fn impossible_reductions_say_why() {
+    let err = |dir: &str, opts: PipelineOptions| Pipeline::load(model(dir), &opts).unwrap_err().to_string();
+    let e = err(
+        "tiny-llava-onevision",
+        PipelineOptions { regions: regions(Budget::Ratio(0.5), Scope::Global), ..Default::default() },
+    );
+    assert!(e.contains("--regions") && e.contains("llava_onevision"), "{e}");
+    let e = err(
+        "testbed-smolvlm",
+        PipelineOptions {
+            regions: regions(Budget::Ratio(0.5), Scope::Global),
+            tiles: Some(glimpse::runtime::TileSkip {
+                budget: glimpse::runtime::TileBudget::Count(1),
+                skipped: SkippedTiles::Drop,
+                relevance: 0.0,
+            }),
+            ..Default::default()
+        },
+    );
+    assert!(e.contains("--tiles"), "{e}");
+    // merging needs the stages: a folder without them points at `glimpse split`
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_dir(&model("testbed-llava"), tmp.path());
+    let manifest = tmp.path().join("glimpse.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m.as_object_mut().unwrap().remove("stages");
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let e = Pipeline::load(tmp.path(), &PipelineOptions { merge: Some(Budget::Count(4)), ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("glimpse split"), "{e}");
+}
