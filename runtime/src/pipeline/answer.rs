@@ -256,6 +256,7 @@ impl Pipeline {
             kept: sel.kept.clone(),
             skipped_tiles,
             present: encoded.present.clone(),
+            merged: encoded.merged.clone(),
         });
         drop((sel, kept_rows));
         times.splice = render_time + started.elapsed();

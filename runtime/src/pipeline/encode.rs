@@ -30,6 +30,29 @@ pub struct Encoded {
     /// skipping left some never encoded; `None`: every row. Absent rows are zero in `features`
     /// and never reach the language model.
     pub present: Option<Vec<Vec<usize>>>,
+    /// Token merging's groups per view, when merging ran: for every patch of the view (prefix
+    /// tokens left out), the merged token it ended in ([`NOT_ENCODED`] for patches region
+    /// skipping left out); empty for views that were not merged.
+    pub merged: Vec<Vec<u32>>,
+}
+
+/// The merge group of a patch that never entered the encoder's layers.
+pub const NOT_ENCODED: u32 = u32::MAX;
+
+/// Merge groups of one view: `sources[i]` is where the `i`-th token entering the groups
+/// (`entered[i]`, an index among the view's encoder tokens) ended; the first `prefix` encoder
+/// tokens are not patches.
+fn merge_groups(sources: &[usize], entered: Option<&[usize]>, prefix: usize, tokens: usize) -> Vec<u32> {
+    let mut out = vec![NOT_ENCODED; tokens.saturating_sub(prefix)];
+    for (i, &src) in sources.iter().enumerate() {
+        let t = entered.map_or(i, |e| e.get(i).copied().unwrap_or(usize::MAX));
+        if t >= prefix {
+            if let Some(o) = out.get_mut(t - prefix) {
+                *o = src as u32;
+            }
+        }
+    }
+    out
 }
 
 /// Concatenates per-view outputs on axis 0 (rank-1 outputs, the same for every view, are taken
@@ -112,7 +135,7 @@ impl Pipeline {
             feats.into_shape_with_order((n, d)).map_err(|e| Error::interface("vision_encoder", e.to_string()))?;
         let features = self.family.pack(input, features, &mut outputs)?;
         let signals = if vision.is_staged() { Signals::default() } else { self.read_signals(&mut outputs, input)? };
-        Ok(Encoded { features, signals, stages, present: None })
+        Ok(Encoded { features, signals, stages, present: None, merged: Vec::new() })
     }
 
     /// Runs the encoder once per image of its batch (inputs sliced on the family's views axis) and joins the
@@ -222,7 +245,12 @@ impl Pipeline {
             None => input,
         };
         match self.merger() {
-            Some(mut tome) => self.encode_on(self.encoder_for(true), input, &mut tome),
+            Some(mut tome) => {
+                let mut enc = self.encode_on(self.encoder_for(true), input, &mut tome)?;
+                let prefix = self.family.encoder_prefix_tokens();
+                enc.merged = tome.take_groups().iter().map(|s| merge_groups(s, None, prefix, s.len())).collect();
+                Ok(enc)
+            }
             None => self.encode(input),
         }
     }
@@ -248,6 +276,7 @@ impl Pipeline {
         let picks: Vec<(&Encoded, Vec<(usize, usize)>)> = parts.iter().zip(rows).map(|(e, (_, r))| (e, r)).collect();
         let mut out = assemble(input, &picks)?;
         out.present = Some(present);
+        out.merged = parts.iter().map(|e| e.merged.first().cloned().unwrap_or_default()).collect();
         Ok(out)
     }
 
@@ -255,11 +284,22 @@ impl Pipeline {
     fn encode_partial(&self, input: &VisionInput, view: usize, keep: &mut PatchKeep) -> Result<Encoded> {
         let one = input.subset(&[view]);
         let mut tome = self.merger();
-        let mut hooks: Vec<&mut dyn EncoderHook> = vec![keep];
+        let mut enc = {
+            let mut hooks: Vec<&mut dyn EncoderHook> = vec![&mut *keep];
+            if let Some(t) = tome.as_mut() {
+                hooks.push(t);
+            }
+            self.encode_on(self.encoder_for(true), &one, &mut Chain(hooks))?
+        };
         if let Some(t) = tome.as_mut() {
-            hooks.push(t);
+            let tokens = self.family.encoder_prefix_tokens() + keep.layout_patches();
+            enc.merged = t
+                .take_groups()
+                .iter()
+                .map(|s| merge_groups(s, Some(keep.entered()), self.family.encoder_prefix_tokens(), tokens))
+                .collect();
         }
-        self.encode_on(self.encoder_for(true), &one, &mut Chain(hooks))
+        Ok(enc)
     }
 
     /// Tile and region skipping on a tiled image: encodes the global view and scores every
@@ -312,12 +352,23 @@ impl Pipeline {
                     let one = hidden.slice(ndarray::s![k..k + 1, .., ..]).to_owned();
                     let mut keep = PatchKeep::new(Keep::Tokens(kept[v].clone()), prefix, input.views[v].grid);
                     let mut tome = self.merger();
-                    let mut hooks: Vec<&mut dyn EncoderHook> = vec![&mut keep];
+                    let run = {
+                        let mut hooks: Vec<&mut dyn EncoderHook> = vec![&mut keep];
+                        if let Some(t) = tome.as_mut() {
+                            hooks.push(t);
+                        }
+                        staged.run_groups(one, &mut Chain(hooks))?
+                    };
+                    let mut enc = self.finish(staged, &input.subset(&[v]), run)?;
                     if let Some(t) = tome.as_mut() {
-                        hooks.push(t);
+                        let tokens = hidden.shape()[1];
+                        enc.merged = t
+                            .take_groups()
+                            .iter()
+                            .map(|s| merge_groups(s, Some(keep.entered()), prefix, tokens))
+                            .collect();
                     }
-                    let run = staged.run_groups(one, &mut Chain(hooks))?;
-                    runs.push((vec![v], self.finish(staged, &input.subset(&[v]), run)?));
+                    runs.push((vec![v], enc));
                 }
                 (kept, skip.skipped)
             }
@@ -380,6 +431,13 @@ impl Pipeline {
             present[v] = here;
         }
         let mut out = assemble(input, &picks)?;
+        out.merged = vec![Vec::new(); input.views.len()];
+        out.merged[g] = global.merged.first().cloned().unwrap_or_default();
+        for (views, e) in &runs {
+            for (k, &v) in views.iter().enumerate() {
+                out.merged[v] = e.merged.get(k).cloned().unwrap_or_default();
+            }
+        }
         let mut stages = global.stages.clone();
         add_stage_times(&mut stages, &extra_stages);
         for (_, e) in &runs {
@@ -430,5 +488,5 @@ fn assemble(input: &VisionInput, picks: &[(&Encoded, Vec<(usize, usize)>)]) -> R
             signals.insert(name, full);
         }
     }
-    Ok(Encoded { features, signals, stages: Vec::new(), present: None })
+    Ok(Encoded { features, signals, stages: Vec::new(), present: None, merged: Vec::new() })
 }

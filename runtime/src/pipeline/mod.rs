@@ -28,7 +28,7 @@ use crate::text::TextTokenizer;
 
 pub use crate::select::regions::RegionSkip;
 pub use crate::select::tiles::{SkippedTiles, TileBudget, TileSkip};
-pub use encode::Encoded;
+pub use encode::{Encoded, NOT_ENCODED};
 pub use options::{fast_preset, Fast, PipelineOptions, Positions, ViewRun};
 pub use prompt::{original_positions, Prepared};
 pub use request::{ImageInput, Observer, OnText, Quiet, Request, Stage};

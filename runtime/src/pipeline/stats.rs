@@ -125,4 +125,6 @@ pub struct KeptLayout {
     /// Rows that were encoded (or stood in from the global view) per view, when tile or region
     /// skipping left some never encoded.
     pub present: Option<Vec<Vec<usize>>>,
+    /// Token merging's groups per view and patch (see [`super::Encoded::merged`]).
+    pub merged: Vec<Vec<u32>>,
 }

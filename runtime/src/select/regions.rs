@@ -154,6 +154,8 @@ pub struct PatchKeep {
     prefix: usize,
     grid: (usize, usize),
     kept: Vec<usize>,
+    entered: Vec<usize>,
+    patches: usize,
     state: Option<(Array3<f32>, Vec<usize>)>,
 }
 
@@ -161,12 +163,22 @@ impl PatchKeep {
     /// Keeps `keep` of a view of `grid` LLM tokens whose encoder tokens start with `prefix`
     /// non-patch tokens.
     pub fn new(keep: Keep, prefix: usize, grid: (usize, usize)) -> Self {
-        PatchKeep { keep, prefix, grid, kept: Vec::new(), state: None }
+        PatchKeep { keep, prefix, grid, kept: Vec::new(), entered: Vec::new(), patches: 0, state: None }
     }
 
     /// The LLM tokens kept (known after the run's embed stage).
     pub fn kept(&self) -> &[usize] {
         &self.kept
+    }
+
+    /// Patches of the view (after the run): scale² per LLM token.
+    pub fn layout_patches(&self) -> usize {
+        self.patches
+    }
+
+    /// The encoder tokens (prefix included) that entered the groups, ascending (after the run).
+    pub fn entered(&self) -> &[usize] {
+        &self.entered
     }
 }
 
@@ -192,6 +204,7 @@ impl EncoderHook for PatchKeep {
             return Err(Error::interface("region skipping", "runs one view at a time"));
         }
         let layout = PatchLayout::new(state.grid, self.prefix, self.grid)?;
+        self.patches = state.grid - self.prefix;
         let cells = self.grid.0 * self.grid.1;
         self.kept = match &self.keep {
             Keep::Tokens(t) => {
@@ -210,6 +223,7 @@ impl EncoderHook for PatchKeep {
         let full = std::mem::replace(&mut state.hidden, Array3::zeros((1, 0, 0)));
         state.hidden = full.select(Axis(1), &idx);
         state.bias = Array2::zeros((1, idx.len()));
+        self.entered.clone_from(&idx);
         self.state = Some((full, idx));
         Ok(())
     }

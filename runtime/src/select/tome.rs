@@ -132,11 +132,20 @@ pub struct Tome {
     source: Vec<Vec<usize>>,
     size: Vec<Vec<f32>>,
     start: usize,
+    /// Sources of every view of every finished run, in run order (for `--show-kept`).
+    done: Vec<Vec<usize>>,
 }
 
 impl Tome {
     pub fn new(config: MergeConfig) -> Self {
-        Tome { config, source: Vec::new(), size: Vec::new(), start: 0 }
+        Tome { config, source: Vec::new(), size: Vec::new(), start: 0, done: Vec::new() }
+    }
+
+    /// The sources of every view the hook ran on since the last call, in run order: for each
+    /// token that entered the groups, the merged token it ended in (tokens sharing a value were
+    /// merged together).
+    pub fn take_groups(&mut self) -> Vec<Vec<usize>> {
+        std::mem::take(&mut self.done)
     }
 
     /// Per view, the merged token each token entering the groups ended in (after the run).
@@ -198,6 +207,7 @@ impl EncoderHook for Tome {
     }
 
     fn before_head(&mut self, state: &mut Between) -> Result<()> {
+        self.done.extend(self.source.iter().cloned());
         if self.source.is_empty() || state.hidden.shape()[1] == self.start {
             return Ok(());
         }

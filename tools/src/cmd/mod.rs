@@ -360,7 +360,8 @@ impl EncoderSide {
 }
 
 impl SweepArgs {
-    /// Every combination of the swept tile, region and merge values.
+    /// Every combination of the swept tile, region and merge values (tile and region skipping
+    /// never together).
     pub fn encoder_sides(&self) -> anyhow::Result<Vec<EncoderSide>> {
         let tiles = self.tile_budgets()?;
         let regions: Vec<Option<Budget>> = list(&self.regions)
@@ -373,7 +374,10 @@ impl SweepArgs {
         for &t in &tiles {
             for &r in &regions {
                 for &m in &merges {
-                    out.push(EncoderSide { tiles: t, regions: r, merge: m });
+                    // region skipping already chooses within and across tiles: no combination
+                    if t.is_none() || r.is_none() {
+                        out.push(EncoderSide { tiles: t, regions: r, merge: m });
+                    }
                 }
             }
         }
