@@ -208,6 +208,18 @@ fn no_op_options_are_errors_and_prompts_come_from_files() {
         assert!(!out.status.success(), "{extra:?} should fail");
         assert!(stderr.contains(want) && !stderr.contains("panicked"), "{extra:?}: {stderr}");
     }
+    // one method with its budget settles (the first budget below 1 for a method other than none),
+    // and the encoder-side flags and the preset run through eval
+    for extra in [
+        &["--prune", "dart", "--keep", "0.25"][..],
+        &["--prune", "dart,none", "--keep", "1,0.25"][..],
+        &["--fast"][..],
+        &["--regions", "0.5", "--merge", "0,0.25"][..],
+    ] {
+        let out = glimpse().args(base).args(extra).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+    }
     let mut child = glimpse()
         .args([
             "ask",

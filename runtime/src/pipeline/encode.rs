@@ -1,6 +1,8 @@
 //! The encode stage: the vision part on the preprocessed views, the family's post-encoder
-//! packing, the registered pruning signals; and tile skipping, which encodes the global view
-//! first and then only the tiles [`crate::select::tiles`] chooses.
+//! packing, the registered pruning signals; and the reductions before and inside the encoder
+//! ([`Pipeline::encode_reduced`]): tile and region skipping, which encode the global view first
+//! and then only the tiles or patch groups [`crate::select::tiles`] / [`crate::select::regions`]
+//! choose, and token merging ([`crate::select::tome`]) between the staged encoder's groups.
 
 use std::time::Duration;
 
@@ -225,7 +227,7 @@ impl Pipeline {
     ) -> Result<Encoded> {
         let g = input.views.iter().position(|v| v.kind == ViewKind::Global);
         let tiled = g.is_some() && !tiles::tile_views(&input.views).is_empty();
-        let relevance = self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0);
+        let relevance = self.score_relevance();
         let text = if tiled && relevance != 0.0 { Some(text()?) } else { None };
         match (tiled, self.tiles, self.regions) {
             (true, Some(_), _) | (true, _, Some(_)) => self.encode_guided(input, g.unwrap_or(0), text.as_ref()),
@@ -316,7 +318,7 @@ impl Pipeline {
             _ => self.encode_merged(input, Some(&[g]))?,
         };
         let gview = &input.views[g];
-        let relevance = self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0);
+        let relevance = self.score_relevance();
         let gscores = tiles::global_token_scores(&global.features, text, relevance);
         let tile_ids = tiles::tile_views(&input.views);
         let mut runs: Vec<(Vec<usize>, Encoded)> = Vec::new(); // (views, encoding of them in order)

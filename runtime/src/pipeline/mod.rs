@@ -334,8 +334,12 @@ impl Pipeline {
     /// Whether the tokens encoded depend on the prompt (tile or region skipping guided by the
     /// global view), so one encoding cannot serve several prompts.
     pub fn encoding_depends_on_prompt(&self) -> bool {
-        let relevance = self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0);
-        self.family.splits_into_tiles() && relevance != 0.0
+        self.family.splits_into_tiles() && self.score_relevance() != 0.0
+    }
+
+    /// Weight of prompt relevance in the global view's tile / region scores (0 without either).
+    fn score_relevance(&self) -> f32 {
+        self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0)
     }
 
     /// The backend running the parts.

@@ -1,8 +1,9 @@
 //! Token selection: the stage between encode and splice that decides which visual feature rows
 //! reach the language model. One file per method, registered in [`METHODS`] (one line each);
 //! this module holds the method trait, the registry and the helpers methods share; the budget
-//! lives in `budget`, the configured stage in `selector`, the signals in [`signals`], tile
-//! skipping (before the encoder) in [`tiles`].
+//! lives in `budget`, the configured stage in `selector`, the signals in [`signals`]. The
+//! methods that act before or inside the encoder — tile skipping ([`tiles`]), region skipping
+//! ([`regions`]), token merging ([`tome`]) — are registered in [`ENCODER_METHODS`].
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -410,11 +410,17 @@ impl SweepArgs {
     /// The flags' `--prune` / `--keep` as a single selection, for settling against the profile
     /// (the first value of each; sweeps use [`SweepArgs::methods_and_keeps`]).
     pub fn first(&self) -> anyhow::Result<SelectArgs> {
-        // with methods given, the sweep's own pairs are checked (settings::check_sweep); the keep
-        // flag only settles against the profile's method when no method is given
-        let keep = match (&self.keep, self.prune.is_empty()) {
-            (Some(k), true) => list(k).first().map(|k| k.parse()).transpose()?,
-            _ => None,
+        // with methods given, the sweep's own pairs are checked (settings::check_sweep); what
+        // settles against the profile is the first method with a budget it can use (keep 1 for
+        // `none`, else the first budget below 1), so `--prune dart --keep 0.25` settles
+        let keeps: Vec<Budget> = match &self.keep {
+            Some(k) => list(k).iter().map(|k| k.parse()).collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
+        let keep = match self.prune.first().map(String::as_str) {
+            None => keeps.first().copied(),
+            Some("none") => keeps.iter().copied().find(Budget::is_full),
+            Some(_) => keeps.iter().copied().find(|k| !k.is_full()).or(keeps.first().copied()),
         };
         Ok(SelectArgs {
             prune: self.prune.first().cloned(),
