@@ -31,6 +31,11 @@ fn keeping_everything_equals_the_unreduced_staged_encoder_exactly() {
         PipelineOptions { regions: regions(Budget::Ratio(1.0), Scope::Global), ..Default::default() },
         PipelineOptions { merge: Some(Budget::Count(0)), ..Default::default() },
         PipelineOptions {
+            merge: Some(Budget::Count(0)),
+            merge_method: glimpse::runtime::select::tome::MergeMethod::Transform,
+            ..Default::default()
+        },
+        PipelineOptions {
             regions: regions(Budget::Ratio(1.0), Scope::PerView),
             merge: Some(Budget::Count(0)),
             ..Default::default()
@@ -60,13 +65,14 @@ fn region_budgets_hold_end_to_end_and_views_keep_their_place() {
     let img = images().join("scene.png");
     let full = Pipeline::load(&dir, &PipelineOptions::default()).expect("load");
     let want = full.ask(Some(&img), "What number is written?", &opts, &mut |_| {}).expect("full");
-    for (budget, scope, merge) in [
-        (Budget::Ratio(0.25), Scope::Global, None),
-        (Budget::Ratio(0.5), Scope::PerView, Some(Budget::Ratio(0.25))),
-        (Budget::Count(10), Scope::Global, Some(Budget::Count(8))),
+    use glimpse::runtime::select::tome::MergeMethod;
+    for (budget, scope, merge, merge_method) in [
+        (Budget::Ratio(0.25), Scope::Global, None, MergeMethod::Tome),
+        (Budget::Ratio(0.5), Scope::PerView, Some(Budget::Ratio(0.25)), MergeMethod::Tome),
+        (Budget::Count(10), Scope::Global, Some(Budget::Count(8)), MergeMethod::Transform),
     ] {
-        let p = Pipeline::load(&dir, &PipelineOptions { regions: regions(budget, scope), merge, ..Default::default() })
-            .expect("load");
+        let opts_in = PipelineOptions { regions: regions(budget, scope), merge, merge_method, ..Default::default() };
+        let p = Pipeline::load(&dir, &opts_in).expect("load");
         let a = p.ask(Some(&img), "What number is written?", &opts, &mut |_| {}).expect("ask");
         let layout = a.layout.as_ref().expect("layout");
         let present = layout.present.as_ref().expect("rows present");
@@ -84,6 +90,8 @@ fn region_budgets_hold_end_to_end_and_views_keep_their_place() {
         assert_eq!(a.stats.visual_tokens, want.stats.visual_tokens);
         assert!(a.stats.prompt_tokens < want.stats.prompt_tokens);
         assert!(a.stats.encoder_stages.iter().any(|(n, _)| n == "encoder_reduction"));
+        // merging reports its groups per patch for every view it ran on (the global view always)
+        assert_eq!(layout.merged.iter().any(|g| !g.is_empty()), merge.is_some(), "{merge_method:?}");
     }
 }
 

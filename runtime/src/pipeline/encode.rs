@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::family::{ViewKind, VisionInput};
 use crate::select::regions::{self, Keep, PatchKeep, PatchLayout, RegionSkip};
 use crate::select::tiles::{self, SkippedTiles};
-use crate::select::tome::{MergeConfig, Tome};
+use crate::select::tome::{MergeConfig, Merger};
 use crate::select::{signals, Signals};
 
 /// Encoder output: feature rows and any pruning signals the export added.
@@ -211,9 +211,10 @@ impl Pipeline {
         }
     }
 
-    /// ToMe for this pipeline, when merging is on.
-    fn merger(&self) -> Option<Tome> {
-        self.merge.map(|r| Tome::new(MergeConfig { r, protected: self.family.encoder_prefix_tokens() }))
+    /// The merging hook (ToMe or Token Transforming) for this pipeline, when merging is on.
+    fn merger(&self) -> Option<Box<dyn Merger>> {
+        let protected = self.family.encoder_prefix_tokens();
+        self.merge.map(|r| self.merge_method.hook(MergeConfig { r, protected }))
     }
 
     /// Encodes `input` with every encoder-side reduction the pipeline is configured for: tile or
@@ -248,7 +249,7 @@ impl Pipeline {
         };
         match self.merger() {
             Some(mut tome) => {
-                let mut enc = self.encode_on(self.encoder_for(true), input, &mut tome)?;
+                let mut enc = self.encode_on(self.encoder_for(true), input, &mut *tome)?;
                 let prefix = self.family.encoder_prefix_tokens();
                 enc.merged = tome.take_groups().iter().map(|s| merge_groups(s, None, prefix, s.len())).collect();
                 Ok(enc)
@@ -289,7 +290,7 @@ impl Pipeline {
         let mut enc = {
             let mut hooks: Vec<&mut dyn EncoderHook> = vec![&mut *keep];
             if let Some(t) = tome.as_mut() {
-                hooks.push(t);
+                hooks.push(&mut **t);
             }
             self.encode_on(self.encoder_for(true), &one, &mut Chain(hooks))?
         };
@@ -357,7 +358,7 @@ impl Pipeline {
                     let run = {
                         let mut hooks: Vec<&mut dyn EncoderHook> = vec![&mut keep];
                         if let Some(t) = tome.as_mut() {
-                            hooks.push(t);
+                            hooks.push(&mut **t);
                         }
                         staged.run_groups(one, &mut Chain(hooks))?
                     };

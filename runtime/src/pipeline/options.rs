@@ -29,8 +29,10 @@ pub struct PipelineOptions {
     pub tiles: Option<TileSkip>,
     /// Run the encoder's layers only on the best patch groups (needs stages).
     pub regions: Option<RegionSkip>,
-    /// ToMe: tokens merged per view after each group of encoder layers (needs stages).
+    /// Token merging: tokens merged per view after each group of encoder layers (needs stages).
     pub merge: Option<Budget>,
+    /// How merged tokens combine: ToMe (one match) or Token Transforming (many-to-many).
+    pub merge_method: crate::select::tome::MergeMethod,
     /// The `--fast` preset: fills `regions` and `merge` when neither they nor `tiles` are set.
     pub fast: Fast,
     /// Limits on input images.
@@ -114,6 +116,7 @@ impl Default for PipelineOptions {
             tiles: None,
             regions: None,
             merge: None,
+            merge_method: crate::select::tome::MergeMethod::Tome,
             fast: Fast::Off,
             image_limits: ImageLimits::default(),
             max_memory: None,

@@ -29,6 +29,7 @@ pub mod signals;
 pub mod tiles;
 pub mod todre;
 pub mod tome;
+pub mod transform;
 pub mod uniform;
 pub mod visionzip;
 pub mod vtc_cls;
@@ -210,7 +211,7 @@ pub struct EncoderMethodSpec {
 }
 
 /// The registry of encoder-side methods: one line each, in pipeline order.
-pub const ENCODER_METHODS: &[EncoderMethodSpec] = &[tiles::SPEC, regions::SPEC, tome::SPEC];
+pub const ENCODER_METHODS: &[EncoderMethodSpec] = &[tiles::SPEC, regions::SPEC, tome::SPEC, transform::SPEC];
 
 /// Every method name, `none` first.
 pub fn available() -> Vec<&'static str> {

@@ -23,6 +23,8 @@ pub struct Matching {
     pub dest: Vec<usize>,
     /// Tokens after the merge.
     pub len: usize,
+    /// Whether each current token was merged away (an A token that joined its match).
+    pub merged: Vec<bool>,
 }
 
 /// Bipartite soft matching (ToMe's `bipartite_soft_matching`): tokens alternate into sets A
@@ -34,7 +36,7 @@ pub fn bipartite_soft_matching(metric: ArrayView2<'_, f32>, r: usize, protected:
     let n = metric.nrows();
     let r = r.min(n.saturating_sub(protected) / 2);
     if r == 0 || n < 2 {
-        return Matching { dest: (0..n).collect(), len: n };
+        return Matching { dest: (0..n).collect(), len: n, merged: vec![false; n] };
     }
     let m = normalized(metric);
     let a: Vec<usize> = (0..n).step_by(2).collect();
@@ -79,7 +81,11 @@ pub fn bipartite_soft_matching(metric: ArrayView2<'_, f32>, r: usize, protected:
             dest[i] = dest[b[best[x].1]];
         }
     }
-    Matching { dest, len: next }
+    let mut merged_away = vec![false; n];
+    for (x, &i) in a.iter().enumerate() {
+        merged_away[i] = merged[x];
+    }
+    Matching { dest, len: next, merged: merged_away }
 }
 
 /// Applies a matching: size-weighted means of `x` `[n, d]` and the summed sizes.
@@ -120,6 +126,53 @@ pub fn parse_r(s: &str) -> Result<Option<Budget>> {
     match s.parse::<f32>() {
         Ok(f) if f > 0.0 && f <= 0.5 => Ok(Some(Budget::Ratio(f))),
         _ => Err(Error::invalid("merge", s, "expected 0, a token count, or a fraction in (0, 0.5]")),
+    }
+}
+
+/// A token-merging encoder hook: ToMe, or Token Transforming. The pipeline takes each run's
+/// merge groups from it for `--show-kept`.
+pub trait Merger: EncoderHook {
+    /// For every view of every run since the last call, in run order: for each token that
+    /// entered the groups, the merged token that holds most of it.
+    fn take_groups(&mut self) -> Vec<Vec<usize>>;
+}
+
+impl Merger for Tome {
+    fn take_groups(&mut self) -> Vec<Vec<usize>> {
+        Tome::take_groups(self)
+    }
+}
+
+/// The merging methods `--merge-method` chooses from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeMethod {
+    /// ToMe: each merged token joins one match ([`Tome`]).
+    #[default]
+    Tome,
+    /// Token Transforming: each merged token spreads over its most similar survivors
+    /// ([`super::transform::TokenTransform`]).
+    Transform,
+}
+
+impl std::str::FromStr for MergeMethod {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tome" => Ok(MergeMethod::Tome),
+            "transform" => Ok(MergeMethod::Transform),
+            _ => Err(Error::invalid("merge method", s, "expected tome or transform")),
+        }
+    }
+}
+
+impl MergeMethod {
+    /// The configured hook.
+    pub fn hook(self, config: MergeConfig) -> Box<dyn Merger> {
+        match self {
+            MergeMethod::Tome => Box::new(Tome::new(config)),
+            MergeMethod::Transform => Box::new(super::transform::TokenTransform::new(config)),
+        }
     }
 }
 

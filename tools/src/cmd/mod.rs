@@ -195,6 +195,7 @@ impl ModelArgs {
                 relevance: select.region_relevance,
             }),
             merge: select.merge.as_deref().map(tome::parse_r).transpose()?.flatten(),
+            merge_method: select.merge_method,
             fast: applied.fast_mode(),
             backend_options,
             max_memory: self.max_memory,
@@ -260,6 +261,10 @@ pub struct SelectArgs {
     /// group of layers, a count (8) or a fraction (0.25, at most 0.5); 0 = off.
     #[arg(long)]
     pub merge: Option<String>,
+    /// How merged tokens combine: tome (each joins its most similar match) or transform (Token
+    /// Transforming: spread over the 3 most similar survivors).
+    #[arg(long, default_value = "tome")]
+    pub merge_method: tome::MergeMethod,
 }
 
 impl SelectArgs {
@@ -278,6 +283,7 @@ impl SelectArgs {
             region_scope: Scope::Global,
             region_relevance: 0.0,
             merge: None,
+            merge_method: tome::MergeMethod::Tome,
         }
     }
 }
@@ -328,6 +334,9 @@ pub struct SweepArgs {
     /// ToMe merge amounts per group boundary (comma-separated to sweep; 0 = off; needs stages).
     #[arg(long, default_value = "0")]
     pub merge: String,
+    /// Merge methods to sweep, comma-separated (tome, transform).
+    #[arg(long, default_value = "tome", value_delimiter = ',')]
+    pub merge_method: Vec<tome::MergeMethod>,
 }
 
 /// One swept configuration of the reductions before and inside the encoder.
@@ -336,6 +345,7 @@ pub struct EncoderSide {
     pub tiles: Option<TileBudget>,
     pub regions: Option<Budget>,
     pub merge: Option<Budget>,
+    pub merge_method: tome::MergeMethod,
 }
 
 impl EncoderSide {
@@ -349,7 +359,8 @@ impl EncoderSide {
             parts.push(format!("r{r}"));
         }
         if let Some(m) = self.merge {
-            parts.push(format!("m{m}"));
+            let tag = if self.merge_method == tome::MergeMethod::Transform { "tt" } else { "m" };
+            parts.push(format!("{tag}{m}"));
         }
         if parts.is_empty() {
             "all".into()
@@ -375,8 +386,13 @@ impl SweepArgs {
             for &r in &regions {
                 for &m in &merges {
                     // region skipping already chooses within and across tiles: no combination
-                    if t.is_none() || r.is_none() {
-                        out.push(EncoderSide { tiles: t, regions: r, merge: m });
+                    if t.is_some() && r.is_some() {
+                        continue;
+                    }
+                    // without merging the method does not matter: one side
+                    let methods = if m.is_some() { self.merge_method.clone() } else { vec![tome::MergeMethod::Tome] };
+                    for merge_method in methods {
+                        out.push(EncoderSide { tiles: t, regions: r, merge: m, merge_method });
                     }
                 }
             }
@@ -394,6 +410,7 @@ impl SweepArgs {
             relevance: self.region_relevance,
         });
         po.merge = side.merge;
+        po.merge_method = side.merge_method;
     }
 
     /// The methods and keep budgets swept: the flags, or the target profile's pruning (as
