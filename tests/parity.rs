@@ -250,9 +250,11 @@ fn tile_skipping_encodes_only_the_chosen_tiles() {
     );
     let layout = two.layout.expect("layout");
     assert_eq!(layout.skipped_tiles.len(), rows * cols - 2);
-    // Global-share stand-ins keep every tile marker with fewer tokens behind it.
+    // Global-share stand-ins put tokens behind every tile marker; the skipped tiles are still
+    // not encoded (views counts the images the encoder ran on).
     let share = with(TileBudget::Count(2), SkippedTiles::Global);
-    assert_eq!(share.stats.views, rows * cols + 1);
+    assert_eq!(share.stats.views, 3);
+    assert_eq!(share.layout.as_ref().expect("layout").skipped_tiles.len(), rows * cols - 2);
     assert!(share.stats.visual_tokens_kept > two.stats.visual_tokens_kept);
     assert!(share.stats.visual_tokens_kept < all.stats.visual_tokens_kept);
     // Only the global view encoded.

@@ -135,6 +135,32 @@ fn impossible_reductions_say_why() {
         },
     );
     assert!(e.contains("--tiles"), "{e}");
+    // stand-ins come from a global view, which LLaVA has not
+    let e = err(
+        "testbed-llava",
+        PipelineOptions {
+            regions: Some(RegionSkip {
+                budget: Budget::Ratio(0.5),
+                scope: Scope::Global,
+                skipped: SkippedTiles::Global,
+                relevance: 0.0,
+            }),
+            ..Default::default()
+        },
+    );
+    assert!(e.contains("--skipped-tiles"), "{e}");
+    // merging acts between groups: a one-group staged encoder cannot merge
+    let one = tempfile::tempdir().expect("tempdir");
+    copy_dir(&model("tiny-llava"), one.path());
+    let manifest = one.path().join("glimpse.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let blocks = m["stages"]["blocks"].as_array_mut().expect("blocks");
+    blocks.truncate(1);
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let e = Pipeline::load(one.path(), &PipelineOptions { merge: Some(Budget::Count(2)), ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stages.blocks") && e.contains("--groups"), "{e}");
     // merging needs the stages: a folder without them points at `glimpse split`
     let tmp = tempfile::tempdir().expect("tempdir");
     copy_dir(&model("testbed-llava"), tmp.path());

@@ -202,6 +202,8 @@ fn no_op_options_are_errors_and_prompts_come_from_files() {
         (&["--prune", "dart,bogus"][..], "bogus"),
         (&["--prune", "dart"][..], "--keep"),
         (&["--threads", "100000"][..], "logical CPUs"),
+        (&["--fast", "--region-scope", "per-view"][..], "--region-scope"),
+        (&["--merge-method", "transform"][..], "--merge-method"),
     ] {
         let out = glimpse().args(base).args(extra).output().expect("run");
         let stderr = String::from_utf8_lossy(&out.stderr);

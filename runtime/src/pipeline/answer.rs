@@ -242,7 +242,7 @@ impl Pipeline {
             Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), input, &sel)?),
         };
         let mut prepared = self.splice(ids, Some(&kept_rows), input.total_tokens(), positions)?;
-        let never = |v: usize| encoded.present.as_ref().is_some_and(|p| p[v].is_empty());
+        let never = |v: usize| encoded.encoded.as_ref().is_some_and(|e| !e[v]);
         prepared.views = input.encoder_views() - (0..input.views.len()).filter(|&v| never(v)).count();
         let skipped_tiles = input
             .views
@@ -307,15 +307,7 @@ fn select_present(
     let live: Vec<usize> = (0..views.len()).filter(|&v| !present[v].is_empty()).collect();
     let mut rows = Vec::new();
     let mut sub_views = Vec::with_capacity(live.len());
-    let mut offset = 0;
-    let starts: Vec<usize> = views
-        .iter()
-        .map(|v| {
-            let s = offset;
-            offset += v.tokens;
-            s
-        })
-        .collect();
+    let starts = super::encode::view_starts(views);
     for &v in &live {
         rows.extend(present[v].iter().map(|&i| starts[v] + i));
         let n = present[v].len();

@@ -32,6 +32,9 @@ pub struct Encoded {
     /// skipping left some never encoded; `None`: every row. Absent rows are zero in `features`
     /// and never reach the language model.
     pub present: Option<Vec<Vec<usize>>>,
+    /// Which views ran through the encoder at all, when tile or region skipping left some out
+    /// (a view whose rows all stand in from the global view was not encoded).
+    pub encoded: Option<Vec<bool>>,
     /// Token merging's groups per view, when merging ran: for every patch of the view (prefix
     /// tokens left out), the merged token it ended in ([`NOT_ENCODED`] for patches region
     /// skipping left out); empty for views that were not merged.
@@ -137,7 +140,7 @@ impl Pipeline {
             feats.into_shape_with_order((n, d)).map_err(|e| Error::interface("vision_encoder", e.to_string()))?;
         let features = self.family.pack(input, features, &mut outputs)?;
         let signals = if vision.is_staged() { Signals::default() } else { self.read_signals(&mut outputs, input)? };
-        Ok(Encoded { features, signals, stages, present: None, merged: Vec::new() })
+        Ok(Encoded { features, signals, stages, present: None, encoded: None, merged: Vec::new() })
     }
 
     /// Runs the encoder once per image of its batch (inputs sliced on the family's views axis) and joins the
@@ -278,6 +281,7 @@ impl Pipeline {
         }
         let picks: Vec<(&Encoded, Vec<(usize, usize)>)> = parts.iter().zip(rows).map(|(e, (_, r))| (e, r)).collect();
         let mut out = assemble(input, &picks)?;
+        out.encoded = Some(present.iter().map(|p| !p.is_empty()).collect());
         out.present = Some(present);
         out.merged = parts.iter().map(|e| e.merged.first().cloned().unwrap_or_default()).collect();
         Ok(out)
@@ -285,22 +289,32 @@ impl Pipeline {
 
     /// One view through the staged encoder with region skipping (`keep`) and merging.
     fn encode_partial(&self, input: &VisionInput, view: usize, keep: &mut PatchKeep) -> Result<Encoded> {
+        let staged = self.encoder_for(true);
         let one = input.subset(&[view]);
-        let mut tome = self.merger();
-        let mut enc = {
+        let (hidden, took) = staged.embed(one.inputs_for(staged.inputs(), self.family.name())?)?;
+        let mut enc = self.run_partial(&one, hidden, keep)?;
+        enc.stages.insert(0, ("vision_embed".into(), took));
+        Ok(enc)
+    }
+
+    /// The groups and head of the staged encoder on one embedded view `[1, tokens, d]`, with
+    /// region skipping (`keep`) and merging; `one` is that view's input.
+    fn run_partial(&self, one: &VisionInput, hidden: ndarray::Array3<f32>, keep: &mut PatchKeep) -> Result<Encoded> {
+        let staged = self.encoder_for(true);
+        let tokens = hidden.shape()[1];
+        let mut merger = self.merger();
+        let run = {
             let mut hooks: Vec<&mut dyn EncoderHook> = vec![&mut *keep];
-            if let Some(t) = tome.as_mut() {
-                hooks.push(&mut **t);
+            if let Some(m) = merger.as_mut() {
+                hooks.push(&mut **m);
             }
-            self.encode_on(self.encoder_for(true), &one, &mut Chain(hooks))?
+            staged.run_groups(hidden, &mut Chain(hooks))?
         };
-        if let Some(t) = tome.as_mut() {
-            let tokens = self.family.encoder_prefix_tokens() + keep.layout_patches();
-            enc.merged = t
-                .take_groups()
-                .iter()
-                .map(|s| merge_groups(s, Some(keep.entered()), self.family.encoder_prefix_tokens(), tokens))
-                .collect();
+        let mut enc = self.finish(staged, one, run)?;
+        if let Some(m) = merger.as_mut() {
+            let prefix = self.family.encoder_prefix_tokens();
+            enc.merged =
+                m.take_groups().iter().map(|s| merge_groups(s, Some(keep.entered()), prefix, tokens)).collect();
         }
         Ok(enc)
     }
@@ -354,24 +368,7 @@ impl Pipeline {
                     }
                     let one = hidden.slice(ndarray::s![k..k + 1, .., ..]).to_owned();
                     let mut keep = PatchKeep::new(Keep::Tokens(kept[v].clone()), prefix, input.views[v].grid);
-                    let mut tome = self.merger();
-                    let run = {
-                        let mut hooks: Vec<&mut dyn EncoderHook> = vec![&mut keep];
-                        if let Some(t) = tome.as_mut() {
-                            hooks.push(&mut **t);
-                        }
-                        staged.run_groups(one, &mut Chain(hooks))?
-                    };
-                    let mut enc = self.finish(staged, &input.subset(&[v]), run)?;
-                    if let Some(t) = tome.as_mut() {
-                        let tokens = hidden.shape()[1];
-                        enc.merged = t
-                            .take_groups()
-                            .iter()
-                            .map(|s| merge_groups(s, Some(keep.entered()), prefix, tokens))
-                            .collect();
-                    }
-                    runs.push((vec![v], enc));
+                    runs.push((vec![v], self.run_partial(&input.subset(&[v]), one, &mut keep)?));
                 }
                 (kept, skip.skipped)
             }
@@ -390,15 +387,7 @@ impl Pipeline {
             }
             (None, None) => return self.encode_merged(input, None),
         };
-        let starts: Vec<usize> = input
-            .views
-            .iter()
-            .scan(0, |acc, v| {
-                let s = *acc;
-                *acc += v.tokens;
-                Some(s)
-            })
-            .collect();
+        let starts = view_starts(&input.views);
         // each present row: (encoding, row in it)
         let mut picks: Vec<(&Encoded, Vec<(usize, usize)>)> = vec![(&global, Vec::new())];
         for (_, e) in &runs {
@@ -434,6 +423,8 @@ impl Pipeline {
             present[v] = here;
         }
         let mut out = assemble(input, &picks)?;
+        out.encoded =
+            Some((0..input.views.len()).map(|v| v == g || runs.iter().any(|(views, _)| views.contains(&v))).collect());
         out.merged = vec![Vec::new(); input.views.len()];
         out.merged[g] = global.merged.first().cloned().unwrap_or_default();
         for (views, e) in &runs {
@@ -450,6 +441,18 @@ impl Pipeline {
         out.present = Some(present);
         Ok(out)
     }
+}
+
+/// The first row of every view in the views' concatenated rows.
+pub(crate) fn view_starts(views: &[crate::family::View]) -> Vec<usize> {
+    views
+        .iter()
+        .scan(0, |acc, v| {
+            let s = *acc;
+            *acc += v.tokens;
+            Some(s)
+        })
+        .collect()
 }
 
 /// Builds the full-layout encoding of `input` from rows of several encodings: `(encoding,
@@ -491,5 +494,5 @@ fn assemble(input: &VisionInput, picks: &[(&Encoded, Vec<(usize, usize)>)]) -> R
             signals.insert(name, full);
         }
     }
-    Ok(Encoded { features, signals, stages: Vec::new(), present: None, merged: Vec::new() })
+    Ok(Encoded { features, signals, stages: Vec::new(), present: None, encoded: None, merged: Vec::new() })
 }

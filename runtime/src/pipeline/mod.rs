@@ -140,16 +140,25 @@ impl Pipeline {
             ));
         }
         let preset;
+        let vision_dtype =
+            opts.part_dtypes.iter().find(|(p, _)| *p == Part::VisionEncoder).map_or(opts.dtype, |(_, d)| *d);
+        let has_stages = folder
+            .manifest
+            .stages
+            .as_ref()
+            .is_some_and(|s| s.stems().iter().all(|stem| folder.stage_file(stem, vision_dtype).is_file()));
         let opts = match opts.fast {
             Fast::Off => opts,
             _ if opts.regions.is_some() || opts.merge.is_some() || opts.tiles.is_some() => opts,
-            Fast::WhereStaged if folder.manifest.stages.is_none() => opts,
+            Fast::WhereStaged if !has_stages => opts,
             fast => {
-                if folder.manifest.stages.is_none() {
+                if !has_stages {
                     return Err(Error::field(
                         folder.path("glimpse.json"),
                         "stages",
-                        format!("--fast ({fast:?}) needs a staged vision encoder (make one with `glimpse split --model DIR`)"),
+                        format!(
+                            "--fast ({fast:?}) needs a staged vision encoder for {vision_dtype} (make one with `glimpse split --model DIR`)"
+                        ),
                     ));
                 }
                 let (regions, merge) = fast_preset(family.splits_into_tiles(), family.patch_grid_views());
@@ -162,6 +171,13 @@ impl Pipeline {
                 "region skipping (--regions)",
                 family.name(),
                 "needs views whose tokens are a grid over their patches (idefics3, llava); LLaVA-OneVision packs its crops",
+            ));
+        }
+        if opts.regions.is_some_and(|r| r.skipped == SkippedTiles::Global) && !family.splits_into_tiles() {
+            return Err(Error::invalid(
+                "skipped tiles (--skipped-tiles)",
+                "global",
+                "stand-ins come from the global view of a tiled image; this family has one view",
             ));
         }
         if opts.regions.is_some() && opts.tiles.is_some() {
@@ -233,6 +249,16 @@ impl Pipeline {
             Some(files) => load_staged(files)?,
         };
         let reduces = opts.regions.is_some() || opts.merge.is_some();
+        let groups = manifest.stages.as_ref().map_or(0, |s| s.blocks.len());
+        if opts.merge.is_some() && groups < 2 {
+            return Err(Error::field(
+                folder.path("glimpse.json"),
+                "stages.blocks",
+                format!(
+                    "token merging acts between groups of layers and the staged encoder has {groups}: split it into more (`glimpse split --model DIR --groups 4 --force`)"
+                ),
+            ));
+        }
         let staged = if reduces && !vision.is_staged() {
             let files = staged_files(&folder, vision_dtype, EncoderForm::Staged)?
                 .ok_or_else(|| Error::interface("vision stages", "none listed"))?;

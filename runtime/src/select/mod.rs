@@ -197,7 +197,8 @@ pub const METHODS: &[MethodSpec] = &[
 ];
 
 /// A registered method that acts before or inside the vision encoder. These compose with each
-/// other and with one [`METHODS`] entry in a request; each has its own flag.
+/// other (tile and region skipping excepted: regions already choose within and across tiles)
+/// and with one [`METHODS`] entry in a request; each has its own flag.
 #[derive(Debug, Clone, Copy)]
 pub struct EncoderMethodSpec {
     pub name: &'static str,

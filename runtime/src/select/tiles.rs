@@ -44,7 +44,7 @@ impl TileBudget {
 /// What stands in for a skipped tile in the prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SkippedTiles {
-    /// Nothing: the tile and its marker disappear.
+    /// Nothing: the tile's image tokens leave the prompt (its marker stays).
     #[default]
     Drop,
     /// The global view's tokens over the tile's region, under the tile's marker.
@@ -145,15 +145,6 @@ pub fn choose_tiles(views: &[View], global: usize, scores: &[f32], budget: TileB
     top_k(ArrayView1::from(&tile_score), budget.of(tiles.len())).into_iter().map(|i| tiles[i]).collect()
 }
 
-/// The view that stands for a skipped tile under [`SkippedTiles::Global`]: the global tokens over
-/// its region (`rows`), on a grid when they form one.
-pub fn stand_in(tile: &View, global: &View, rows: usize) -> View {
-    let gw = global.grid.1;
-    let side_w = ((tile.region[2] - tile.region[0]) * gw as f32).round().max(1.0) as usize;
-    let grid = if rows.is_multiple_of(side_w) { (rows / side_w, side_w) } else { (1, rows) };
-    View { tokens: rows, grid, ..tile.clone() }
-}
-
 /// Tile skipping in the registry of encoder-side methods.
 pub const SPEC: super::EncoderMethodSpec = super::EncoderMethodSpec {
     name: "tiles",
@@ -183,6 +174,5 @@ mod tests {
         assert!(choose_tiles(&views, 4, &scores, TileBudget::Count(0)).is_empty());
         assert_eq!(TileBudget::Ratio(0.5).of(4), 2);
         assert_eq!(TileBudget::Ratio(0.01).of(4), 1);
-        assert_eq!(stand_in(&views[0], &global, 4).grid, (2, 2));
     }
 }

@@ -114,6 +114,16 @@ pub struct MergeConfig {
     pub protected: usize,
 }
 
+impl MergeConfig {
+    /// Tokens to merge away at a boundary that `n` tokens reach (the matching caps it at half).
+    pub fn r_for(&self, n: usize) -> usize {
+        match self.r {
+            Budget::Count(c) => c,
+            Budget::Ratio(f) => (f as f64 * n as f64).round() as usize,
+        }
+    }
+}
+
 /// Parses a merge amount: `0` / `none` (no merging), a count of tokens per group boundary
 /// (`8`), or a fraction of the tokens entering it in (0, 0.5] (`0.25`).
 pub fn parse_r(s: &str) -> Result<Option<Budget>> {
@@ -139,7 +149,7 @@ pub trait Merger: EncoderHook {
 
 impl Merger for Tome {
     fn take_groups(&mut self) -> Vec<Vec<usize>> {
-        Tome::take_groups(self)
+        std::mem::take(&mut self.done)
     }
 }
 
@@ -194,13 +204,6 @@ impl Tome {
         Tome { config, source: Vec::new(), size: Vec::new(), start: 0, done: Vec::new() }
     }
 
-    /// The sources of every view the hook ran on since the last call, in run order: for each
-    /// token that entered the groups, the merged token it ended in (tokens sharing a value were
-    /// merged together).
-    pub fn take_groups(&mut self) -> Vec<Vec<usize>> {
-        std::mem::take(&mut self.done)
-    }
-
     /// Per view, the merged token each token entering the groups ended in (after the run).
     pub fn sources(&self) -> &[Vec<usize>] {
         &self.source
@@ -227,10 +230,7 @@ impl EncoderHook for Tome {
                 "token merging needs the group's `keys` output (re-run `glimpse split` or the export)",
             )
         })?;
-        let r = match self.config.r {
-            Budget::Count(c) => c,
-            Budget::Ratio(f) => (f as f64 * n as f64).round() as usize,
-        };
+        let r = self.config.r_for(n);
         let views = state.hidden.shape()[0];
         let mut merged: Vec<(Array2<f32>, Vec<f32>, Matching)> = Vec::with_capacity(views);
         for vi in 0..views {

@@ -11,8 +11,8 @@
 
 use ndarray::{Array1, Array2, Array3, Axis};
 
+use super::normalized;
 use super::tome::{bipartite_soft_matching, MergeConfig, Merger};
-use super::{normalized, Budget};
 use crate::error::{Error, Result};
 use crate::pipeline::{Between, EncoderHook};
 
@@ -89,10 +89,7 @@ impl EncoderHook for TokenTransform {
                 "token transforming needs the group's `keys` output (re-run `glimpse split` or the export)",
             )
         })?;
-        let r = match self.config.r {
-            Budget::Count(c) => c,
-            Budget::Ratio(f) => (f as f64 * n as f64).round() as usize,
-        };
+        let r = self.config.r_for(n);
         let ts: Vec<Array2<f32>> = (0..views).map(|v| self.transform(keys.index_axis(Axis(0), v), r)).collect();
         let len = ts.first().map_or(n, |t| t.nrows());
         let mut hidden = Array3::<f32>::zeros((views, len, d));
@@ -110,15 +107,8 @@ impl EncoderHook for TokenTransform {
             }
             hidden.index_axis_mut(Axis(0), v).assign(&x);
             bias.row_mut(v).assign(&new_size.mapv(f32::ln));
-            // the map from entered tokens: each current token's share, weighted by size
-            let share = &t * &s.view().insert_axis(Axis(0));
-            let mut share_norm = share.t().to_owned(); // [n, len]: where each current token went
-            for (mut row, &sz) in share_norm.rows_mut().into_iter().zip(s.iter()) {
-                if sz > 0.0 {
-                    row.mapv_inplace(|e| e / sz);
-                }
-            }
-            self.map[v] = self.map[v].dot(&share_norm);
+            // entered -> current: compose with this step (T's columns sum to 1, so rows stay distributions)
+            self.map[v] = self.map[v].dot(&t.t());
             self.size[v] = new_size.to_vec();
         }
         state.hidden = hidden;
@@ -168,6 +158,7 @@ mod tests {
     use super::*;
     use crate::select::testutil::features;
     use crate::select::tome::Tome;
+    use crate::select::Budget;
 
     fn run(hook: &mut dyn EncoderHook, hidden: &Array3<f32>, keys: &Array3<f32>) -> (Between, Between) {
         let grid = hidden.shape()[1];

@@ -65,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut rows = Vec::new();
     for side in &sides {
         args.sweep.apply(*side, &mut po);
-        let label = side.label();
+        let label = if args.model.fast && !args.sweep.swept() { "fast".to_string() } else { side.label() };
         let mut pipeline = Pipeline::load(&args.model.model, &po)
             .with_context(|| format!("loading model {}", args.model.model.display()))?;
         for m in &methods {

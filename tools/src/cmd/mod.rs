@@ -22,7 +22,7 @@ pub mod targets;
 use std::path::PathBuf;
 
 use glimpse_runtime::backend::BackendOptions;
-use glimpse_runtime::pipeline::RegionSkip;
+use glimpse_runtime::pipeline::{Fast, RegionSkip};
 use glimpse_runtime::preprocess::ImageLimits;
 use glimpse_runtime::select::tome;
 use glimpse_runtime::settings::{self, Applied, Asked};
@@ -83,9 +83,10 @@ pub struct ModelArgs {
     /// the backend runs faster, measured in docs/benchmarks.md).
     #[arg(long, default_value = "auto")]
     pub views: glimpse_runtime::pipeline::ViewRun,
-    /// The preset measured best on the testbeds (docs/pruning.md): region skipping before the
-    /// encoder's layers plus token merging inside it (needs stages). Explicit --tiles, --regions
-    /// or --merge replace it. Default: the target profile's.
+    /// The preset measured best on the testbeds (docs/pruning.md; needs stages): tiled models
+    /// (SmolVLM) region skipping 0.3 + merging 0.25, single-view (LLaVA) region skipping 0.3,
+    /// LLaVA-OneVision merging 0.25. Any of --tiles, --regions or --merge (even 0) replaces it.
+    /// Default: the target profile's.
     #[arg(long)]
     pub fast: bool,
 }
@@ -162,6 +163,22 @@ impl ModelArgs {
     /// The pipeline options these arguments describe for one selection, and what was applied.
     pub fn pipeline_options(&self, select: &SelectArgs) -> anyhow::Result<(PipelineOptions, Applied)> {
         let (applied, backend_options) = self.settle(select.prune.clone(), select.keep)?;
+        // explicit encoder-side flags replace the preset; knobs that only tune them need them
+        let explicit = select.tiles.is_some() || select.regions.is_some() || select.merge.is_some();
+        if !explicit {
+            let tuned = [
+                (select.region_scope != Scope::Global, "--region-scope"),
+                (select.skipped_tiles != SkippedTiles::Drop, "--skipped-tiles"),
+                (select.region_relevance != 0.0, "--region-relevance"),
+                (select.merge_method != tome::MergeMethod::Tome, "--merge-method"),
+            ];
+            if let Some((_, flag)) = tuned.iter().find(|(on, _)| *on) {
+                let with = if self.fast { "--fast uses its own settings" } else { "nothing uses it" };
+                anyhow::bail!(
+                    "{flag} tunes --tiles / --regions / --merge, and none is given ({with}): add the flag it tunes"
+                );
+            }
+        }
         let (dtype, part_dtypes) = if self.dtype.default.is_none() {
             let folder = glimpse_runtime::ModelFolder::open(&self.model)?;
             let (profile, _) = settings::profile(Some(&applied.profile.value))?;
@@ -196,7 +213,7 @@ impl ModelArgs {
             }),
             merge: select.merge.as_deref().map(tome::parse_r).transpose()?.flatten(),
             merge_method: select.merge_method,
-            fast: applied.fast_mode(),
+            fast: if explicit { Fast::Off } else { applied.fast_mode() },
             backend_options,
             max_memory: self.max_memory,
             encoder: self.encoder,
@@ -257,8 +274,8 @@ pub struct SelectArgs {
     /// distinctiveness of the global tokens alone; measured in docs/pruning.md).
     #[arg(long, default_value_t = 0.0)]
     pub region_relevance: f32,
-    /// Token merging inside the encoder (ToMe; needs stages): tokens merged per view after each
-    /// group of layers, a count (8) or a fraction (0.25, at most 0.5); 0 = off.
+    /// Token merging inside the encoder (needs stages; --merge-method picks how): tokens merged
+    /// per view after each group of layers, a count (8) or a fraction (0.25, at most 0.5); 0 = off.
     #[arg(long)]
     pub merge: Option<String>,
     /// How merged tokens combine: tome (each joins its most similar match) or transform (Token
@@ -331,7 +348,7 @@ pub struct SweepArgs {
     /// Weight of prompt relevance in the global view's tile and region scores.
     #[arg(long, default_value_t = 0.0)]
     pub region_relevance: f32,
-    /// ToMe merge amounts per group boundary (comma-separated to sweep; 0 = off; needs stages).
+    /// Merge amounts per group boundary (comma-separated to sweep; 0 = off; needs stages).
     #[arg(long, default_value = "0")]
     pub merge: String,
     /// Merge methods to sweep, comma-separated (tome, transform).
@@ -371,6 +388,11 @@ impl EncoderSide {
 }
 
 impl SweepArgs {
+    /// Whether any encoder-side value is swept (else `--fast` may fill the one row).
+    pub fn swept(&self) -> bool {
+        self.tiles != "all" || self.regions != "all" || self.merge != "0"
+    }
+
     /// Every combination of the swept tile, region and merge values (tile and region skipping
     /// never together).
     pub fn encoder_sides(&self) -> anyhow::Result<Vec<EncoderSide>> {
@@ -400,8 +422,12 @@ impl SweepArgs {
         Ok(out)
     }
 
-    /// Sets one swept encoder-side configuration on pipeline options.
+    /// Sets one swept encoder-side configuration on pipeline options (the sweep's values, not
+    /// `--fast`'s, decide every row: a row without reduction is the unreduced baseline).
     pub fn apply(&self, side: EncoderSide, po: &mut PipelineOptions) {
+        if self.swept() {
+            po.fast = Fast::Off;
+        }
         po.tiles = self.tile_skip(side.tiles);
         po.regions = side.regions.map(|budget| RegionSkip {
             budget,
@@ -439,13 +465,24 @@ impl SweepArgs {
             Some("none") => keeps.iter().copied().find(Budget::is_full),
             Some(_) => keeps.iter().copied().find(|k| !k.is_full()).or(keeps.first().copied()),
         };
+        // without a swept reduction the knobs that tune one are checked like ask's flags
+        let none = SelectArgs::default_none();
+        let swept = self.swept();
         Ok(SelectArgs {
             prune: self.prune.first().cloned(),
             keep,
             keep_scope: self.keep_scope,
             positions: self.positions,
             prune_seed: self.prune_seed,
-            ..SelectArgs::default_none()
+            region_scope: if swept { none.region_scope } else { self.region_scope },
+            skipped_tiles: if swept { none.skipped_tiles } else { self.skipped_tiles },
+            region_relevance: if swept { none.region_relevance } else { self.region_relevance },
+            merge_method: match self.merge_method.as_slice() {
+                [m] if !swept => *m,
+                [_, _, ..] if !swept => tome::MergeMethod::Transform,
+                _ => none.merge_method,
+            },
+            ..none
         })
     }
 

@@ -70,7 +70,7 @@ pub fn show_kept(image: &RgbImage, layout: &KeptLayout, out: &Path) -> Result<()
     // Draw tiles when the image was split; otherwise the single view covering the image.
     let tiled =
         layout.views.iter().any(|v| matches!(v.kind, ViewKind::Tile { .. })) || !layout.skipped_tiles.is_empty();
-    for (view, kept) in layout.views.iter().zip(&layout.kept) {
+    for (v, (view, kept)) in layout.views.iter().zip(&layout.kept).enumerate() {
         let draw = match view.kind {
             ViewKind::Tile { .. } => true,
             ViewKind::Global | ViewKind::Whole => !tiled,
@@ -92,17 +92,9 @@ pub fn show_kept(image: &RgbImage, layout: &KeptLayout, out: &Path) -> Result<()
                 paint(&mut canvas, cell(view, t, w, h), dim(0.3));
             }
         }
-    }
-    for (v, view) in layout.views.iter().enumerate() {
-        let drawn = match view.kind {
-            ViewKind::Tile { .. } => true,
-            ViewKind::Global | ViewKind::Whole => !tiled,
-            ViewKind::Grid => false,
-        };
-        if !drawn {
-            continue;
-        }
-        if let Some(present) = layout.present.as_ref().and_then(|p| p.get(v)) {
+        // never encoded: hatched here, or below as a whole tile when the tile was skipped
+        let whole_tile_skipped = layout.skipped_tiles.iter().any(|t| t.kind == view.kind);
+        if let Some(present) = layout.present.as_ref().and_then(|p| p.get(v)).filter(|_| !whole_tile_skipped) {
             for t in (0..view.tokens).filter(|t| present.binary_search(t).is_err()) {
                 paint(&mut canvas, cell(view, t, w, h), hatch);
             }

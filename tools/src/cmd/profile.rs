@@ -138,7 +138,7 @@ pub fn run(args: Args) -> Result<()> {
                 pipeline.set_selection(args.sweep.config(m, keep), args.sweep.positions)?;
                 let mut row = profile(&pipeline, &args.image, &args.prompt, &opts, cal.as_ref(), &mut || bar.inc(1))
                     .with_context(|| format!("profiling {b} {m} keep {keep}"))?;
-                row.reduction = side.label();
+                row.reduction = if args.model.fast && !args.sweep.swept() { "fast".to_string() } else { side.label() };
                 rows.push(row);
             }
         }
