@@ -11,7 +11,7 @@ use glimpse::runtime::{GenerationOptions, Pipeline, PipelineOptions};
 use ndarray::Array2;
 
 fn regions(budget: Budget, scope: Scope) -> Option<RegionSkip> {
-    Some(RegionSkip { budget, scope, skipped: SkippedTiles::Drop, relevance: 0.0 })
+    Some(RegionSkip { budget, scope, skipped: SkippedTiles::Drop, relevance: 0.0, global: Budget::Ratio(1.0) })
 }
 
 fn images() -> std::path::PathBuf {
@@ -96,6 +96,27 @@ fn region_budgets_hold_end_to_end_and_views_keep_their_place() {
 }
 
 #[test]
+fn the_global_view_can_keep_only_its_most_salient_groups() {
+    let dir = model("testbed-smolvlm");
+    let opts = GenerationOptions { max_new_tokens: 4, ..Default::default() };
+    let img = images().join("scene.png");
+    let skip = RegionSkip {
+        budget: Budget::Ratio(0.25),
+        scope: Scope::Global,
+        skipped: SkippedTiles::Drop,
+        relevance: 0.0,
+        global: Budget::Ratio(0.5),
+    };
+    let p = Pipeline::load(&dir, &PipelineOptions { regions: Some(skip), ..Default::default() }).expect("load");
+    let a = p.ask(Some(&img), "What number is written?", &opts, &mut |_| {}).expect("ask");
+    let layout = a.layout.as_ref().expect("layout");
+    let present = layout.present.as_ref().expect("rows present");
+    let g = layout.views.iter().position(|v| v.kind == glimpse::runtime::family::ViewKind::Global).expect("global");
+    assert_eq!(present[g].len(), 32, "half the global view's 64 tokens");
+    assert_eq!(a.stats.visual_tokens_kept, 32 + 64, "plus a quarter of the 256 tile tokens");
+}
+
+#[test]
 fn single_view_models_keep_their_most_salient_patches() {
     let dir = model("testbed-llava");
     let p = Pipeline::load(
@@ -144,6 +165,7 @@ fn impossible_reductions_say_why() {
                 scope: Scope::Global,
                 skipped: SkippedTiles::Global,
                 relevance: 0.0,
+                global: Budget::Ratio(1.0),
             }),
             ..Default::default()
         },

@@ -328,13 +328,34 @@ impl Pipeline {
     fn encode_guided(&self, input: &VisionInput, g: usize, text: Option<&Array2<f32>>) -> Result<Encoded> {
         // under region skipping the tiles' rows come from the stages, which carry no signals, so
         // the global view runs the stages too (cheaper than the monolithic file's signal outputs)
+        // region skipping may also keep only the global view's most salient patch groups
+        let mut global_rows: Option<Vec<usize>> = None;
         let global = match (self.regions, self.merger()) {
+            (Some(skip), _) if !skip.global.is_full() => {
+                let prefix = self.family.encoder_prefix_tokens();
+                let mut keep = PatchKeep::new(Keep::Salient(skip.global), prefix, input.views[g].grid);
+                let e = self.encode_partial(input, g, &mut keep)?;
+                global_rows = Some(keep.kept().to_vec());
+                e
+            }
             (Some(_), None) => self.encode_on(self.encoder_for(true), &input.subset(&[g]), &mut NoReduction)?,
             _ => self.encode_merged(input, Some(&[g]))?,
         };
         let gview = &input.views[g];
         let relevance = self.score_relevance();
-        let gscores = tiles::global_token_scores(&global.features, text, relevance);
+        let gscores = match &global_rows {
+            None => tiles::global_token_scores(&global.features, text, relevance),
+            Some(rows) => {
+                // scored among the global tokens encoded; the others score lowest
+                let s = tiles::global_token_scores(&global.features.select(Axis(0), rows), text, relevance);
+                let low = s.iter().copied().fold(f32::INFINITY, f32::min);
+                let mut all = vec![if low.is_finite() { low } else { 0.0 }; gview.tokens];
+                for (&r, v) in rows.iter().zip(s) {
+                    all[r] = v;
+                }
+                all
+            }
+        };
         let tile_ids = tiles::tile_views(&input.views);
         let mut runs: Vec<(Vec<usize>, Encoded)> = Vec::new(); // (views, encoding of them in order)
         let mut extra_stages: Vec<(String, Duration)> = Vec::new();
@@ -397,8 +418,9 @@ impl Pipeline {
         for (v, view) in input.views.iter().enumerate() {
             let at = starts[v];
             if v == g {
-                picks[0].1.extend((0..view.tokens).map(|t| (at + t, t)));
-                present[v] = (0..view.tokens).collect();
+                let rows = global_rows.clone().unwrap_or_else(|| (0..view.tokens).collect());
+                picks[0].1.extend(rows.iter().map(|&t| (at + t, t)));
+                present[v] = rows;
                 continue;
             }
             let mut here: Vec<usize> = kept[v].clone();

@@ -32,6 +32,10 @@ pub struct RegionSkip {
     /// Weight of prompt relevance in the global view's scores (0 by default, see
     /// [`super::tiles::global_token_scores`]).
     pub relevance: f32,
+    /// On tiled families, the global view's own patch groups to encode, chosen by patch
+    /// saliency (`Ratio(1.0)`: all of it, the default). Its dropped tokens score lowest for the
+    /// tiles under them and never reach the language model.
+    pub global: Budget,
 }
 
 /// The global token whose cell holds the centre of token `t` of `tile`.

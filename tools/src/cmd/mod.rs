@@ -84,7 +84,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub views: glimpse_runtime::pipeline::ViewRun,
     /// The preset measured best on the testbeds (docs/pruning.md; needs stages): tiled models
-    /// (SmolVLM) region skipping 0.3 + merging 0.25, single-view (LLaVA) region skipping 0.3,
+    /// (SmolVLM) region skipping 0.3 (global view 0.5) + merging 0.25, single-view (LLaVA) region skipping 0.3,
     /// LLaVA-OneVision merging 0.25. Any of --tiles, --regions or --merge (even 0) replaces it.
     /// Default: the target profile's.
     #[arg(long)]
@@ -170,6 +170,7 @@ impl ModelArgs {
                 (select.region_scope != Scope::Global, "--region-scope"),
                 (select.skipped_tiles != SkippedTiles::Drop, "--skipped-tiles"),
                 (select.region_relevance != 0.0, "--region-relevance"),
+                (!select.global_regions.is_full(), "--global-regions"),
                 (select.merge_method != tome::MergeMethod::Tome, "--merge-method"),
             ];
             if let Some((_, flag)) = tuned.iter().find(|(on, _)| *on) {
@@ -210,6 +211,7 @@ impl ModelArgs {
                 scope: select.region_scope,
                 skipped: select.skipped_tiles,
                 relevance: select.region_relevance,
+                global: select.global_regions,
             }),
             merge: select.merge.as_deref().map(tome::parse_r).transpose()?.flatten(),
             merge_method: select.merge_method,
@@ -274,6 +276,10 @@ pub struct SelectArgs {
     /// distinctiveness of the global tokens alone; measured in docs/pruning.md).
     #[arg(long, default_value_t = 0.0)]
     pub region_relevance: f32,
+    /// With --regions on tiled models: the fraction (or count) of the global view's own patch
+    /// groups to encode, chosen by patch saliency (1 = all).
+    #[arg(long, default_value = "1")]
+    pub global_regions: Budget,
     /// Token merging inside the encoder (needs stages; --merge-method picks how): tokens merged
     /// per view after each group of layers, a count (8) or a fraction (0.25, at most 0.5); 0 = off.
     #[arg(long)]
@@ -299,6 +305,7 @@ impl SelectArgs {
             regions: None,
             region_scope: Scope::Global,
             region_relevance: 0.0,
+            global_regions: Budget::Ratio(1.0),
             merge: None,
             merge_method: tome::MergeMethod::Tome,
         }
@@ -348,6 +355,9 @@ pub struct SweepArgs {
     /// Weight of prompt relevance in the global view's tile and region scores.
     #[arg(long, default_value_t = 0.0)]
     pub region_relevance: f32,
+    /// With --regions on tiled models: the global view's own patch groups to encode (1 = all).
+    #[arg(long, default_value = "1")]
+    pub global_regions: Budget,
     /// Merge amounts per group boundary (comma-separated to sweep; 0 = off; needs stages).
     #[arg(long, default_value = "0")]
     pub merge: String,
@@ -434,6 +444,7 @@ impl SweepArgs {
             scope: self.region_scope,
             skipped: self.skipped_tiles,
             relevance: self.region_relevance,
+            global: self.global_regions,
         });
         po.merge = side.merge;
         po.merge_method = side.merge_method;
@@ -477,6 +488,7 @@ impl SweepArgs {
             region_scope: if swept { none.region_scope } else { self.region_scope },
             skipped_tiles: if swept { none.skipped_tiles } else { self.skipped_tiles },
             region_relevance: if swept { none.region_relevance } else { self.region_relevance },
+            global_regions: if swept { none.global_regions } else { self.global_regions },
             merge_method: match self.merge_method.as_slice() {
                 [m] if !swept => *m,
                 [_, _, ..] if !swept => tome::MergeMethod::Transform,
