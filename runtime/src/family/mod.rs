@@ -44,6 +44,18 @@ pub struct View {
     pub region: [f32; 4],
 }
 
+/// The first row of every view in the views' concatenated rows.
+pub fn view_starts(views: &[View]) -> Vec<usize> {
+    views
+        .iter()
+        .scan(0, |acc, v| {
+            let s = *acc;
+            *acc += v.tokens;
+            Some(s)
+        })
+        .collect()
+}
+
 /// Encoder inputs for one image and the view layout the features will follow.
 #[derive(Debug, Clone)]
 pub struct VisionInput {

@@ -12,7 +12,7 @@ use super::{
     Pipeline, Positions, Prepared, Request, Stage, StageTimes,
 };
 use crate::error::{Error, Result};
-use crate::family::{View, ViewKind, VisionInput};
+use crate::family::{self, View, ViewKind, VisionInput};
 use crate::generate::{GenerationOptions, Generator, StopReason};
 use crate::select::{Selection, SelectionInput, Selector};
 
@@ -307,7 +307,7 @@ fn select_present(
     let live: Vec<usize> = (0..views.len()).filter(|&v| !present[v].is_empty()).collect();
     let mut rows = Vec::new();
     let mut sub_views = Vec::with_capacity(live.len());
-    let starts = super::encode::view_starts(views);
+    let starts = family::view_starts(views);
     for &v in &live {
         rows.extend(present[v].iter().map(|&i| starts[v] + i));
         let n = present[v].len();

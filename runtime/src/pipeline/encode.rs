@@ -12,7 +12,7 @@ use super::vision::{add_stage_times, Chain, EncoderHook, NoReduction, VisionEnco
 use super::Pipeline;
 use crate::backend::{NamedOutputs, Tensor};
 use crate::error::{Error, Result};
-use crate::family::{ViewKind, VisionInput};
+use crate::family::{view_starts, ViewKind, VisionInput};
 use crate::select::regions::{self, Keep, PatchKeep, PatchLayout, RegionSkip};
 use crate::select::tiles::{self, SkippedTiles};
 use crate::select::tome::{MergeConfig, Merger};
@@ -273,13 +273,13 @@ impl Pipeline {
             present.push(keep.kept().to_vec());
             parts.push(enc);
         }
-        let mut offset = 0;
-        let mut rows = Vec::new();
-        for (v, kept) in present.iter().enumerate() {
-            rows.push((v, kept.iter().map(|&t| (offset + t, t)).collect::<Vec<_>>()));
-            offset += input.views[v].tokens;
-        }
-        let picks: Vec<(&Encoded, Vec<(usize, usize)>)> = parts.iter().zip(rows).map(|(e, (_, r))| (e, r)).collect();
+        let starts = view_starts(&input.views);
+        let picks: Vec<(&Encoded, Vec<(usize, usize)>)> = parts
+            .iter()
+            .zip(&present)
+            .zip(starts)
+            .map(|((e, kept), at)| (e, kept.iter().map(|&t| (at + t, t)).collect()))
+            .collect();
         let mut out = assemble(input, &picks)?;
         out.encoded = Some(present.iter().map(|p| !p.is_empty()).collect());
         out.present = Some(present);
@@ -463,18 +463,6 @@ impl Pipeline {
         out.present = Some(present);
         Ok(out)
     }
-}
-
-/// The first row of every view in the views' concatenated rows.
-pub(crate) fn view_starts(views: &[crate::family::View]) -> Vec<usize> {
-    views
-        .iter()
-        .scan(0, |acc, v| {
-            let s = *acc;
-            *acc += v.tokens;
-            Some(s)
-        })
-        .collect()
 }
 
 /// Builds the full-layout encoding of `input` from rows of several encodings: `(encoding,

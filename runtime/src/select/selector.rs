@@ -138,15 +138,7 @@ impl Selector {
         } else {
             let rows = self.rows(input, method.as_ref(), 0..n, None)?;
             let chosen = run(method.as_ref(), &rows, self.config.budget.of(n))?;
-            let starts: Vec<usize> = input
-                .views
-                .iter()
-                .scan(0, |acc, v| {
-                    let s = *acc;
-                    *acc += v.tokens;
-                    Some(s)
-                })
-                .collect();
+            let starts = crate::family::view_starts(input.views);
             let locate = |g: usize| {
                 let v = starts.partition_point(|&s| s <= g) - 1;
                 (v, g - starts[v])

@@ -104,6 +104,20 @@ pub fn merge_weighted(x: ArrayView2<'_, f32>, size: &[f32], m: &Matching) -> (Ar
     (sum, new_size)
 }
 
+/// The keys a merging hook matches on after group `index`, once it has seen the embed stage of
+/// the `views` it now runs on; errors name the method (`what`) and the group.
+pub(crate) fn group_keys<'a>(state: &'a Between, index: usize, views: usize, what: &str) -> Result<&'a Array3<f32>> {
+    if views != state.hidden.shape()[0] {
+        return Err(Error::interface(what, "the hook saw no embed stage for these views"));
+    }
+    state.keys.as_ref().ok_or_else(|| {
+        Error::interface(
+            format!("vision_blocks_{index}"),
+            format!("{what} needs the group's `keys` output (re-run `glimpse split` or the export)"),
+        )
+    })
+}
+
 /// Merging as configured: how many tokens per group boundary.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MergeConfig {
@@ -221,15 +235,7 @@ impl EncoderHook for Tome {
 
     fn after_group(&mut self, index: usize, _layers: [usize; 2], state: &mut Between) -> Result<()> {
         let n = state.hidden.shape()[1];
-        if self.source.len() != state.hidden.shape()[0] {
-            return Err(Error::interface("token merging", "the hook saw no embed stage for these views"));
-        }
-        let keys = state.keys.as_ref().ok_or_else(|| {
-            Error::interface(
-                format!("vision_blocks_{index}"),
-                "token merging needs the group's `keys` output (re-run `glimpse split` or the export)",
-            )
-        })?;
+        let keys = group_keys(state, index, self.source.len(), "token merging")?;
         let r = self.config.r_for(n);
         let views = state.hidden.shape()[0];
         let mut merged: Vec<(Array2<f32>, Vec<f32>, Matching)> = Vec::with_capacity(views);

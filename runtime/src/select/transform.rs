@@ -12,8 +12,8 @@
 use ndarray::{Array1, Array2, Array3, Axis};
 
 use super::normalized;
-use super::tome::{bipartite_soft_matching, MergeConfig, Merger};
-use crate::error::{Error, Result};
+use super::tome::{bipartite_soft_matching, group_keys, MergeConfig, Merger};
+use crate::error::Result;
 use crate::pipeline::{Between, EncoderHook};
 
 /// Survivors each merged token spreads over.
@@ -80,15 +80,7 @@ impl EncoderHook for TokenTransform {
 
     fn after_group(&mut self, index: usize, _layers: [usize; 2], state: &mut Between) -> Result<()> {
         let (views, n, d) = (state.hidden.shape()[0], state.hidden.shape()[1], state.hidden.shape()[2]);
-        if self.map.len() != views {
-            return Err(Error::interface("token transforming", "the hook saw no embed stage for these views"));
-        }
-        let keys = state.keys.as_ref().ok_or_else(|| {
-            Error::interface(
-                format!("vision_blocks_{index}"),
-                "token transforming needs the group's `keys` output (re-run `glimpse split` or the export)",
-            )
-        })?;
+        let keys = group_keys(state, index, self.map.len(), "token transforming")?;
         let r = self.config.r_for(n);
         let ts: Vec<Array2<f32>> = (0..views).map(|v| self.transform(keys.index_axis(Axis(0), v), r)).collect();
         let len = ts.first().map_or(n, |t| t.nrows());

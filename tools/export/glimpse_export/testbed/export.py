@@ -54,15 +54,20 @@ def ort_predict(onnx_dir: Path, bundle: Bundle, eval_dir: Path, rows: list[dict]
     return preds
 
 
-def run_testbed_export(model_dir: Path, parity_items: int, signals: bool = False) -> dict:
-    """Export the trained weights in MODEL_DIR with the tiny models' exporter, self-check, and compare ORT greedy
-    answers with transformers on the first PARITY_ITEMS eval questions."""
+def _frozen_testbed(model_dir: Path):
+    """A trained testbed with its weights frozen, its eval folder and the eval set's rows (seeded like every export)."""
     seed_everything(0)
     bundle = load_testbed(model_dir)
     for p in bundle.model.parameters():
         p.requires_grad_(False)
     eval_dir = model_dir / "eval"
-    rows = read_evalset(eval_dir)
+    return bundle, eval_dir, read_evalset(eval_dir)
+
+
+def run_testbed_export(model_dir: Path, parity_items: int, signals: bool = False) -> dict:
+    """Export the trained weights in MODEL_DIR with the tiny models' exporter, self-check, and compare ORT greedy
+    answers with transformers on the first PARITY_ITEMS eval questions."""
+    bundle, eval_dir, rows = _frozen_testbed(model_dir)
     img_path = eval_dir / rows[0]["image"]
     case = compute_case(bundle, "eval0", img_path)
     onnx_dir = model_dir / "onnx"
@@ -90,12 +95,7 @@ def run_testbed_stages(model_dir: Path, groups: int) -> dict:
     """Write the staged vision encoder of a trained testbed next to its monolithic ``vision_encoder.onnx`` (which
     stays byte-identical, signals included) and list it in glimpse.json; checked like the tiny models' stages
     (torch against transformers' hidden states, the ONNX chain against the monolithic file, fewer tokens)."""
-    seed_everything(0)
-    bundle = load_testbed(model_dir)
-    for p in bundle.model.parameters():
-        p.requires_grad_(False)
-    eval_dir = model_dir / "eval"
-    rows = read_evalset(eval_dir)
+    bundle, eval_dir, rows = _frozen_testbed(model_dir)
     cases = [compute_case(bundle, f"eval{i}", eval_dir / rows[i]["image"]) for i in (0, 8)]
     spec = bundle.spec
     stages, report = export_stages(spec, bundle.model, model_dir / "onnx", spec.vision_trace_args(cases[0].torch_inputs),
