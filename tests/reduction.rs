@@ -195,3 +195,49 @@ fn impossible_reductions_say_why() {
         .to_string();
     assert!(e.contains("glimpse split"), "{e}");
 }
+
+#[test]
+fn prompt_relevance_makes_the_encoding_prompt_dependent() {
+    let dir = model("testbed-smolvlm");
+    let skip = RegionSkip {
+        budget: Budget::Ratio(0.25),
+        scope: Scope::Global,
+        skipped: SkippedTiles::Drop,
+        relevance: 1.0,
+        global: Budget::Ratio(1.0),
+    };
+    let p = Pipeline::load(&dir, &PipelineOptions { regions: Some(skip), ..Default::default() }).expect("load");
+    let img = p.load_image(&images().join("scene.png")).expect("image");
+    let e = p.encode_image(&img).unwrap_err().to_string();
+    assert!(e.contains("depend on the prompt"), "{e}");
+    let opts = GenerationOptions { max_new_tokens: 4, ..Default::default() };
+    let a = p.ask(Some(&images().join("scene.png")), "What number is written?", &opts, &mut |_| {}).expect("ask");
+    assert_eq!(a.stats.visual_tokens_kept, 64 + 64);
+}
+
+#[test]
+fn a_profile_default_preset_applies_only_where_stages_exist() {
+    use glimpse::runtime::pipeline::Fast;
+    let opts = GenerationOptions { max_new_tokens: 4, ..Default::default() };
+    let img = images().join("scene.png");
+    let p =
+        Pipeline::load(model("testbed-smolvlm"), &PipelineOptions { fast: Fast::WhereStaged, ..Default::default() })
+            .expect("load");
+    let a = p.ask(Some(&img), "What number is written?", &opts, &mut |_| {}).expect("ask");
+    // tiles at 0.3 of 256, the global view at 0.5 of 64
+    assert_eq!(a.stats.visual_tokens_kept, 77 + 32);
+    // without stages: off for the profile's default, an error for the flag
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_dir(&model("testbed-llava"), tmp.path());
+    let manifest = tmp.path().join("glimpse.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m.as_object_mut().unwrap().remove("stages");
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let p =
+        Pipeline::load(tmp.path(), &PipelineOptions { fast: Fast::WhereStaged, ..Default::default() }).expect("load");
+    let a = p.ask(Some(&img), "How many circles are there?", &opts, &mut |_| {}).expect("ask");
+    assert_eq!(a.stats.visual_tokens_kept, 144);
+    let e =
+        Pipeline::load(tmp.path(), &PipelineOptions { fast: Fast::On, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("glimpse split"), "{e}");
+}

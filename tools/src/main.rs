@@ -2,7 +2,7 @@
 //! inference lives in the library crates.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[macro_use]
 mod cmd;
@@ -39,7 +39,13 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("GLIMPSE_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // the commands that reduce tokens list the encoder-side registry after their options
+    let reduction = cmd::encoder_methods_help();
+    let mut command = Cli::command();
+    for name in ["ask", "eval", "profile"] {
+        command = command.mut_subcommand(name, |c| c.after_help(reduction.clone()));
+    }
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     let result: Result<()> = match cli.command {
         Command::Ask(a) => cmd::ask::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),

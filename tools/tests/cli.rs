@@ -340,6 +340,16 @@ fn registries_drive_help_and_inspect() {
     {
         assert!(help.contains(want), "{want} missing from ask --help");
     }
+    // the encoder-side registry, on every command that reduces tokens
+    for command in ["ask", "eval", "profile"] {
+        let out = glimpse().args([command, "--help"]).output().expect("run");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for want in
+            ["--tiles", "tiles:", "--regions", "regions:", "--merge", "tome:", "transform:", "inside the encoder"]
+        {
+            assert!(help.contains(want), "{want} missing from {command} --help");
+        }
+    }
     let out = glimpse().args(["inspect", "--json", "--model", "models/testbed-llava"]).output().expect("run");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let signals = v["signals"].as_array().expect("signals");

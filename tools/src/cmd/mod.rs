@@ -225,6 +225,19 @@ impl ModelArgs {
     }
 }
 
+/// The help text listing every encoder-side method of the registry (`ENCODER_METHODS`): its
+/// flag, where it acts, what it does, whether it needs the staged encoder.
+pub fn encoder_methods_help() -> String {
+    let mut s = String::from(
+        "Before and inside the encoder (compose with --prune and each other, but --tiles or --regions, not both):\n",
+    );
+    for m in glimpse_runtime::select::ENCODER_METHODS {
+        let stages = if m.staged { "; needs stages (glimpse split)" } else { "" };
+        s.push_str(&format!("  {:<26} {}: {} ({}{stages})\n", m.flag, m.name, m.summary, m.acts.name()));
+    }
+    s
+}
+
 /// `--prune` values: every method of the selection registry, with its one-line summary.
 pub fn prune_values() -> clap::builder::PossibleValuesParser {
     clap::builder::PossibleValuesParser::new(
