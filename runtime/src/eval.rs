@@ -115,6 +115,8 @@ pub struct Prediction {
     pub visual_tokens: usize,
     pub visual_tokens_kept: usize,
     pub ttft_ms: f64,
+    /// Whether the answer ended with end-of-sequence (not the token budget).
+    pub stopped: bool,
 }
 
 /// The result of an eval run.
@@ -122,6 +124,11 @@ pub struct Prediction {
 pub struct EvalReport {
     pub overall: Accuracy,
     pub by_type: BTreeMap<String, Accuracy>,
+    /// Answers longer than the expected one ("above red" for "above"), the symptom of pruned
+    /// answers that do not stop (docs/pruning.md).
+    pub overlong: usize,
+    /// Answers that ran to the token budget without end-of-sequence.
+    pub unstopped: usize,
     pub mean_visual_tokens: f64,
     pub mean_visual_tokens_kept: f64,
     pub mean_ttft_ms: f64,
@@ -198,10 +205,15 @@ pub fn evaluate(
             visual_tokens: answer.stats.visual_tokens,
             visual_tokens_kept: answer.stats.visual_tokens_kept,
             ttft_ms: answer.stats.ttft_ms,
+            stopped: answer.stats.stop == crate::generate::StopReason::Eos,
         });
         progress(i + 1, n);
     }
     Ok(report(predictions, stage_sum, opts.keep_predictions))
+}
+
+fn words(s: &str) -> usize {
+    s.split_whitespace().count()
 }
 
 fn report(predictions: Vec<Prediction>, stage_sum: StageTimes, keep: bool) -> EvalReport {
@@ -218,6 +230,8 @@ fn report(predictions: Vec<Prediction>, stage_sum: StageTimes, keep: bool) -> Ev
     EvalReport {
         overall: Accuracy::new(correct, predictions.len()),
         by_type: by.into_iter().map(|(k, (c, t))| (k, Accuracy::new(c, t))).collect(),
+        overlong: predictions.iter().filter(|p| words(&p.predicted) > words(&p.answer)).count(),
+        unstopped: predictions.iter().filter(|p| !p.stopped).count(),
         mean_visual_tokens: predictions.iter().map(|p| p.visual_tokens as f64).sum::<f64>() / n,
         mean_visual_tokens_kept: predictions.iter().map(|p| p.visual_tokens_kept as f64).sum::<f64>() / n,
         mean_ttft_ms: predictions.iter().map(|p| p.ttft_ms).sum::<f64>() / n,

@@ -150,6 +150,9 @@ pub fn argmax(v: &[f32]) -> usize {
 pub struct KvCache {
     tensors: Vec<Tensor>,
     len: usize,
+    /// Additive attention bias of each cached key (fed again at every step; see
+    /// [`DecoderIo::step_biased`]).
+    bias: Vec<f32>,
 }
 
 impl KvCache {
@@ -177,9 +180,14 @@ pub struct DecoderIo {
     has_use_cache_branch: bool,
     logits_to_keep: Option<String>,
     has_position_ids: bool,
+    has_attention_bias: bool,
 }
 
 const PART: &str = "decoder_model_merged";
+
+/// The optional decoder input `[1, P+S]` f32 added to every query's attention logit for each
+/// key (tools/export writes it for the testbeds with `--attention-bias`).
+pub const ATTENTION_BIAS: &str = "attention_bias";
 
 impl DecoderIo {
     /// Reads the decoder's interface from its declared inputs/outputs; KV shapes and dtype come
@@ -238,6 +246,7 @@ impl DecoderIo {
                 .find(|n| find_in(n).is_some())
                 .map(str::to_string),
             has_position_ids: find_in("position_ids").is_some(),
+            has_attention_bias: find_in(ATTENTION_BIAS).is_some(),
         })
     }
 
@@ -248,7 +257,13 @@ impl DecoderIo {
             .iter()
             .map(|_| Tensor::zeros(self.kv_elem, &[1, self.kv_heads, 0, self.head_dim]))
             .collect::<Result<_>>()?;
-        Ok(KvCache { tensors, len: 0 })
+        Ok(KvCache { tensors, len: 0, bias: Vec::new() })
+    }
+
+    /// Whether the decoder takes a per-key additive attention bias (`attention_bias`), which
+    /// pooled summary rows need for proportional attention.
+    pub fn has_attention_bias(&self) -> bool {
+        self.has_attention_bias
     }
 
     /// Runs the decoder on `embeds` `[1, seq, hidden]` at `positions`, appending to `cache`,
@@ -260,9 +275,34 @@ impl DecoderIo {
         positions: &[i64],
         cache: &mut KvCache,
     ) -> Result<Array1<f32>> {
+        self.step_biased(session, embeds, positions, None, cache)
+    }
+
+    /// [`DecoderIo::step`] where each new token's key gets an additive attention bias (`None`:
+    /// 0 for all). The bias stays with the cached keys. A non-zero bias on a decoder without the
+    /// `attention_bias` input is an error, never silently dropped.
+    pub fn step_biased(
+        &self,
+        session: &dyn Session,
+        embeds: Array3<f32>,
+        positions: &[i64],
+        key_bias: Option<&[f32]>,
+        cache: &mut KvCache,
+    ) -> Result<Array1<f32>> {
         let seq = embeds.shape()[1];
         if positions.len() != seq {
             return Err(Error::interface(PART, format!("{} positions for {seq} embeddings", positions.len())));
+        }
+        if let Some(b) = key_bias {
+            if b.len() != seq {
+                return Err(Error::interface(PART, format!("{} attention biases for {seq} embeddings", b.len())));
+            }
+            if !self.has_attention_bias && b.iter().any(|&x| x != 0.0) {
+                return Err(Error::interface(
+                    PART,
+                    format!("weighted (pooled) tokens need the decoder's `{ATTENTION_BIAS}` input, which it lacks"),
+                ));
+            }
         }
         let total = cache.len + seq;
         let embeds = match self.embeds_elem {
@@ -275,6 +315,16 @@ impl DecoderIo {
             let pos = ArrayD::from_shape_vec(IxDyn(&[1, seq]), positions.to_vec())
                 .map_err(|e| Error::interface(PART, e.to_string()))?;
             inputs.push(("position_ids", Tensor::I64(pos)));
+        }
+        let mut bias = std::mem::take(&mut cache.bias);
+        if self.has_attention_bias {
+            match key_bias {
+                Some(b) => bias.extend_from_slice(b),
+                None => bias.resize(total, 0.0),
+            }
+            let t = ArrayD::from_shape_vec(IxDyn(&[1, total]), bias.clone())
+                .map_err(|e| Error::interface(PART, e.to_string()))?;
+            inputs.push((ATTENTION_BIAS, Tensor::F32(t)));
         }
         if self.has_use_cache_branch {
             inputs.push(("use_cache_branch", Tensor::Bool(ArrayD::from_elem(IxDyn(&[1]), cache.len > 0))));
@@ -293,6 +343,7 @@ impl DecoderIo {
         }
         cache.tensors = present;
         cache.len = total;
+        cache.bias = bias;
         let logits =
             std::mem::replace(&mut outputs[self.logits_index], Tensor::Bool(ArrayD::from_elem(IxDyn(&[0]), false)))
                 .into_f32("logits")?;

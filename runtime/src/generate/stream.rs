@@ -43,6 +43,7 @@ impl Generator<'_> {
         &self,
         embeds: Array3<f32>,
         positions: &[i64],
+        key_bias: Option<&[f32]>,
         opts: &GenerationOptions,
         times: &mut StageTimes,
         obs: &mut dyn Observer,
@@ -60,7 +61,7 @@ impl Generator<'_> {
         let mut cache: KvCache = self.io.empty_cache()?;
         let mut next_pos = positions.last().map_or(0, |p| p + 1);
         let mut streamer = Streamer::default();
-        let logits = self.io.step(self.decoder, embeds, positions, &mut cache)?;
+        let logits = self.io.step_biased(self.decoder, embeds, positions, key_bias, &mut cache)?;
         let mut token = sampler.sample(logits.as_slice().unwrap_or(&logits.to_vec()));
         times.prefill = started.elapsed();
         obs.stage(Stage::Prefill, times.prefill);

@@ -38,6 +38,7 @@ impl Pipeline {
             None => None,
         };
         let (selector, positions) = custom.as_ref().map_or((&self.selector, self.positions), |(s, p)| (s, *p));
+        self.check_pool(selector.config())?;
         let mut times = StageTimes::default();
         let mut scratch = Scratch { prompt: req.prompt, text: None };
         let decoded;
@@ -242,6 +243,9 @@ impl Pipeline {
             Positions::Original => Some(original_positions(&ids, self.family.image_token_id(), input, &sel)?),
         };
         let mut prepared = self.splice(ids, Some(&kept_rows), input.total_tokens(), positions)?;
+        if let Some(bias) = sel.key_bias() {
+            self.weigh_rows(&mut prepared, &bias)?;
+        }
         let never = |v: usize| encoded.encoded.as_ref().is_some_and(|e| !e[v]);
         prepared.views = input.encoder_views() - (0..input.views.len()).filter(|&v| never(v)).count();
         let skipped_tiles = input
@@ -268,7 +272,8 @@ impl Pipeline {
     /// profiling).
     pub fn prefill_logits(&self, prepared: &Prepared) -> Result<ndarray::Array1<f32>> {
         let mut cache = self.decoder_io.empty_cache()?;
-        self.decoder_io.step(self.decoder.as_ref(), prepared.embeds.clone(), &prepared.positions, &mut cache)
+        let (embeds, bias) = (prepared.embeds.clone(), prepared.key_bias.as_deref());
+        self.decoder_io.step_biased(self.decoder.as_ref(), embeds, &prepared.positions, bias, &mut cache)
     }
 
     /// Prefill then decode until EOS, the token budget or the context, streaming to `obs`.
@@ -287,7 +292,7 @@ impl Pipeline {
             eos: &self.eos,
             context: self.context.0,
         };
-        generator.run(prepared.embeds, &prepared.positions, opts, times, obs)
+        generator.run(prepared.embeds, &prepared.positions, prepared.key_bias.as_deref(), opts, times, obs)
     }
 }
 
@@ -318,12 +323,15 @@ fn select_present(
     let mut sub_signals = signals.select_rows(&rows);
     sub_signals.text.clone_from(&signals.text);
     let sub = selector.select(&SelectionInput { features: &features, views: &sub_views, signals: &sub_signals })?;
-    let mut sel = Selection { kept: vec![Vec::new(); views.len()], replaced: Default::default() };
+    let mut sel = Selection { kept: vec![Vec::new(); views.len()], ..Default::default() };
     for (k, &v) in live.iter().enumerate() {
         sel.kept[v] = sub.kept[k].iter().map(|&i| present[v][i]).collect();
     }
     for ((k, i), row) in sub.replaced {
         sel.replaced.insert((live[k], present[live[k]][i]), row);
+    }
+    for ((k, i), w) in sub.weights {
+        sel.weights.insert((live[k], present[live[k]][i]), w);
     }
     Ok(sel)
 }

@@ -278,6 +278,7 @@ impl Pipeline {
         let embed = load(Part::EmbedTokens)?;
         let decoder = load(Part::Decoder)?;
         let decoder_io = DecoderIo::new(decoder.as_ref(), &folder)?;
+        pool_fits(&opts.select, &decoder_io)?;
         let per_view = match opts.views {
             ViewRun::Batch => false,
             ViewRun::OneByOne => true,
@@ -349,6 +350,11 @@ impl Pipeline {
         self.regions
     }
 
+    /// Refuses pooled summary rows on a decoder that cannot weigh them.
+    pub fn check_pool(&self, config: &SelectConfig) -> Result<()> {
+        pool_fits(config, &self.decoder_io)
+    }
+
     /// Token merging in the encoder in effect (tokens per group boundary), if any.
     pub fn merge(&self) -> Option<crate::select::Budget> {
         self.merge
@@ -392,6 +398,7 @@ impl Pipeline {
 
     /// Replaces the token-selection configuration (e.g. to sweep keep ratios without reloading).
     pub fn set_selection(&mut self, config: SelectConfig, positions: Positions) -> Result<()> {
+        pool_fits(&config, &self.decoder_io)?;
         self.selector = Selector::new(config)?;
         self.positions = positions;
         Ok(())
@@ -401,4 +408,21 @@ impl Pipeline {
     pub fn selection(&self) -> &SelectConfig {
         self.selector.config()
     }
+}
+
+/// Pooled summary rows (`SelectConfig::pool`) stand for many rows each and need proportional
+/// attention: without the decoder's `attention_bias` input they would get one row's share, which
+/// measured no better than not pooling (docs/pruning.md), so that is refused, not run silently.
+fn pool_fits(config: &SelectConfig, io: &DecoderIo) -> Result<()> {
+    if config.pool > 0 && !io.has_attention_bias() {
+        return Err(Error::invalid(
+            "pool-dropped",
+            config.pool,
+            format!(
+                "decoder_model_merged.onnx has no `{}` input, which pooled rows need (proportional attention); testbeds get it from `python -m glimpse_export export-testbed --model DIR --decoder-only --attention-bias`",
+                crate::generate::ATTENTION_BIAS
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -19,6 +19,9 @@ pub struct Prepared {
     pub embeds: Array3<f32>,
     /// Position id of each prompt token.
     pub positions: Vec<i64>,
+    /// Additive attention bias of each prompt token's key (`ln(weight)` of pooled summary rows,
+    /// 0 elsewhere); None when no row is weighted.
+    pub key_bias: Option<Vec<f32>>,
     /// Visual rows before selection.
     pub visual_tokens: usize,
     /// Visual rows spliced in.
@@ -151,7 +154,32 @@ impl Pipeline {
         if positions.len() != seq {
             return Err(Error::interface("splice", format!("{} positions for {seq} tokens", positions.len())));
         }
-        Ok(Prepared { input_ids, embeds, positions, visual_tokens, visual_tokens_kept: rows, views: 0, layout: None })
+        Ok(Prepared {
+            input_ids,
+            embeds,
+            positions,
+            key_bias: None,
+            visual_tokens,
+            visual_tokens_kept: rows,
+            views: 0,
+            layout: None,
+        })
+    }
+
+    /// Gives the image rows of `prepared` their attention biases (`row_bias` in splice order).
+    pub fn weigh_rows(&self, prepared: &mut Prepared, row_bias: &[f32]) -> Result<()> {
+        let image_id = self.family.image_token_id();
+        let mut rows = row_bias.iter();
+        let bias: Vec<f32> = prepared
+            .input_ids
+            .iter()
+            .map(|&t| if t == image_id { rows.next().copied().unwrap_or(0.0) } else { 0.0 })
+            .collect();
+        if rows.next().is_some() || prepared.visual_tokens_kept != row_bias.len() {
+            return Err(Error::interface("splice", "attention biases do not match the image rows"));
+        }
+        prepared.key_bias = Some(bias);
+        Ok(())
     }
 }
 

@@ -96,11 +96,21 @@ pub struct SelectConfig {
     pub seed: u64,
     /// CDPruner relevance weight λ in the kernel λ·(r rᵀ)∘S + (1-λ)·S.
     pub lambda: f32,
+    /// Summary rows per view that pool the rows the method dropped (0 = off); they count in the
+    /// budget and need a decoder with an `attention_bias` input (proportional attention).
+    pub pool: usize,
 }
 
 impl Default for SelectConfig {
     fn default() -> Self {
-        SelectConfig { method: "none".into(), budget: Budget::Ratio(1.0), scope: Scope::Global, seed: 0, lambda: 0.5 }
+        SelectConfig {
+            method: "none".into(),
+            budget: Budget::Ratio(1.0),
+            scope: Scope::Global,
+            seed: 0,
+            lambda: 0.5,
+            pool: 0,
+        }
     }
 }
 

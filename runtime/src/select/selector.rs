@@ -18,12 +18,29 @@ pub struct Selection {
     pub kept: Vec<Vec<usize>>,
     /// `(view, index in view) -> new feature row`.
     pub replaced: BTreeMap<(usize, usize), Array1<f32>>,
+    /// `(view, index in view) -> how many original rows the kept row stands for` (pooled summary
+    /// rows of `SelectConfig::pool`; 1 when absent). The language model gives such a row
+    /// `ln(weight)` more attention logit (proportional attention).
+    pub weights: BTreeMap<(usize, usize), f32>,
 }
 
 impl Selection {
     /// Keeps every row of every view.
     pub fn all(views: &[View]) -> Self {
-        Selection { kept: views.iter().map(|v| (0..v.tokens).collect()).collect(), replaced: BTreeMap::new() }
+        Selection { kept: views.iter().map(|v| (0..v.tokens).collect()).collect(), ..Default::default() }
+    }
+
+    /// The additive attention bias of each gathered row (`ln(weight)`, in [`Selection::gather`]'s
+    /// order), or None when every row stands for itself.
+    pub fn key_bias(&self) -> Option<Vec<f32>> {
+        if self.weights.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.total());
+        for (v, kept) in self.kept.iter().enumerate() {
+            out.extend(kept.iter().map(|&i| self.weights.get(&(v, i)).map_or(0.0, |w| w.ln())));
+        }
+        Some(out)
     }
 
     /// Rows kept per view.
@@ -101,7 +118,9 @@ impl Selector {
         self.method.as_ref().map(|m| m.needs()).unwrap_or_default()
     }
 
-    /// Chooses the rows to keep.
+    /// Chooses the rows to keep. With `pool` summary rows per view, the method chooses that many
+    /// fewer, and each view's dropped rows are pooled into them ([`pool_dropped`]): the budget
+    /// counts them.
     pub fn select(&self, input: &SelectionInput<'_>) -> Result<Selection> {
         let n: usize = input.views.iter().map(|v| v.tokens).sum();
         if n != input.features.nrows() {
@@ -114,30 +133,81 @@ impl Selector {
         if self.config.budget.is_full() {
             return Ok(Selection::all(input.views));
         }
-        if let Some(sel) = method.select_views(input, self.config.budget) {
-            return sel;
+        let pool = self.config.pool;
+        // rows the pooled summaries take out of each view's share (at least one row stays chosen)
+        let reserve = |k: usize| k.saturating_sub(1).min(pool);
+        let live = input.views.iter().filter(|v| v.tokens > 0).count();
+        let (mut sel, quotas) = if let Some(sel) = method.select_views(input, self.reduced(n, live, pool)) {
+            (sel?, None)
+        } else {
+            self.choose(input, method.as_ref(), n, &reserve)?
+        };
+        if pool > 0 {
+            // what the budget leaves after the method's rows: per view under a per-view split,
+            // else over all views in order
+            let room: Vec<usize> = match quotas {
+                Some(q) => q.iter().zip(&sel.kept).map(|(q, k)| q.saturating_sub(k.len()).min(pool)).collect(),
+                None => {
+                    let mut left = self.config.budget.of(n).saturating_sub(sel.total());
+                    input
+                        .views
+                        .iter()
+                        .zip(&sel.kept)
+                        .map(|(v, k)| {
+                            let r = pool.min(v.tokens.saturating_sub(k.len())).min(left);
+                            left -= r;
+                            r
+                        })
+                        .collect()
+                }
+            };
+            pool_dropped(&mut sel, input, &room);
         }
+        Ok(sel)
+    }
+
+    /// The global budget less `pool` rows for each of `views` views, as a count.
+    fn reduced(&self, n: usize, views: usize, pool: usize) -> super::Budget {
+        if pool == 0 {
+            return self.config.budget;
+        }
+        let k = self.config.budget.of(n);
+        super::Budget::Count(k.saturating_sub(pool * views).max(views.max(1)))
+    }
+
+    /// Runs the method under the budget and scope; `reserve(k)` rows of a view's share `k` are
+    /// left to the pooled summaries. Returns the per-view shares when the budget was split.
+    fn choose(
+        &self,
+        input: &SelectionInput<'_>,
+        method: &dyn Method,
+        n: usize,
+        reserve: &dyn Fn(usize) -> usize,
+    ) -> Result<(Selection, Option<Vec<usize>>)> {
         let per_view = self.config.scope == Scope::PerView || method.per_view_only();
-        let mut sel = Selection { kept: vec![Vec::new(); input.views.len()], replaced: BTreeMap::new() };
+        let mut sel = Selection { kept: vec![Vec::new(); input.views.len()], ..Default::default() };
         if per_view {
-            let quotas = match (self.config.scope, self.config.budget) {
+            let quotas: Vec<usize> = match (self.config.scope, self.config.budget) {
                 (Scope::PerView, b) => input.views.iter().map(|v| b.of(v.tokens)).collect(),
                 (Scope::Global, b) => proportional(input.views, b.of(n)),
             };
             let mut offset = 0;
-            for (vi, (view, k)) in input.views.iter().zip(quotas).enumerate() {
+            for (vi, (view, &k)) in input.views.iter().zip(&quotas).enumerate() {
                 let range = offset..offset + view.tokens;
                 offset += view.tokens;
-                let rows = self.rows(input, method.as_ref(), range.clone(), Some(view.grid))?;
-                let chosen = run(method.as_ref(), &rows, k)?;
+                let rows = self.rows(input, method, range.clone(), Some(view.grid))?;
+                let k = if k < view.tokens { k - reserve(k) } else { k };
+                let chosen = run(method, &rows, k)?;
                 for (i, new) in chosen.replaced {
                     sel.replaced.insert((vi, i), new);
                 }
                 sel.kept[vi] = chosen.indices;
             }
+            return Ok((sel, Some(quotas)));
         } else {
-            let rows = self.rows(input, method.as_ref(), 0..n, None)?;
-            let chosen = run(method.as_ref(), &rows, self.config.budget.of(n))?;
+            let rows = self.rows(input, method, 0..n, None)?;
+            let live = input.views.iter().filter(|v| v.tokens > 0).count();
+            let chosen = run(method, &rows, self.reduced(n, live, self.config.pool).of(n))?;
             let starts = crate::family::view_starts(input.views);
             let locate = |g: usize| {
                 let v = starts.partition_point(|&s| s <= g) - 1;
@@ -151,7 +221,7 @@ impl Selector {
                 sel.replaced.insert(locate(g), new);
             }
         }
-        Ok(sel)
+        Ok((sel, None))
     }
 
     /// Restricts features and signals to a range of global rows.
@@ -189,6 +259,43 @@ impl Selector {
     }
 }
 
+/// Pools each view's dropped rows into summary rows, `room[v]` for view `v` (at most one per
+/// dropped row): the dropped rows in raster order are cut into that many runs of near-equal length (the first runs one longer); each run is
+/// kept as its middle row carrying the run's mean feature and the run's length as its weight,
+/// so the language model attends to it as much as to the run (proportional attention) and the
+/// background that informed methods drop still holds its share of attention. Measured in
+/// docs/pruning.md ("Why pruned answers did not stop").
+pub fn pool_dropped(sel: &mut Selection, input: &SelectionInput<'_>, room: &[usize]) {
+    let starts = crate::family::view_starts(input.views);
+    for (v, view) in input.views.iter().enumerate() {
+        let mut is_kept = vec![false; view.tokens];
+        for &i in &sel.kept[v] {
+            if let Some(k) = is_kept.get_mut(i) {
+                *k = true;
+            }
+        }
+        let dropped: Vec<usize> = (0..view.tokens).filter(|&i| !is_kept[i]).collect();
+        let runs = room.get(v).copied().unwrap_or(0).min(dropped.len());
+        if runs == 0 {
+            continue;
+        }
+        let (base, extra) = (dropped.len() / runs, dropped.len() % runs);
+        let mut at = 0;
+        for r in 0..runs {
+            let len = base + usize::from(r < extra);
+            let run = &dropped[at..at + len];
+            at += len;
+            let rows: Vec<usize> = run.iter().map(|&i| starts[v] + i).collect();
+            let Some(mean) = input.features.select(Axis(0), &rows).mean_axis(Axis(0)) else { continue };
+            let anchor = run[len / 2];
+            sel.replaced.insert((v, anchor), mean);
+            sel.weights.insert((v, anchor), len as f32);
+            sel.kept[v].push(anchor);
+        }
+        sel.kept[v].sort_unstable();
+    }
+}
+
 fn run(method: &dyn Method, rows: &Rows<'_>, k: usize) -> Result<Chosen> {
     let n = rows.features.nrows();
     if k >= n {
@@ -210,6 +317,63 @@ mod tests {
     use super::super::testutil::*;
     use super::super::*;
     use super::*;
+
+    #[test]
+    fn pooled_summaries_fit_the_budget_and_cover_every_dropped_row_once() {
+        let views = [view(36), quadrant_tile(0, 0, 8), view(25)];
+        let n: usize = views.iter().map(|v| v.tokens).sum();
+        let f = features(n, 6, 11);
+        let signals = all_signals(&views, 6);
+        let input = SelectionInput { features: &f, views: &views, signals: &signals };
+        for method in ["divprune", "dart", "random", "visionzip"] {
+            for (keep, scope) in [(0.25, Scope::Global), (0.3, Scope::PerView), (0.5, Scope::Global)] {
+                for pool in [1, 3, 8] {
+                    let budget = Budget::Ratio(keep);
+                    let plain = SelectConfig { method: method.into(), budget, scope, ..Default::default() };
+                    let want = Selector::new(plain).unwrap().select(&input).unwrap().total();
+                    let cfg = SelectConfig { method: method.into(), budget, scope, pool, ..Default::default() };
+                    let sel = Selector::new(cfg).unwrap().select(&input).unwrap();
+                    let what = format!("{method} keep {keep} {scope:?} pool {pool}");
+                    assert_eq!(sel.total(), want, "{what}: the budget counts the summaries");
+                    let bias = sel.key_bias().expect("weights");
+                    assert_eq!(bias.len(), sel.total());
+                    for (v, view) in views.iter().enumerate() {
+                        let kept = &sel.kept[v];
+                        assert!(kept.windows(2).all(|w| w[0] < w[1]), "{what}: raster order");
+                        let summaries: Vec<_> = kept.iter().filter(|&&i| sel.weights.contains_key(&(v, i))).collect();
+                        assert!(summaries.len() <= pool, "{what}: view {v} has {} summaries", summaries.len());
+                        // unweighted rows stand for themselves, summaries for their runs: every row once
+                        let stood: f32 = kept.iter().map(|&i| sel.weights.get(&(v, i)).copied().unwrap_or(1.0)).sum();
+                        assert_eq!(stood as usize, view.tokens, "{what}: view {v}");
+                        for &&i in &summaries {
+                            let w = sel.weights[&(v, i)];
+                            assert!(w >= 1.0);
+                            let new = &sel.replaced[&(v, i)];
+                            assert_eq!(new.len(), 6);
+                            assert!(new.iter().all(|x| x.is_finite()));
+                        }
+                    }
+                }
+            }
+        }
+        // one run of the dropped rows: the summary is their mean, at the run's middle row
+        let views = [view(16)];
+        let f = features(16, 4, 5);
+        let signals = Signals::default();
+        let input = SelectionInput { features: &f, views: &views, signals: &signals };
+        let mut sel = Selection { kept: vec![vec![0, 5, 9]], ..Default::default() };
+        pool_dropped(&mut sel, &input, &[1]);
+        let dropped: Vec<usize> = (0..16).filter(|i| ![0, 5, 9].contains(i)).collect();
+        let anchor = dropped[dropped.len() / 2];
+        assert!(sel.kept[0].contains(&anchor));
+        assert_eq!(sel.weights[&(0, anchor)], 13.0);
+        let mean = f.select(Axis(0), &dropped).mean_axis(Axis(0)).unwrap();
+        assert_eq!(sel.replaced[&(0, anchor)], mean);
+        let bias = sel.key_bias().unwrap();
+        let at = sel.kept[0].iter().position(|&i| i == anchor).unwrap();
+        assert!((bias[at] - 13f32.ln()).abs() < 1e-6);
+        assert_eq!(bias.iter().filter(|&&b| b != 0.0).count(), 1);
+    }
 
     fn all_signals(views: &[View], d: usize) -> Signals {
         let n: usize = views.iter().map(|v| v.tokens).sum();

@@ -178,12 +178,20 @@ def add_export_testbed(p: argparse.ArgumentParser) -> None:
                    help="add pruning-signal outputs to vision_encoder.onnx and write glimpse.json")
     p.add_argument("--stages-only", action="store_true",
                    help="only (re)write the staged vision encoder next to the existing files (docs/stages.md)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="only (re)write decoder_model_merged.onnx (with --attention-bias: its key-bias input)")
+    p.add_argument("--attention-bias", action="store_true",
+                   help="give the decoder an additive per-key `attention_bias` input (proportional attention)")
     add_stage_groups(p)
 
 
 def cmd_export_testbed(args, ap) -> int:
-    from .testbed.export import run_testbed_export, run_testbed_stages
+    from .testbed.export import run_testbed_decoder, run_testbed_export, run_testbed_stages
 
+    if args.decoder_only:
+        return _print_json(run_testbed_decoder(args.model, args.attention_bias, args.parity_items))
+    if args.attention_bias:
+        ap.error("--attention-bias goes with --decoder-only")
     if args.stages_only:
         return _print_json(run_testbed_stages(args.model, args.stage_groups))
     return _print_json(run_testbed_export(args.model, args.parity_items, args.signals))

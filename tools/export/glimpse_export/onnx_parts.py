@@ -12,6 +12,8 @@ Parts (inputs -> outputs):
   embed_tokens.onnx           input_ids i64 [batch, seq] -> inputs_embeds f32 [batch, seq, hidden]
   decoder_model_merged.onnx   inputs_embeds, attention_mask i64 [batch, total_seq], position_ids i64 [batch, seq],
                               past_key_values.{i}.key/.value f32 [batch, kv_heads, past_seq, head_dim]
+                              [, attention_bias f32 [batch, total_seq]: added to every query's logits for that key,
+                              e.g. ln(n) for a token standing for n pooled ones (proportional attention); testbeds]
                               -> logits f32 [batch, seq, vocab], present.{i}.key/.value [batch, kv_heads, total_seq, head_dim]
 
 Exporter: TorchScript-based ``torch.onnx.export(..., dynamo=False)`` with ``dynamic_axes``, opset 18. The wrappers
@@ -64,13 +66,21 @@ class EmbedTokens(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, model):
+    """``decoder_model_merged``: with ``attention_bias=True`` the input after ``position_ids`` is an additive
+    per-key attention bias ``[batch, total_seq]`` (0 = the plain decoder, exactly)."""
+
+    def __init__(self, model, attention_bias: bool = False):
         super().__init__()
         self.text = model.model.get_decoder() if hasattr(model.model, "get_decoder") else model.get_decoder()
         self.lm_head = model.lm_head
         self.num_layers = model.config.text_config.num_hidden_layers
+        self.attention_bias = attention_bias
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, *rest):
+        if self.attention_bias:
+            key_bias, past = rest[0], rest[1:]
+        else:
+            key_bias, past = None, rest
         seq = inputs_embeds.shape[1]
         total = attention_mask.shape[1]
         past_len = total - seq
@@ -78,7 +88,8 @@ class Decoder(nn.Module):
         q_pos = torch.arange(seq)[:, None] + past_len
         k_pos = torch.arange(total)[None, :]
         allowed = (k_pos <= q_pos)[None, None, :, :] & attention_mask.to(torch.bool)[:, None, None, :]
-        bias = torch.where(allowed, torch.tensor(0.0), torch.tensor(torch.finfo(torch.float32).min))
+        allowed_value = torch.tensor(0.0) if key_bias is None else key_bias[:, None, None, :]
+        bias = torch.where(allowed, allowed_value, torch.tensor(torch.finfo(torch.float32).min))
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         out = self.text(
@@ -97,14 +108,15 @@ def kv_shape(model) -> tuple[int, int, int]:
     return tc.num_hidden_layers, tc.num_key_value_heads, head_dim
 
 
-def decoder_io(n_layers: int) -> tuple[list[str], list[str], dict]:
+def decoder_io(n_layers: int, attention_bias: bool = False) -> tuple[list[str], list[str], dict]:
     """Input names, output names and dynamic axes of ``decoder_model_merged.onnx`` for ``n_layers`` KV layers."""
-    in_names = ["inputs_embeds", "attention_mask", "position_ids"]
+    in_names = ["inputs_embeds", "attention_mask", "position_ids"] + (["attention_bias"] if attention_bias else [])
     out_names = ["logits"]
     axes = {
         "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
         "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "attention_bias": {0: "batch_size", 1: "total_sequence_length"},
         "logits": {0: "batch_size", 1: "sequence_length"},
     }
     for i in range(n_layers):
@@ -120,8 +132,10 @@ EMBED_AXES = {"input_ids": {0: "batch_size", 1: "sequence_length"},
               "inputs_embeds": {0: "batch_size", 1: "sequence_length"}}
 
 
-def decoder_trace_inputs(model, g: torch.Generator, embed_scale: float | None = None) -> tuple:
-    """Decoder trace inputs: batch 2, past 3, seq 4 (random embeddings, times ``embed_scale`` if given, and KV)."""
+def decoder_trace_inputs(model, g: torch.Generator, embed_scale: float | None = None,
+                         attention_bias: bool = False) -> tuple:
+    """Decoder trace inputs: batch 2, past 3, seq 4 (random embeddings, times ``embed_scale`` if given, and KV;
+    a random key bias after the positions when ``attention_bias``)."""
     n_layers, kv_heads, head_dim = kv_shape(model)
     b, past_len, seq = 2, 3, 4
     hidden = model.config.text_config.hidden_size
@@ -131,7 +145,8 @@ def decoder_trace_inputs(model, g: torch.Generator, embed_scale: float | None = 
     mask = torch.ones(b, past_len + seq, dtype=torch.int64)
     pos = torch.arange(past_len, past_len + seq)[None].repeat(b, 1)
     past = [torch.randn(b, kv_heads, past_len, head_dim, generator=g) for _ in range(2 * n_layers)]
-    return (emb, mask, pos, *past)
+    extra = (torch.rand(b, past_len + seq, generator=g),) if attention_bias else ()
+    return (emb, mask, pos, *extra, *past)
 
 
 # ----------------------------------------------------------------------------------------------------------- export
@@ -205,7 +220,18 @@ def assert_close(name: str, a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5)
 
 
 @torch.no_grad()
-def export_all(bundle, onnx_dir: Path, sample) -> None:
+def export_decoder(model, onnx_dir: Path, sample, attention_bias: bool = False) -> None:
+    """``decoder_model_merged.onnx``: the wrapper checked against the model (prefill + one step; with a bias input
+    also against eager attention given the same additive 4-D mask), then traced with batch 2, past 3, seq 4."""
+    decoder = Decoder(model, attention_bias).eval()
+    check_decoder_wrapper(model, decoder, sample)
+    in_names, out_names, axes = decoder_io(kv_shape(model)[0], attention_bias)
+    export_onnx(decoder, decoder_trace_inputs(model, torch.Generator().manual_seed(0), attention_bias=attention_bias),
+                onnx_dir / "decoder_model_merged.onnx", in_names, out_names, axes)
+
+
+@torch.no_grad()
+def export_all(bundle, onnx_dir: Path, sample, attention_bias: bool = False) -> None:
     """Export the three parts. ``sample`` is a processor output (batch 1) used to build trace inputs."""
     model, spec = bundle.model, bundle.spec
     onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -224,12 +250,7 @@ def export_all(bundle, onnx_dir: Path, sample) -> None:
     ids2 = torch.cat([ids, ids.flip(-1)], dim=0)
     export_onnx(embed, (ids2,), onnx_dir / "embed_tokens.onnx", ["input_ids"], ["inputs_embeds"], EMBED_AXES)
 
-    # ---- decoder: check the wrapper against the model (prefill + one step), then trace with batch 2, past 3, seq 4
-    decoder = Decoder(model).eval()
-    check_decoder_wrapper(model, decoder, sample)
-    in_names, out_names, axes = decoder_io(kv_shape(model)[0])
-    export_onnx(decoder, decoder_trace_inputs(model, torch.Generator().manual_seed(0)),
-                onnx_dir / "decoder_model_merged.onnx", in_names, out_names, axes)
+    export_decoder(model, onnx_dir, sample, attention_bias)
 
 
 def check_decoder_wrapper(model, decoder: Decoder, sample) -> None:
@@ -240,11 +261,22 @@ def check_decoder_wrapper(model, decoder: Decoder, sample) -> None:
     ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
     empty = [torch.zeros(1, kv_heads, 0, head_dim) for _ in range(2 * n_layers)]
     pos = torch.arange(ids.shape[1])[None]
-    out = decoder(emb, torch.ones_like(ids), pos, *empty)
+    zero = (torch.zeros(1, ids.shape[1]),) if decoder.attention_bias else ()
+    out = decoder(emb, torch.ones_like(ids), pos, *zero, *empty)
     assert_close("decoder prefill logits", out[0], ref.logits)
+    if decoder.attention_bias:
+        # a key bias is what eager attention adds from a custom 4-D float mask (causal -inf elsewhere)
+        key_bias = torch.linspace(-1.0, 2.0, ids.shape[1])[None]
+        n = ids.shape[1]
+        causal = torch.full((n, n), float("-inf")).triu(1)
+        mask4 = (causal[None, None] + key_bias[:, None, None, :])
+        ref_b = model(inputs_embeds=emb, attention_mask=mask4, position_ids=pos, use_cache=False)
+        out_b = decoder(emb, torch.ones_like(ids), pos, key_bias, *empty)
+        assert_close("decoder logits with a key bias", out_b[0], ref_b.logits, tol=1e-4)
     nxt = ref.logits[:, -1:].argmax(-1)
     ref2 = model(input_ids=nxt, attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.int64),
                  cache=ref.cache, use_cache=True)
+    zero2 = (torch.zeros(1, ids.shape[1] + 1),) if decoder.attention_bias else ()
     out2 = decoder(model.model.get_input_embeddings()(nxt), torch.ones(1, ids.shape[1] + 1, dtype=torch.int64),
-                   torch.tensor([[ids.shape[1]]]), *out[1:])
+                   torch.tensor([[ids.shape[1]]]), *zero2, *out[1:])
     assert_close("decoder step logits", out2[0], ref2.logits)

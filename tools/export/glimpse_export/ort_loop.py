@@ -34,6 +34,7 @@ class OrtModel:
         dec = self.sessions["decoder_model_merged"]
         self.past_inputs = [i for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in dec.get_outputs()]
+        self.decoder_inputs = [i.name for i in dec.get_inputs()]
         self.vision_inputs = [i.name for i in self.sessions["vision_encoder"].get_inputs()]
 
     def image_features(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray | None,
@@ -65,6 +66,8 @@ class OrtModel:
 
     def decode(self, embeds, attention_mask, position_ids, past):
         feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **past}
+        if "attention_bias" in self.decoder_inputs:  # zero bias: the plain decoder
+            feeds["attention_bias"] = np.zeros(attention_mask.shape, dtype=np.float32)
         outs = self.sessions["decoder_model_merged"].run(self.output_names, feeds)
         res = dict(zip(self.output_names, outs))
         new_past = {n.replace("present.", "past_key_values."): v for n, v in res.items() if n.startswith("present.")}

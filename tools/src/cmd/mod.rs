@@ -193,6 +193,7 @@ impl ModelArgs {
             scope: select.keep_scope,
             seed: select.prune_seed,
             lambda: select.lambda,
+            pool: select.pool_dropped,
         };
         let opts = PipelineOptions {
             dtype,
@@ -269,6 +270,11 @@ pub struct SelectArgs {
     /// CDPruner relevance weight λ.
     #[arg(long, default_value_t = 0.5)]
     pub lambda: f32,
+    /// Pool the rows --prune drops into this many summary tokens per view (counted in --keep),
+    /// each weighted by the rows it stands for (proportional attention; needs a decoder with an
+    /// `attention_bias` input). Keeps pruned answers stopping: docs/pruning.md. 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub pool_dropped: usize,
     /// Skip tiles before the encoder: encode only this many (or this fraction) of the tiles, chosen
     /// from the global view (tiled models such as SmolVLM).
     #[arg(long)]
@@ -313,6 +319,7 @@ impl SelectArgs {
             positions: Positions::Original,
             prune_seed: 0,
             lambda: 0.5,
+            pool_dropped: 0,
             tiles: None,
             skipped_tiles: SkippedTiles::Drop,
             regions: None,
@@ -352,6 +359,11 @@ pub struct SweepArgs {
     /// Seed of seeded methods.
     #[arg(long, default_value_t = 0)]
     pub prune_seed: u64,
+    /// Pool the rows --prune drops into this many summary tokens per view (counted in --keep),
+    /// each weighted by the rows it stands for (proportional attention; needs a decoder with an
+    /// `attention_bias` input). Keeps pruned answers stopping: docs/pruning.md. 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub pool_dropped: usize,
     /// Tiles to encode (counts or ratios, comma-separated to sweep; `all` = no skipping).
     #[arg(long, default_value = "all")]
     pub tiles: String,
@@ -498,6 +510,7 @@ impl SweepArgs {
             keep_scope: self.keep_scope,
             positions: self.positions,
             prune_seed: self.prune_seed,
+            pool_dropped: self.pool_dropped,
             region_scope: if swept { none.region_scope } else { self.region_scope },
             skipped_tiles: if swept { none.skipped_tiles } else { self.skipped_tiles },
             region_relevance: if swept { none.region_relevance } else { self.region_relevance },
@@ -528,6 +541,7 @@ impl SweepArgs {
             budget: keep,
             scope: self.keep_scope,
             seed: self.prune_seed,
+            pool: self.pool_dropped,
             ..Default::default()
         }
     }

@@ -11,7 +11,7 @@ from ..common import ExportError, seed_everything
 from ..families import Bundle
 from ..folder import write_export_info
 from ..images import load_rgb
-from ..onnx_parts import export_all
+from ..onnx_parts import export_all, export_decoder
 from ..ort_loop import OrtModel
 from ..parity import compute_case, messages, self_check
 from ..manifest import write_manifest
@@ -103,3 +103,58 @@ def run_testbed_stages(model_dir: Path, groups: int) -> dict:
                                    groups)
     write_manifest(model_dir, stages=stages)
     return {"stages": stages, "report": report}
+
+
+def run_testbed_decoder(model_dir: Path, attention_bias: bool, parity_items: int) -> dict:
+    """Re-export only ``decoder_model_merged.onnx`` of a trained testbed, with the ``attention_bias`` input when asked
+    (proportional attention for pooled tokens, docs/pruning.md), and check the ORT greedy loop (zero bias) still gives
+    transformers' answers on the first PARITY_ITEMS eval questions."""
+    bundle, eval_dir, rows = _frozen_testbed(model_dir)
+    case = compute_case(bundle, "eval0", eval_dir / rows[0]["image"])
+    export_decoder(bundle.model, model_dir / "onnx", case.torch_inputs, attention_bias)
+    if attention_bias:
+        write_bias_fixture(bundle, model_dir / "fixtures" / "attention_bias.json")
+    sub = rows[:parity_items]
+    hf = predict(bundle, eval_dir, sub, progress=False)
+    ort_preds = ort_predict(model_dir / "onnx", bundle, eval_dir, sub)
+    agree = sum(a == b for a, b in zip(hf, ort_preds)) / len(sub)
+    if agree < 1.0:
+        raise ExportError(f"ORT answers differ from transformers on {len(sub)} items (agreement {agree:.4f})")
+    return {"attention_bias": attention_bias, "parity_items": len(sub), "answer_agreement": agree}
+
+
+BIAS_FIXTURE_TEXT = "Is the red circle above or below the blue square?"
+
+
+def write_bias_fixture(bundle, path: Path) -> None:
+    """Record transformers' reference for the decoder's ``attention_bias`` input: a prompt's token ids, a per-key bias
+    (zeros with ln 3 and ln 7 at two keys, as pooled summary rows of 3 and 7 dropped rows get) and the eager model's
+    last-position logits under the equivalent 4-D float mask (causal -inf, the bias on every allowed key).
+    tests/pooling.rs runs the exported decoder on both backends against it."""
+    import json
+
+    import torch
+
+    model = bundle.model
+    ids = torch.tensor([bundle.tokenizer(BIAS_FIXTURE_TEXT).input_ids], dtype=torch.int64)
+    n = ids.shape[1]
+    if n < 8:
+        raise ExportError(f"bias fixture prompt has only {n} tokens")
+    bias = torch.zeros(1, n)
+    bias[0, 2] = float(np.log(3.0))
+    bias[0, 5] = float(np.log(7.0))
+    with torch.no_grad():
+        emb = model.model.get_input_embeddings()(ids)
+        causal = torch.full((n, n), float("-inf")).triu(1)
+        mask4 = causal[None, None] + bias[:, None, None, :]
+        pos = torch.arange(n)[None]
+        logits = model(inputs_embeds=emb, attention_mask=mask4, position_ids=pos, use_cache=False).logits[0, -1]
+        plain = model(inputs_embeds=emb, position_ids=pos, use_cache=False).logits[0, -1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "reference": f"transformers {__import__('transformers').__version__}, eager attention, 4-D float mask",
+        "input_ids": ids[0].tolist(),
+        "key_bias": [round(float(x), 9) for x in bias[0]],
+        "logits": [float(x) for x in logits],
+        "plain_logits": [float(x) for x in plain],
+    }) + "\n")
