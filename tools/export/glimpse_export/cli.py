@@ -254,6 +254,29 @@ def cmd_compat(args, ap) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- compressor
+COMPRESSOR_ARCHS = ["xlm-roberta", "bert"]
+
+
+def add_export_compressor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", required=True, choices=COMPRESSOR_ARCHS)
+    p.add_argument("--out", required=True, type=Path, help="compressor folder to (re)write, or to check")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--check", action="store_true",
+                   help="do not write: re-run llmlingua on OUT/fixtures and onnxruntime on their rows, compare")
+
+
+def cmd_export_compressor(args, ap) -> int:
+    from .compressor.pipeline import run_check_compressor, run_export_compressor
+
+    if args.check:
+        return run_check_compressor(args.arch, args.out, args.seed)
+    res = run_export_compressor(args.arch, args.out, args.seed)
+    print(f"export-compressor {args.arch}: wrote {args.out} ({res['bytes']:,} bytes, {res['cases']} fixture cases) "
+          f"in {res['seconds']:.1f}s; onnxruntime max abs diff {res['ort_max_abs_diff']:.2e}")
+    return 0
+
+
 COMMANDS = (
     ("tiny", "build a tiny random-weight VLM, export ONNX parts, write fixtures", add_tiny, cmd_tiny),
     ("check", "re-export with the same seed and compare with a committed model folder", add_check, cmd_check),
@@ -269,6 +292,8 @@ COMMANDS = (
      add_quantize, cmd_quantize),
     ("compat", "write the compatibility corpus: folders exported the way other tools do (models/compat/<style>)",
      add_compat, cmd_compat),
+    ("export-compressor", "tiny random-weight LLMLingua-2 prompt compressor (ONNX + llmlingua fixtures), or --check",
+     add_export_compressor, cmd_export_compressor),
 )
 
 
