@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod calibrate;
+pub mod compress;
 pub mod cost;
 pub mod error;
 pub mod eval;
