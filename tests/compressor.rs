@@ -55,8 +55,10 @@ fn compression_keeps_the_words_llmlingua_keeps() {
                 assert_eq!(got.origin_tokens as i64, want["origin_tokens"].as_i64().unwrap(), "{what}: origin tokens");
                 assert_eq!(got.compressed_tokens as i64, want["compressed_tokens"].as_i64().unwrap(), "{what}: tokens");
                 if !got.words.is_empty() {
-                    let words: Vec<&str> = case["words"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
-                    let labels: Vec<bool> = case["labels"].as_array().unwrap().iter().map(|l| l.as_i64() == Some(1)).collect();
+                    let words: Vec<&str> =
+                        case["words"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+                    let labels: Vec<bool> =
+                        case["labels"].as_array().unwrap().iter().map(|l| l.as_i64() == Some(1)).collect();
                     let gw: Vec<&str> = got.words.iter().map(|(w, _)| w.as_str()).collect();
                     let gl: Vec<bool> = got.words.iter().map(|(_, k)| *k).collect();
                     assert_eq!(gw, words, "{what}: words");

@@ -67,6 +67,36 @@ fn ask_json_parses_and_accounts_tokens() {
     }
 }
 
+/// `ask --prompt-compressor`: the long prompt reaching the model is the compressor's output
+/// (fewer text tokens, reported with the compressor's time), and a folder that is not a
+/// compressor is refused by name.
+#[test]
+fn ask_compresses_the_prompt_with_a_compressor_folder() {
+    let prompt = "Please look at the picture carefully, think about every object in it, and then tell me, \
+                  in one word only, what number is written in the middle of the scene?";
+    let out = glimpse()
+        .args(["ask", "--json", "--max-new-tokens", "3", "--image", "models/images/scene.png", "--prompt", prompt])
+        .args(["--prompt-compressor", "models/tiny-lingua-xlmr", "--prompt-rate", "0.5"])
+        .output()
+        .expect("run glimpse");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let c = &v["prompt_compression"];
+    let (before, after) = (c["text_tokens_before"].as_u64().unwrap(), c["text_tokens_after"].as_u64().unwrap());
+    assert!(after < before && after > 0, "{c}");
+    assert!(c["cl100k_tokens_after"].as_u64() < c["cl100k_tokens_before"].as_u64(), "{c}");
+    assert!(c["ms"].as_f64().is_some_and(|ms| ms > 0.0));
+    let kept = c["prompt"].as_str().unwrap();
+    assert!(!kept.is_empty() && kept.len() < prompt.len());
+    let out = glimpse()
+        .args(["ask", "--prompt", "Hi", "--prompt-compressor", "models/tiny-llava"])
+        .output()
+        .expect("run glimpse");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("compressor.json") && err.contains("tiny-llava"), "{err}");
+}
+
 #[test]
 fn inspect_lists_parts_and_io() {
     let out = glimpse().args(["inspect", "--json", "--model", "models/tiny-llava"]).output().expect("run glimpse");

@@ -35,7 +35,13 @@ pub struct CompressOptions {
 
 impl Default for CompressOptions {
     fn default() -> Self {
-        CompressOptions { rate: 0.5, target_tokens: None, force_tokens: Vec::new(), force_digits: false, drop_consecutive: false }
+        CompressOptions {
+            rate: 0.5,
+            target_tokens: None,
+            force_tokens: Vec::new(),
+            force_digits: false,
+            drop_consecutive: false,
+        }
     }
 }
 
@@ -48,6 +54,8 @@ pub struct Compressed {
     pub compressed_tokens: usize,
     /// Every word the classifier saw, with whether it was kept.
     pub words: Vec<(String, bool)>,
+    /// Wall time of the compression (tokenizing, the classifier, the word choice).
+    pub took: std::time::Duration,
 }
 
 /// A probability as the reference holds it: a float32 from the model, or a Python float (a
@@ -97,14 +105,21 @@ impl PromptCompressor {
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|source| Error::Json { path: tpath.clone(), source })?;
         let tokenizer = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes))
-            .map_err(|_| Error::Tokenizer { path: tpath.clone(), message: "the tokenizers crate panicked reading it".into() })?
+            .map_err(|_| Error::Tokenizer {
+                path: tpath.clone(),
+                message: "the tokenizers crate panicked reading it".into(),
+            })?
             .map_err(|e| Error::Tokenizer { path: tpath.clone(), message: e.to_string() })?;
         let vocab = tokenizer.get_vocab_size(true);
         if vocab != manifest.vocab_size {
             return Err(Error::field(
                 &mpath,
                 "vocab_size",
-                format!("{} but {} has {vocab} tokens: not this model's tokenizer", manifest.vocab_size, tpath.display()),
+                format!(
+                    "{} but {} has {vocab} tokens: not this model's tokenizer",
+                    manifest.vocab_size,
+                    tpath.display()
+                ),
             ));
         }
         let onnx = dir.join(&manifest.onnx);
@@ -124,7 +139,16 @@ impl PromptCompressor {
         let tok = &manifest.llmlingua.dataset_tokens;
         let (cls, sep) = (tok["cls"].id, tok["sep"].id);
         let unk = manifest.llmlingua.skip_tokens.iter().find(|t| t.contains("unk") || t.contains("UNK")).cloned();
-        Ok(PromptCompressor { dir: dir.to_path_buf(), tokenizer, session, cl100k, cls, sep, unk: unk.unwrap_or_default(), manifest })
+        Ok(PromptCompressor {
+            dir: dir.to_path_buf(),
+            tokenizer,
+            session,
+            cl100k,
+            cls,
+            sep,
+            unk: unk.unwrap_or_default(),
+            manifest,
+        })
     }
 
     /// The folder it was loaded from.
@@ -157,12 +181,20 @@ impl PromptCompressor {
     fn keep_probabilities(&self, ids: &[i64]) -> Result<Vec<f32>> {
         let n = ids.len();
         let shape = IxDyn(&[1, n]);
-        let ids_t = ArrayD::from_shape_vec(shape.clone(), ids.to_vec()).map_err(|e| Error::interface("prompt_compressor", e.to_string()))?;
+        let ids_t = ArrayD::from_shape_vec(shape.clone(), ids.to_vec())
+            .map_err(|e| Error::interface("prompt_compressor", e.to_string()))?;
         let mask = ArrayD::from_elem(shape, 1i64);
         let out = self.session.run(vec![("input_ids", Tensor::I64(ids_t)), ("attention_mask", Tensor::I64(mask))])?;
-        let logits = out.into_iter().next().ok_or_else(|| Error::interface("prompt_compressor", "no logits"))?.into_f32("logits")?;
+        let logits = out
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::interface("prompt_compressor", "no logits"))?
+            .into_f32("logits")?;
         if logits.shape() != [1, n, 2] {
-            return Err(Error::interface("prompt_compressor", format!("logits of shape {:?}, expected [1, {n}, 2]", logits.shape())));
+            return Err(Error::interface(
+                "prompt_compressor",
+                format!("logits of shape {:?}, expected [1, {n}, 2]", logits.shape()),
+            ));
         }
         let k = self.manifest.keep_label;
         Ok((0..n)
@@ -171,13 +203,24 @@ impl PromptCompressor {
                 let m = a.max(b);
                 let (ea, eb) = ((a - m).exp(), (b - m).exp());
                 let s = ea + eb;
-                if k == 1 { eb / s } else { ea / s }
+                if k == 1 {
+                    eb / s
+                } else {
+                    ea / s
+                }
             })
             .collect())
     }
 
     /// Compresses one text, as `llmlingua`'s `compress_prompt(context, rate=..., use_llmlingua2)`.
     pub fn compress(&self, text: &str, opts: &CompressOptions) -> Result<Compressed> {
+        let started = std::time::Instant::now();
+        let mut out = self.compress_untimed(text, opts)?;
+        out.took = started.elapsed();
+        Ok(out)
+    }
+
+    fn compress_untimed(&self, text: &str, opts: &CompressOptions) -> Result<Compressed> {
         if !(opts.rate > 0.0 && opts.rate <= 1.0) {
             return Err(Error::invalid("prompt-rate", opts.rate, "must be in (0, 1]"));
         }
@@ -187,7 +230,11 @@ impl PromptCompressor {
         for (i, t) in opts.force_tokens.iter().enumerate() {
             if self.tokenize(t)?.len() != 1 {
                 if i >= lingua.force_token_names.count {
-                    return Err(Error::invalid("force token", t, format!("at most {} force tokens of several pieces", lingua.force_token_names.count)));
+                    return Err(Error::invalid(
+                        "force token",
+                        t,
+                        format!("at most {} force tokens of several pieces", lingua.force_token_names.count),
+                    ));
                 }
                 token_map.push((t.clone(), lingua.force_token_names.format.replace("{i}", &i.to_string())));
             }
@@ -213,7 +260,13 @@ impl PromptCompressor {
         if reduce <= 0.0 {
             let text: String = chunks.iter().map(|c| back(c)).collect();
             let compressed_tokens = self.count_tokens(&text);
-            return Ok(Compressed { text, origin_tokens, compressed_tokens, words: Vec::new() });
+            return Ok(Compressed {
+                text,
+                origin_tokens,
+                compressed_tokens,
+                words: Vec::new(),
+                took: Default::default(),
+            });
         }
         let mut out = String::new();
         let mut all_words = Vec::new();
@@ -223,7 +276,7 @@ impl PromptCompressor {
             all_words.extend(words);
         }
         let compressed_tokens = self.count_tokens(&out);
-        Ok(Compressed { text: out, origin_tokens, compressed_tokens, words: all_words })
+        Ok(Compressed { text: out, origin_tokens, compressed_tokens, words: all_words, took: Default::default() })
     }
 
     /// The reference's chunking: at most `max_seq_len - 2` tokens, cut back to the last chunk-end
@@ -271,7 +324,13 @@ impl PromptCompressor {
         ids.truncate(self.manifest.max_seq_len);
         let probs = self.keep_probabilities(&ids)?;
         let is_force = |s: &str| opts.force_tokens.iter().any(|f| f == s) || token_map.iter().any(|(_, n)| n == s);
-        let pure = |t: &str| if sentencepiece { t.trim_start_matches('\u{2581}').to_string() } else { t.trim_start_matches('#').to_string() };
+        let pure = |t: &str| {
+            if sentencepiece {
+                t.trim_start_matches('\u{2581}').to_string()
+            } else {
+                t.trim_start_matches('#').to_string()
+            }
+        };
         let has_digit = |t: &str| opts.force_digits && t.chars().any(|c| c.is_ascii_digit());
         let back = |s: &str| token_map.iter().fold(s.to_string(), |acc, (o, new)| acc.replace(new.as_str(), o));
         let mut words: Vec<String> = Vec::new();
@@ -360,7 +419,7 @@ fn percentile(values: &[P], q: i64) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     let q = q as f64 / 100.0;
-    let virt = n as f64 * q + (1.0 + q * -1.0) - 1.0;
+    let virt = n as f64 * q + (1.0 - q) - 1.0; // numpy: n*q + (1 + q*-1) - 1 (q*-1 == -q exactly)
     let lo = (virt.floor().max(0.0) as usize).min(n - 1);
     let hi = (lo + 1).min(n - 1);
     let g = virt - lo as f64;
@@ -371,7 +430,11 @@ fn percentile(values: &[P], q: i64) -> f64 {
     } else {
         let (a, b) = (v[lo], v[hi]);
         let d = b - a;
-        if g >= 0.5 { b - d * (1.0 - g) } else { a + d * g }
+        if g >= 0.5 {
+            b - d * (1.0 - g)
+        } else {
+            a + d * g
+        }
     }
 }
 
@@ -387,7 +450,8 @@ mod tests {
         assert_eq!(percentile(&v, 100), 4.0);
         assert!((percentile(&v, 51) - 2.53).abs() < 1e-12);
         let w = [P::F32(0.1), P::F32(0.7)];
-        assert_eq!(percentile(&w, 50), (0.1f32 + (0.7f32 - 0.1f32) * 0.5) as f64);
+        // numpy: g >= 0.5 interpolates down from the upper value, in float32
+        assert_eq!(percentile(&w, 50), 0.4000000059604645);
     }
 
     #[test]

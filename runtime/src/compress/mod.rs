@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-pub use llmlingua2::{Compressed, CompressOptions, PromptCompressor};
+pub use llmlingua2::{CompressOptions, Compressed, PromptCompressor};
 
 /// The manifest file of a compressor folder.
 pub const MANIFEST: &str = "compressor.json";
@@ -89,10 +89,18 @@ impl CompressorManifest {
         let m: CompressorManifest =
             serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
         if m.role != "prompt" {
-            return Err(Error::field(&path, "role", format!("{:?}: Glimpse runs prompt compressors (`prompt`)", m.role)));
+            return Err(Error::field(
+                &path,
+                "role",
+                format!("{:?}: Glimpse runs prompt compressors (`prompt`)", m.role),
+            ));
         }
         if m.kind != "llmlingua2" {
-            return Err(Error::field(&path, "kind", format!("{:?}: the prompt compressor kinds are `llmlingua2`", m.kind)));
+            return Err(Error::field(
+                &path,
+                "kind",
+                format!("{:?}: the prompt compressor kinds are `llmlingua2`", m.kind),
+            ));
         }
         if !matches!(m.llmlingua.word_rule.as_str(), "sentencepiece" | "wordpiece") {
             return Err(Error::field(
@@ -113,7 +121,8 @@ impl CompressorManifest {
             return Err(Error::field(&path, "keep_label", format!("{}: the classifier has two labels", m.keep_label)));
         }
         for (field, file) in [("onnx", &m.onnx), ("tokenizer", &m.tokenizer)] {
-            let p = confined(dir, file).ok_or_else(|| Error::field(&path, field, format!("{file:?} leaves the folder")))?;
+            let p =
+                confined(dir, file).ok_or_else(|| Error::field(&path, field, format!("{file:?} leaves the folder")))?;
             if !p.is_file() {
                 return Err(Error::MissingFile { path: p, what: format!("the {field} file compressor.json names") });
             }
