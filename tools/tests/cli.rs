@@ -97,6 +97,32 @@ fn ask_compresses_the_prompt_with_a_compressor_folder() {
     assert!(err.contains("compressor.json") && err.contains("tiny-llava"), "{err}");
 }
 
+/// `inspect` on a compressor folder describes it (role, vocabulary, the classifier's I/O) and
+/// refuses one whose tokenizer is not the model's, naming the field.
+#[test]
+fn inspect_describes_compressor_folders() {
+    let out =
+        glimpse().args(["inspect", "--json", "--model", "models/tiny-lingua-bert"]).output().expect("run glimpse");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(v["role"], "prompt");
+    assert_eq!(v["kind"], "llmlingua2");
+    assert_eq!(v["word_rule"], "wordpiece");
+    let inputs = v["onnx"]["summary"]["inputs"].to_string();
+    assert!(inputs.contains("input_ids") && inputs.contains("attention_mask"), "{inputs}");
+    let tmp = std::env::temp_dir().join(format!("glimpse-inspect-compressor-{}", std::process::id()));
+    std::fs::create_dir_all(tmp.join("onnx")).expect("temp folder");
+    std::fs::copy(model("tiny-lingua-bert").join("compressor.json"), tmp.join("compressor.json")).unwrap();
+    std::fs::copy(model("tiny-lingua-bert").join("onnx/model.onnx"), tmp.join("onnx/model.onnx")).unwrap();
+    // the XLM-R tokenizer in the BERT folder: 526 tokens, not 525
+    std::fs::copy(model("tiny-lingua-xlmr").join("tokenizer.json"), tmp.join("tokenizer.json")).unwrap();
+    let out = glimpse().args(["inspect", "--model"]).arg(&tmp).output().expect("run glimpse");
+    let _ = std::fs::remove_dir_all(&tmp);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vocab_size") && err.contains("526"), "{err}");
+}
+
 #[test]
 fn inspect_lists_parts_and_io() {
     let out = glimpse().args(["inspect", "--json", "--model", "models/tiny-llava"]).output().expect("run glimpse");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{ArrayD, IxDyn};
 use tokenizers::{Decoder, Tokenizer};
 
-use super::{CompressorManifest, MANIFEST};
+use super::CompressorManifest;
 use crate::backend::{Backend, LoadHints, Session, Tensor};
 use crate::error::{Error, Result};
 
@@ -99,29 +99,7 @@ impl PromptCompressor {
     /// model's) and its ONNX file on `backend`.
     pub fn load(dir: &Path, backend: &dyn Backend) -> Result<PromptCompressor> {
         let manifest = CompressorManifest::load(dir)?;
-        let mpath = dir.join(MANIFEST);
-        let tpath = dir.join(&manifest.tokenizer);
-        let bytes = std::fs::read(&tpath).map_err(|source| Error::Io { path: tpath.clone(), source })?;
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
-            .map_err(|source| Error::Json { path: tpath.clone(), source })?;
-        let tokenizer = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes))
-            .map_err(|_| Error::Tokenizer {
-                path: tpath.clone(),
-                message: "the tokenizers crate panicked reading it".into(),
-            })?
-            .map_err(|e| Error::Tokenizer { path: tpath.clone(), message: e.to_string() })?;
-        let vocab = tokenizer.get_vocab_size(true);
-        if vocab != manifest.vocab_size {
-            return Err(Error::field(
-                &mpath,
-                "vocab_size",
-                format!(
-                    "{} but {} has {vocab} tokens: not this model's tokenizer",
-                    manifest.vocab_size,
-                    tpath.display()
-                ),
-            ));
-        }
+        let tokenizer = super::load_tokenizer(dir, &manifest)?;
         let onnx = dir.join(&manifest.onnx);
         // one row at a time: a fixed batch of 1 lets tract type the attention-mask expansion
         let hints = LoadHints::default().dim("input_ids", 0, 1).dim("attention_mask", 0, 1);

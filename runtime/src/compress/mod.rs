@@ -20,7 +20,7 @@ pub use llmlingua2::{CompressOptions, Compressed, PromptCompressor};
 pub const MANIFEST: &str = "compressor.json";
 
 /// `compressor.json`, typed. Unknown fields are ignored (newer exporters may add some).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct CompressorManifest {
     pub manifest_version: u32,
     /// What the compressor acts on: `prompt` (text) now, `visual` later.
@@ -48,7 +48,7 @@ fn default_tokenizer() -> String {
 
 /// How llmlingua's LLMLingua-2 path treats this model's tokens (recorded by the export from the
 /// reference package; tools/export/glimpse_export/compressor/ALGORITHM.md).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct LinguaConventions {
     /// `sentencepiece` (XLM-RoBERTa, words start with `▁`) or `wordpiece` (BERT, continuations
     /// start with `##`).
@@ -64,14 +64,14 @@ pub struct LinguaConventions {
 }
 
 /// One of the row tokens the reference adds (`[CLS]`, `[SEP]`, `[PAD]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct DatasetToken {
     pub token: String,
     pub id: i64,
 }
 
 /// `[NEW{i}]` placeholders: their format and how many the tokenizer holds.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct ForceTokenNames {
     pub format: String,
     pub count: usize,
@@ -129,6 +129,31 @@ impl CompressorManifest {
         }
         Ok(m)
     }
+}
+
+/// Loads the folder's tokenizer and checks that its vocabulary is the model's (`vocab_size`): a
+/// tokenizer from another model would feed the classifier ids it was not trained on.
+pub fn load_tokenizer(dir: &Path, manifest: &CompressorManifest) -> Result<tokenizers::Tokenizer> {
+    let mpath = dir.join(MANIFEST);
+    let tpath = dir.join(&manifest.tokenizer);
+    let bytes = std::fs::read(&tpath).map_err(|source| Error::Io { path: tpath.clone(), source })?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map_err(|source| Error::Json { path: tpath.clone(), source })?;
+    let tokenizer = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+        .map_err(|_| Error::Tokenizer {
+            path: tpath.clone(),
+            message: "the tokenizers crate panicked reading it".into(),
+        })?
+        .map_err(|e| Error::Tokenizer { path: tpath.clone(), message: e.to_string() })?;
+    let vocab = tokenizer.get_vocab_size(true);
+    if vocab != manifest.vocab_size {
+        return Err(Error::field(
+            &mpath,
+            "vocab_size",
+            format!("{} but {} has {vocab} tokens: not this model's tokenizer", manifest.vocab_size, tpath.display()),
+        ));
+    }
+    Ok(tokenizer)
 }
 
 /// `dir/rel` when `rel` is a plain relative path inside the folder.

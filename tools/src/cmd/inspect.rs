@@ -8,7 +8,8 @@ use glimpse_runtime::{family, text::TextTokenizer, ModelFolder, Part};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model folder in the Hugging Face / onnx-community layout.
+    /// Model folder in the Hugging Face / onnx-community layout, or a compressor folder
+    /// (`compressor.json`).
     #[arg(long, default_value = super::DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Print JSON instead of text.
@@ -17,6 +18,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.model.join(glimpse_runtime::compress::MANIFEST).exists() {
+        return inspect_compressor(&args);
+    }
     let folder = ModelFolder::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
     let tokenizer = TextTokenizer::load(&folder)?;
     let fam = family::for_folder(&folder, &tokenizer)?;
@@ -115,6 +119,47 @@ pub fn run(args: Args) -> Result<()> {
                     out!("  {label} {}", io.as_str().unwrap_or_default());
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// A compressor folder (`compressor.json`): its manifest, tokenizer and classifier, checked as
+/// loading would check them.
+fn inspect_compressor(args: &Args) -> Result<()> {
+    use glimpse_runtime::compress::{load_tokenizer, CompressorManifest};
+    let dir = &args.model;
+    let manifest = CompressorManifest::load(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let tokenizer = load_tokenizer(dir, &manifest)?;
+    let onnx = dir.join(&manifest.onnx);
+    let summary = describe(&onnx, dir).with_context(|| format!("reading {}", onnx.display()))?;
+    let bytes = std::fs::metadata(&onnx).map(|m| m.len()).unwrap_or(0);
+    let report = serde_json::json!({
+        "compressor": dir,
+        "role": manifest.role,
+        "kind": manifest.kind,
+        "vocab_size": tokenizer.get_vocab_size(true),
+        "max_seq_len": manifest.max_seq_len,
+        "word_rule": manifest.llmlingua.word_rule,
+        "onnx": {"file": manifest.onnx, "bytes": bytes, "summary": summary},
+    });
+    if args.json {
+        out!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    out!("compressor   {}", dir.display());
+    out!("role         {} ({}): shortens the text prompt; image tokens untouched", manifest.role, manifest.kind);
+    out!(
+        "tokenizer    {} tokens, {} words; rows of at most {}",
+        tokenizer.get_vocab_size(true),
+        manifest.llmlingua.word_rule,
+        manifest.max_seq_len
+    );
+    let s = &report["onnx"]["summary"];
+    out!("\nclassifier {} ({:.2} MB, {} parameters)", manifest.onnx, bytes as f64 / 1e6, s["parameters"]);
+    for (label, key) in [("in ", "inputs"), ("out", "outputs")] {
+        for io in s[key].as_array().into_iter().flatten() {
+            out!("  {label} {}", io.as_str().unwrap_or_default());
         }
     }
     Ok(())
