@@ -10,14 +10,6 @@ use glimpse::runtime::backend::{by_name, BackendOptions};
 use glimpse::runtime::compress::{CompressOptions, PromptCompressor};
 use serde_json::Value;
 
-fn backends() -> Vec<(&'static str, BackendOptions)> {
-    #[allow(unused_mut)]
-    let mut v = vec![("tract", BackendOptions::default())];
-    #[cfg(feature = "venv-tests")]
-    v.push(("ort", BackendOptions { ort_library: Some(ort_library()), threads: 1, ..Default::default() }));
-    v
-}
-
 fn options(params: &Value) -> CompressOptions {
     let target = params["target_token"].as_i64().unwrap_or(-1);
     CompressOptions {
@@ -44,8 +36,9 @@ fn compression_keeps_the_words_llmlingua_keeps() {
         let single: Vec<&Value> = cases.iter().filter(|c| c["context"].is_string()).collect();
         assert!(single.len() >= 40, "{name}: {} single-text cases", single.len());
         assert_eq!(cases.len() - single.len(), 13, "{name}: multi-context cases");
-        for (backend, opts) in backends() {
-            let b = by_name(backend, &opts).expect("backend");
+        for opts in backends() {
+            let backend = opts.backend.as_str();
+            let b = by_name(backend, &opts.backend_options).expect("backend");
             let c = PromptCompressor::load(&dir, b.as_ref()).expect("load compressor");
             for case in &single {
                 let what = format!("{name} {backend} {}", case["name"].as_str().unwrap_or("?"));

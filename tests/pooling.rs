@@ -10,23 +10,6 @@ use glimpse::runtime::pipeline::{ImageInput, Quiet, Request};
 use glimpse::runtime::select::{Budget, SelectConfig};
 use glimpse::runtime::{GenerationOptions, Pipeline, PipelineOptions};
 
-/// Backends the checks run on: tract, and ONNX Runtime where the venv provides it.
-fn backends() -> Vec<PipelineOptions> {
-    #[allow(unused_mut)]
-    let mut v = vec![PipelineOptions::default()];
-    #[cfg(feature = "venv-tests")]
-    v.push(PipelineOptions {
-        backend: "ort".into(),
-        backend_options: glimpse::runtime::backend::BackendOptions {
-            ort_library: Some(ort_library()),
-            threads: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    });
-    v
-}
-
 fn pooled(method: &str, keep: f32, pool: usize) -> SelectConfig {
     SelectConfig { method: method.into(), budget: Budget::Ratio(keep), pool, ..Default::default() }
 }
@@ -106,5 +89,9 @@ fn a_decoder_without_the_bias_input_is_refused_by_name() {
     assert!(err.contains("attention_bias") && err.contains("pool-dropped"), "{err}");
     let mut p = Pipeline::load(model("tiny-llava"), &PipelineOptions::default()).expect("load");
     let err = p.set_selection(pooled("divprune", 0.5, 4), Default::default()).unwrap_err().to_string();
+    assert!(err.contains("attention_bias"), "{err}");
+    // and so is a request that brings its own selection
+    let req = Request::new("What is it?").with_selection(pooled("divprune", 0.5, 4), Default::default());
+    let err = p.answer(&req, &GenerationOptions::default(), &mut Quiet).unwrap_err().to_string();
     assert!(err.contains("attention_bias"), "{err}");
 }

@@ -13,23 +13,6 @@ use glimpse::runtime::split::{self, SplitOptions};
 use glimpse::runtime::{Dtype, GenerationOptions, Part, Pipeline, PipelineOptions};
 use ndarray::{s, Axis};
 
-/// Backends the checks run on: tract, and ONNX Runtime where the venv provides it.
-fn backends() -> Vec<PipelineOptions> {
-    #[allow(unused_mut)]
-    let mut v = vec![PipelineOptions::default()];
-    #[cfg(feature = "venv-tests")]
-    v.push(PipelineOptions {
-        backend: "ort".into(),
-        backend_options: glimpse::runtime::backend::BackendOptions {
-            ort_library: Some(ort_library()),
-            threads: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    });
-    v
-}
-
 fn split_options() -> SplitOptions {
     let mut o = SplitOptions::default();
     #[cfg(feature = "venv-tests")]

@@ -8,6 +8,29 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::folder::ModelFolder;
 
+/// Reads a `tokenizer.json` with the `tokenizers` crate; unreadable or invalid files, and any
+/// panic left in the crate, become errors naming the file.
+pub fn read_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    // invalid JSON is refused here: the tokenizers crate panics on some of it (an `unwrap` in
+    // its decoder deserializer, found by fuzzing: fuzz/regressions/tokenizer)
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    // and a panic left in it becomes an error naming the file
+    let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes)).map_err(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: format!("the tokenizers crate panicked reading it: {why}"),
+        }
+    })?;
+    parsed.map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })
+}
+
 /// The model's tokenizer plus its chat template.
 pub struct TextTokenizer {
     tokenizer: tokenizers::Tokenizer,
@@ -36,21 +59,7 @@ impl TextTokenizer {
     /// `chat_template.json` or `tokenizer_config.json`'s `chat_template`, in that order).
     pub fn load(folder: &ModelFolder) -> Result<Self> {
         let path = folder.path("tokenizer.json");
-        let bytes = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        // invalid JSON is refused here: the tokenizers crate panics on some of it (an `unwrap` in
-        // its decoder deserializer, found by fuzzing: fuzz/regressions/tokenizer)
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
-            .map_err(|source| Error::Json { path: path.clone(), source })?;
-        // and a panic left in it becomes an error naming the file
-        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes)).map_err(|p| {
-            let why = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Error::Tokenizer { path: path.clone(), message: format!("the tokenizers crate panicked reading it: {why}") }
-        })?;
-        let tokenizer = parsed.map_err(|e| Error::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let tokenizer = read_tokenizer(&path)?;
         let template = find_template(folder)?;
         Ok(TextTokenizer {
             tokenizer,

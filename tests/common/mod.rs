@@ -18,6 +18,24 @@ pub fn model(name: &str) -> PathBuf {
     repo().join("models").join(name)
 }
 
+/// Backends the checks run on: tract, and ONNX Runtime (one thread) where the venv provides it
+/// (the `venv-tests` feature).
+pub fn backends() -> Vec<glimpse::runtime::PipelineOptions> {
+    #[allow(unused_mut)]
+    let mut v = vec![glimpse::runtime::PipelineOptions::default()];
+    #[cfg(feature = "venv-tests")]
+    v.push(glimpse::runtime::PipelineOptions {
+        backend: "ort".into(),
+        backend_options: glimpse::runtime::backend::BackendOptions {
+            ort_library: Some(ort_library()),
+            threads: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    v
+}
+
 /// The ONNX Runtime library for the ort backend tests: `ORT_DYLIB_PATH`, else the export venv's
 /// onnxruntime==1.31.1 wheel (`.ci/run` creates it); without either the calling test fails and says
 /// how to get one.

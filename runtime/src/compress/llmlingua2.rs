@@ -234,9 +234,8 @@ impl PromptCompressor {
             _ => opts.rate,
         };
         let reduce = (1.0 - rate).max(0.0);
-        let back = |s: &str| token_map.iter().fold(s.to_string(), |acc, (o, new)| acc.replace(new.as_str(), o));
         if reduce <= 0.0 {
-            let text: String = chunks.iter().map(|c| back(c)).collect();
+            let text: String = chunks.iter().map(|c| restore_force_tokens(c, &token_map)).collect();
             let compressed_tokens = self.count_tokens(&text);
             return Ok(Compressed {
                 text,
@@ -310,7 +309,6 @@ impl PromptCompressor {
             }
         };
         let has_digit = |t: &str| opts.force_digits && t.chars().any(|c| c.is_ascii_digit());
-        let back = |s: &str| token_map.iter().fold(s.to_string(), |acc, (o, new)| acc.replace(new.as_str(), o));
         let mut words: Vec<String> = Vec::new();
         let mut word_probs: Vec<Vec<P>> = Vec::new();
         for (&id, &p) in ids.iter().zip(&probs) {
@@ -325,7 +323,7 @@ impl PromptCompressor {
             };
             if begins || words.is_empty() {
                 let p = if is_force(&pure(&token)) { P::F64(1.0) } else { P::F32(p) };
-                let word = back(&token);
+                let word = restore_force_tokens(&token, token_map);
                 word_probs.push(vec![if has_digit(&word) { P::F64(1.0) } else { p }]);
                 words.push(word);
             } else if let (Some(w), Some(ps)) = (words.last_mut(), word_probs.last_mut()) {
@@ -374,6 +372,12 @@ impl PromptCompressor {
             .collect();
         Ok((text, words))
     }
+}
+
+/// Each `[NEWi]` placeholder in `s` back to the force token it stands for (the reference's
+/// `replace_added_token`).
+fn restore_force_tokens(s: &str, token_map: &[(String, String)]) -> String {
+    token_map.iter().fold(s.to_string(), |acc, (original, placeholder)| acc.replace(placeholder.as_str(), original))
 }
 
 /// `sum(ps) / len(ps)` as Python computes it over numpy float32 values and Python floats: in

@@ -136,15 +136,7 @@ impl CompressorManifest {
 pub fn load_tokenizer(dir: &Path, manifest: &CompressorManifest) -> Result<tokenizers::Tokenizer> {
     let mpath = dir.join(MANIFEST);
     let tpath = dir.join(&manifest.tokenizer);
-    let bytes = std::fs::read(&tpath).map_err(|source| Error::Io { path: tpath.clone(), source })?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
-        .map_err(|source| Error::Json { path: tpath.clone(), source })?;
-    let tokenizer = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
-        .map_err(|_| Error::Tokenizer {
-            path: tpath.clone(),
-            message: "the tokenizers crate panicked reading it".into(),
-        })?
-        .map_err(|e| Error::Tokenizer { path: tpath.clone(), message: e.to_string() })?;
+    let tokenizer = crate::text::read_tokenizer(&tpath)?;
     let vocab = tokenizer.get_vocab_size(true);
     if vocab != manifest.vocab_size {
         return Err(Error::field(

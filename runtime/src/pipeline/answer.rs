@@ -8,8 +8,8 @@ use image::RgbImage;
 use ndarray::Array2;
 
 use super::{
-    original_positions, Answer, Encoded, EncodedImage, GenerationStats, ImageInput, KeptLayout, Observer, OnText,
-    Pipeline, Positions, Prepared, Request, Stage, StageTimes,
+    original_positions, pool_fits, Answer, Encoded, EncodedImage, GenerationStats, ImageInput, KeptLayout, Observer,
+    OnText, Pipeline, Positions, Prepared, Request, Stage, StageTimes,
 };
 use crate::error::{Error, Result};
 use crate::family::{self, View, ViewKind, VisionInput};
@@ -33,12 +33,15 @@ impl Pipeline {
     /// Answers one request: every stage in order, each timed and reported to `obs`, the answer
     /// streamed to `obs` as it is generated.
     pub fn answer(&self, req: &Request<'_>, opts: &GenerationOptions, obs: &mut dyn Observer) -> Result<Answer> {
+        // the pipeline's own selection was checked when it was set; a request's own is checked here
         let custom = match &req.selection {
-            Some((config, positions)) => Some((Selector::new(config.clone())?, *positions)),
+            Some((config, positions)) => {
+                pool_fits(config, &self.decoder_io)?;
+                Some((Selector::new(config.clone())?, *positions))
+            }
             None => None,
         };
         let (selector, positions) = custom.as_ref().map_or((&self.selector, self.positions), |(s, p)| (s, *p));
-        self.check_pool(selector.config())?;
         let mut times = StageTimes::default();
         let mut scratch = Scratch { prompt: req.prompt, text: None };
         let decoded;

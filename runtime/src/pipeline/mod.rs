@@ -350,11 +350,6 @@ impl Pipeline {
         self.regions
     }
 
-    /// Refuses pooled summary rows on a decoder that cannot weigh them.
-    pub fn check_pool(&self, config: &SelectConfig) -> Result<()> {
-        pool_fits(config, &self.decoder_io)
-    }
-
     /// Token merging in the encoder in effect (tokens per group boundary), if any.
     pub fn merge(&self) -> Option<crate::select::Budget> {
         self.merge
@@ -413,7 +408,7 @@ impl Pipeline {
 /// Pooled summary rows (`SelectConfig::pool`) stand for many rows each and need proportional
 /// attention: without the decoder's `attention_bias` input they would get one row's share, which
 /// measured no better than not pooling (docs/pruning.md), so that is refused, not run silently.
-fn pool_fits(config: &SelectConfig, io: &DecoderIo) -> Result<()> {
+pub(crate) fn pool_fits(config: &SelectConfig, io: &DecoderIo) -> Result<()> {
     if config.pool > 0 && !io.has_attention_bias() {
         return Err(Error::invalid(
             "pool-dropped",

@@ -35,6 +35,17 @@ def save_folder(bundle: Bundle, out: Path) -> None:
         (out / "model.safetensors").unlink()
 
 
+def library_versions() -> dict:
+    """The versions of the libraries every export depends on, for ``export_info.json``."""
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
 def write_export_info(out: Path, bundle: Bundle) -> None:
     info = {
         "tool": f"glimpse_export {__version__}",
@@ -43,12 +54,6 @@ def write_export_info(out: Path, bundle: Bundle) -> None:
         "opset": OPSET,
         "exporter": "torch.onnx.export(dynamo=False, dynamic_axes)",
         "max_new_tokens": MAX_NEW_TOKENS,
-        "versions": {
-            "torch": torch.__version__.split("+")[0],
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-        },
+        "versions": library_versions(),
     }
     (out / "export_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

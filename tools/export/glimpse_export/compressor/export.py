@@ -13,20 +13,20 @@ Folder (``export-compressor --arch A --out DIR``)::
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime
 import tokenizers
 import torch
-import transformers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from .. import __version__
 from ..common import OPSET, ExportError, log
+from ..folder import library_versions
 from ..onnx_parts import export_onnx
 from .model import HIDDEN, ID2LABEL, INIT_RANGE, INTERMEDIATE, LAYERS, LOGIT_STD, MAX_SEQ_LEN
 from .tokenizer import FORCE_TOKEN_NAMES
@@ -179,9 +179,6 @@ def write_compressor_manifest(out: Path, arch: str, tok: tokenizers.Tokenizer, f
 
 
 def write_export_info(out: Path, arch: str, seed: int, extra: dict) -> None:
-    import llmlingua
-    import tiktoken
-
     info = {
         "tool": f"glimpse_export {__version__}",
         "command": "export-compressor",
@@ -192,13 +189,9 @@ def write_export_info(out: Path, arch: str, seed: int, extra: dict) -> None:
         "model": {"hidden": HIDDEN, "layers": LAYERS, "intermediate": INTERMEDIATE,
                   "initializer_range": INIT_RANGE, "classifier_logit_std": LOGIT_STD},
         "versions": {
-            "torch": torch.__version__.split("+")[0],
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "llmlingua": llmlingua.__version__ if hasattr(llmlingua, "__version__") else "0.2.2",
-            "tiktoken": tiktoken.__version__,
+            **library_versions(),
+            "llmlingua": importlib.metadata.version("llmlingua"),
+            "tiktoken": importlib.metadata.version("tiktoken"),
         },
         **extra,
     }
