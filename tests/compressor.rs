@@ -99,3 +99,60 @@ fn folders_that_do_not_fit_are_refused_by_name() {
     std::fs::write(t.path().join("compressor.json"), b"{").unwrap();
     assert!(err(t.path()).contains("compressor.json"));
 }
+
+/// The pipeline's `prompt_compress` stage: on both backends, a pipeline loaded with a compressor
+/// answers exactly as the same pipeline without one asked the compressed text; the stage is
+/// timed, reported to the observer and counted in TTFT, and its counts are those of the text.
+/// A rate outside (0, 1] and a folder that is not a compressor are refused at load, by name.
+#[test]
+fn the_pipeline_compresses_the_prompt_as_its_first_stage() {
+    use glimpse::runtime::pipeline::PromptCompression;
+    use glimpse::runtime::{GenerationOptions, ImageInput, Observer, Pipeline, Request, Stage};
+    struct Stages(Vec<Stage>);
+    impl Observer for Stages {
+        fn stage(&mut self, stage: Stage, _: std::time::Duration) {
+            self.0.push(stage);
+        }
+    }
+    let prompt = "Please look at the picture carefully, think about every object in it, and then tell me, \
+                  in one word only, what colour is the largest shape in the middle of the scene?";
+    let image = repo().join("models/images/scene.png");
+    let gen = GenerationOptions { max_new_tokens: 4, ..Default::default() };
+    let compression = PromptCompression {
+        dir: model("tiny-lingua-xlmr"),
+        options: CompressOptions { rate: 0.5, ..Default::default() },
+    };
+    for opts in backends() {
+        let plain = Pipeline::load(model("tiny-smolvlm"), &opts).expect("load");
+        let with = glimpse::runtime::PipelineOptions { prompt_compression: Some(compression.clone()), ..opts.clone() };
+        let compressed = Pipeline::load(model("tiny-smolvlm"), &with).expect("load with compressor");
+        let mut seen = Stages(Vec::new());
+        let req = Request::new(prompt).with_image(ImageInput::Path(&image));
+        let a = compressed.answer(&req, &gen, &mut seen).expect("answer");
+        let c = a.stats.prompt_compression.as_ref().expect("compression reported");
+        assert_eq!(seen.0.first(), Some(&Stage::PromptCompress), "{}: stages {:?}", opts.backend, seen.0);
+        let took = a.stats.times.prompt_compress;
+        assert!(took > std::time::Duration::ZERO && a.stats.times.ttft() >= took);
+        let b = by_name(&opts.backend, &opts.backend_options).expect("backend");
+        let direct = PromptCompressor::load(&model("tiny-lingua-xlmr"), b.as_ref()).expect("compressor");
+        let want = direct.compress(prompt, &compression.options).expect("compress");
+        assert_eq!(c.prompt, want.text, "{}", opts.backend);
+        assert_eq!((c.cl100k_tokens_before, c.cl100k_tokens_after), (want.origin_tokens, want.compressed_tokens));
+        assert!(c.text_tokens_after < c.text_tokens_before, "{c:?}");
+        let req = Request::new(&want.text).with_image(ImageInput::Path(&image));
+        let reference = plain.answer(&req, &gen, &mut glimpse::runtime::Quiet).expect("answer");
+        assert_eq!(a.token_ids, reference.token_ids, "{}", opts.backend);
+        assert_eq!(a.stats.prompt_tokens, reference.stats.prompt_tokens);
+        assert!(reference.stats.prompt_compression.is_none() && reference.stats.times.prompt_compress.is_zero());
+    }
+    let opts = glimpse::runtime::PipelineOptions::default();
+    let bad = |p: PromptCompression| {
+        let o = glimpse::runtime::PipelineOptions { prompt_compression: Some(p), ..opts.clone() };
+        Pipeline::load(model("tiny-smolvlm"), &o).unwrap_err().to_string()
+    };
+    let e =
+        bad(PromptCompression { options: CompressOptions { rate: 1.5, ..Default::default() }, ..compression.clone() });
+    assert!(e.contains("prompt-rate") && e.contains("1.5"), "{e}");
+    let e = bad(PromptCompression { dir: model("tiny-llava"), ..compression });
+    assert!(e.contains("compressor.json") && e.contains("tiny-llava"), "{e}");
+}

@@ -117,6 +117,9 @@ pub struct Prediction {
     pub ttft_ms: f64,
     /// Whether the answer ended with end-of-sequence (not the token budget).
     pub stopped: bool,
+    /// The question's text tokens before and after the prompt compressor (when one ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_text_tokens: Option<(usize, usize)>,
 }
 
 /// The result of an eval run.
@@ -134,6 +137,9 @@ pub struct EvalReport {
     pub mean_ttft_ms: f64,
     /// Mean time of each stage, ms.
     pub mean_stage_ms: BTreeMap<String, f64>,
+    /// Mean text tokens of the questions before and after the prompt compressor, when one ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_prompt_text_tokens: Option<(f64, f64)>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub predictions: Vec<Prediction>,
 }
@@ -206,6 +212,11 @@ pub fn evaluate(
             visual_tokens_kept: answer.stats.visual_tokens_kept,
             ttft_ms: answer.stats.ttft_ms,
             stopped: answer.stats.stop == crate::generate::StopReason::Eos,
+            prompt_text_tokens: answer
+                .stats
+                .prompt_compression
+                .as_ref()
+                .map(|c| (c.text_tokens_before, c.text_tokens_after)),
         });
         progress(i + 1, n);
     }
@@ -236,6 +247,14 @@ fn report(predictions: Vec<Prediction>, stage_sum: StageTimes, keep: bool) -> Ev
         mean_visual_tokens_kept: predictions.iter().map(|p| p.visual_tokens_kept as f64).sum::<f64>() / n,
         mean_ttft_ms: predictions.iter().map(|p| p.ttft_ms).sum::<f64>() / n,
         mean_stage_ms,
+        mean_prompt_text_tokens: predictions.iter().map(|p| p.prompt_text_tokens).collect::<Option<Vec<_>>>().and_then(
+            |v| {
+                let m = v.len() as f64;
+                (!v.is_empty()).then(|| {
+                    (v.iter().map(|t| t.0 as f64).sum::<f64>() / m, v.iter().map(|t| t.1 as f64).sum::<f64>() / m)
+                })
+            },
+        ),
         predictions: if keep { predictions } else { Vec::new() },
     }
 }

@@ -57,9 +57,15 @@ pub fn file_bytes(path: &Path) -> u64 {
     total
 }
 
-/// Checks the parts about to be loaded against `budget` (bytes), or against what the machine
-/// has free when `budget` is `None`.
-pub fn check(folder: &ModelFolder, parts: &[(Part, Dtype)], budget: Option<u64>) -> Result<()> {
+/// Checks the parts about to be loaded, plus `extra` files loaded beside them (a prompt
+/// compressor: name and bytes), against `budget` (bytes), or against what the machine has free
+/// when `budget` is `None`.
+pub fn check(
+    folder: &ModelFolder,
+    parts: &[(Part, Dtype)],
+    extra: &[(String, u64)],
+    budget: Option<u64>,
+) -> Result<()> {
     let (budget, source) = match budget {
         Some(b) => (b, "--max-memory"),
         None => match available() {
@@ -69,14 +75,16 @@ pub fn check(folder: &ModelFolder, parts: &[(Part, Dtype)], budget: Option<u64>)
     };
     let sizes: Vec<(Part, Dtype, u64)> =
         parts.iter().map(|&(p, d)| (p, d, file_bytes(&folder.part_file(p, d)))).collect();
-    let model: u64 = sizes.iter().map(|s| s.2).sum();
+    let extra_bytes: u64 = extra.iter().map(|e| e.1).sum();
+    let model: u64 = sizes.iter().map(|s| s.2).sum::<u64>() + extra_bytes;
     let needed = (model as f64 * PEAK_PER_MODEL_BYTE) as u64;
     if needed <= budget {
         return Ok(());
     }
     let mb =
         |b: u64| if b < 10_000_000 { format!("{:.2} MB", b as f64 / 1e6) } else { format!("{:.0} MB", b as f64 / 1e6) };
-    let listed: Vec<String> = sizes.iter().map(|(p, d, b)| format!("{p} {d} {}", mb(*b))).collect();
+    let mut listed: Vec<String> = sizes.iter().map(|(p, d, b)| format!("{p} {d} {}", mb(*b))).collect();
+    listed.extend(extra.iter().map(|(name, b)| format!("{name} {}", mb(*b))));
     let smaller: Vec<String> = [Dtype::Q4, Dtype::Int8, Dtype::Fp16]
         .into_iter()
         .filter_map(|d| {
@@ -85,6 +93,7 @@ pub fn check(folder: &ModelFolder, parts: &[(Part, Dtype)], budget: Option<u64>)
                 .map(|&(p, _)| folder.variants(p).contains(&d).then(|| file_bytes(&folder.part_file(p, d))))
                 .sum();
             bytes
+                .map(|b| b + extra_bytes)
                 .filter(|b| (*b as f64 * PEAK_PER_MODEL_BYTE) as u64 <= budget)
                 .map(|b| format!("--dtype {d} ({} of files)", mb(b)))
         })

@@ -15,7 +15,7 @@ use crate::generate::GenerationOptions;
 use crate::pipeline::{ImageInput, Pipeline, Quiet, Request, Stage};
 
 /// Stage names in pipeline order, as they appear in reports.
-pub const STAGES: [Stage; 7] = Stage::ALL;
+pub const STAGES: [Stage; 8] = Stage::ALL;
 
 /// Median, minimum and maximum of one measurement over the runs, ms.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -78,6 +78,9 @@ pub struct ProfileRow {
     pub visual_tokens_kept: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
+    /// What the prompt compressor did on the last timed run, when one is loaded (its time is
+    /// the `prompt_compress` stage, part of `ttft`).
+    pub prompt_compression: Option<crate::pipeline::PromptCompressionStats>,
     /// Per-stage spread, plus `encode_per_view`, `ttft`, `stage_sum` and `end_to_end`.
     pub stages: BTreeMap<String, Spread>,
     /// Decode speed from the median decode time, tokens/s (tokens after the first).
@@ -182,6 +185,7 @@ pub fn profile(
         visual_tokens_kept: stats.visual_tokens_kept,
         prompt_tokens: stats.prompt_tokens,
         new_tokens: stats.new_tokens,
+        prompt_compression: stats.prompt_compression.clone(),
         stages,
         decode_tokens_per_s,
         accounting_gap: Spread::of(gaps).median_ms,

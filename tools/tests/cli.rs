@@ -81,13 +81,28 @@ fn ask_compresses_the_prompt_with_a_compressor_folder() {
         .expect("run glimpse");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
-    let c = &v["prompt_compression"];
+    let c = &v["stats"]["prompt_compression"];
     let (before, after) = (c["text_tokens_before"].as_u64().unwrap(), c["text_tokens_after"].as_u64().unwrap());
     assert!(after < before && after > 0, "{c}");
     assert!(c["cl100k_tokens_after"].as_u64() < c["cl100k_tokens_before"].as_u64(), "{c}");
-    assert!(c["ms"].as_f64().is_some_and(|ms| ms > 0.0));
+    assert!(v["stats"]["times"]["prompt_compress"].as_f64().is_some_and(|ms| ms > 0.0));
     let kept = c["prompt"].as_str().unwrap();
     assert!(!kept.is_empty() && kept.len() < prompt.len());
+    // llmlingua's force_tokens / force_reserve_digit: the words they name always survive
+    let forced = "Count the 42 shapes near 7 corners, then say: which side is the red one on? Answer in one word.";
+    let out = glimpse()
+        .args(["ask", "--json", "--max-new-tokens", "2", "--prompt", forced, "--prompt-target-tokens", "6"])
+        .args(["--prompt-compressor", "models/tiny-lingua-xlmr", "--prompt-force-tokens", "?,:"])
+        .arg("--prompt-force-digits")
+        .output()
+        .expect("run glimpse");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let kept = v["stats"]["prompt_compression"]["prompt"].as_str().unwrap();
+    for w in ["42", "7", "?", ":"] {
+        assert!(kept.contains(w), "{w} forced but missing from {kept:?}");
+    }
+    assert!(kept.len() < forced.len(), "{kept:?}");
     let out = glimpse()
         .args(["ask", "--prompt", "Hi", "--prompt-compressor", "models/tiny-llava"])
         .output()
@@ -411,4 +426,52 @@ fn registries_drive_help_and_inspect() {
     let signals = v["signals"].as_array().expect("signals");
     assert_eq!(signals.len(), 3, "{v}");
     assert!(signals.iter().all(|s| s["what"].as_str().is_some_and(|w| w != "unknown signal")), "{v}");
+}
+
+/// `eval` and `profile` take the same `--prompt-compressor` flags as `ask`: eval reports the
+/// questions' text tokens before and after and the stage's mean time; profile times the
+/// `prompt_compress` stage inside TTFT and the prompt reaching the model is shorter.
+#[test]
+fn eval_and_profile_run_the_prompt_compressor() {
+    let set = repo().join("models/testbed-llava/eval");
+    let set = set.to_str().expect("path");
+    let out = glimpse()
+        .args(["eval", "--json", "--model", "models/testbed-llava", "--set", set, "--limit", "3"])
+        .args(["--prompt-compressor", "models/tiny-lingua-bert", "--prompt-rate", "0.6"])
+        .output()
+        .expect("run glimpse");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let report = &v["runs"][0]["report"];
+    let tokens = report["mean_prompt_text_tokens"].as_array().expect("mean_prompt_text_tokens");
+    assert!(tokens[1].as_f64() < tokens[0].as_f64(), "{report}");
+    assert!(report["mean_stage_ms"]["prompt_compress"].as_f64().is_some_and(|ms| ms > 0.0), "{report}");
+    let long = std::env::temp_dir().join(format!("glimpse-cli-{}-long-prompt.txt", std::process::id()));
+    let text =
+        "The robot arm should pick up the red cube next to the blue bowl, then place it on the shelf. ".repeat(6);
+    std::fs::write(&long, &text).expect("write prompt");
+    let profile = |extra: &[&str]| -> serde_json::Value {
+        let out = glimpse()
+            .args(["profile", "--json", "--runs", "1", "--warmup", "0", "--new-tokens", "2"])
+            .args(["--model", "models/tiny-smolvlm", "--image", "models/images/wide.png", "--prompt-file"])
+            .arg(&long)
+            .args(extra)
+            .output()
+            .expect("run glimpse");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("valid JSON")
+    };
+    let plain = profile(&[]);
+    let compressed = profile(&["--prompt-compressor", "models/tiny-lingua-xlmr", "--prompt-rate", "0.5"]);
+    let _ = std::fs::remove_file(&long);
+    let (p, c) = (&plain["rows"][0], &compressed["rows"][0]);
+    assert!(c["prompt_tokens"].as_u64() < p["prompt_tokens"].as_u64(), "{p} {c}");
+    let stage = |r: &serde_json::Value, s: &str| r["stages"][s]["median_ms"].as_f64().unwrap_or(-1.0);
+    assert!(stage(c, "prompt_compress") > 0.0 && stage(c, "ttft") >= stage(c, "prompt_compress"), "{c}");
+    assert_eq!(stage(p, "prompt_compress"), 0.0, "{p}");
+    assert!(p["prompt_compression"].is_null());
+    let pc = &c["prompt_compression"];
+    assert!(pc["text_tokens_after"].as_u64() < pc["text_tokens_before"].as_u64(), "{pc}");
+    let placement = compressed["placement"].as_object().expect("placement");
+    assert!(placement.values().all(|b| b["prompt_compressor"].is_object()), "{placement:?}");
 }

@@ -33,6 +33,16 @@ pub struct CompressOptions {
     pub drop_consecutive: bool,
 }
 
+impl CompressOptions {
+    /// Refuses settings no compression can meet (a rate outside (0, 1]).
+    pub fn check(&self) -> Result<()> {
+        if !(self.rate > 0.0 && self.rate <= 1.0) {
+            return Err(Error::invalid("prompt-rate", self.rate, "must be in (0, 1]"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for CompressOptions {
     fn default() -> Self {
         CompressOptions {
@@ -129,6 +139,11 @@ impl PromptCompressor {
         })
     }
 
+    /// Where the classifier runs.
+    pub fn placement(&self) -> crate::backend::Placement {
+        self.session.placement()
+    }
+
     /// The folder it was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -199,9 +214,7 @@ impl PromptCompressor {
     }
 
     fn compress_untimed(&self, text: &str, opts: &CompressOptions) -> Result<Compressed> {
-        if !(opts.rate > 0.0 && opts.rate <= 1.0) {
-            return Err(Error::invalid("prompt-rate", opts.rate, "must be in (0, 1]"));
-        }
+        opts.check()?;
         let lingua = &self.manifest.llmlingua;
         // force tokens that are not one token become [NEWi] placeholders
         let mut token_map: Vec<(String, String)> = Vec::new();

@@ -9,7 +9,7 @@ use ndarray::Array2;
 
 use super::{
     original_positions, pool_fits, Answer, Encoded, EncodedImage, GenerationStats, ImageInput, KeptLayout, Observer,
-    OnText, Pipeline, Positions, Prepared, Request, Stage, StageTimes,
+    OnText, Pipeline, Positions, Prepared, PromptCompressionStats, Request, Stage, StageTimes,
 };
 use crate::error::{Error, Result};
 use crate::family::{self, View, ViewKind, VisionInput};
@@ -43,7 +43,9 @@ impl Pipeline {
         };
         let (selector, positions) = custom.as_ref().map_or((&self.selector, self.positions), |(s, p)| (s, *p));
         let mut times = StageTimes::default();
-        let mut scratch = Scratch { prompt: req.prompt, text: None };
+        let (compressed, prompt_compression) = self.compress_prompt(req.prompt, &mut times, obs)?;
+        let prompt = compressed.as_deref().unwrap_or(req.prompt);
+        let mut scratch = Scratch { prompt, text: None };
         let decoded;
         let image = match req.image {
             ImageInput::None => None,
@@ -57,7 +59,7 @@ impl Pipeline {
             ImageInput::Encoded(_) => None,
         };
         let started = Instant::now();
-        let rendered = self.render_prompt(req.prompt, !matches!(req.image, ImageInput::None))?;
+        let rendered = self.render_prompt(prompt, !matches!(req.image, ImageInput::None))?;
         let render_time = started.elapsed();
         let mut encoder_stages = Vec::new();
         let prepared = match (req.image, image) {
@@ -138,8 +140,33 @@ impl Pipeline {
             decode_tokens_per_s: if ids.len() > 1 && decode_s > 0.0 { (ids.len() - 1) as f64 / decode_s } else { 0.0 },
             stop,
             encoder_stages,
+            prompt_compression,
         };
         Ok(Answer { text, token_ids: ids, stats, layout })
+    }
+
+    /// The prompt compressor's stage: the shortened prompt and what it did (`None`, `None`
+    /// without a compressor). The token counts for the report are taken outside the timed part.
+    fn compress_prompt(
+        &self,
+        prompt: &str,
+        times: &mut StageTimes,
+        obs: &mut dyn Observer,
+    ) -> Result<(Option<String>, Option<PromptCompressionStats>)> {
+        let Some((compressor, options)) = &self.compressor else {
+            return Ok((None, None));
+        };
+        let started = Instant::now();
+        let c = compressor.compress(prompt, options)?;
+        record(times, Stage::PromptCompress, started.elapsed(), obs);
+        let stats = PromptCompressionStats {
+            text_tokens_before: self.tokenizer.encode_plain(prompt)?.len(),
+            text_tokens_after: self.tokenizer.encode_plain(&c.text)?.len(),
+            cl100k_tokens_before: c.origin_tokens,
+            cl100k_tokens_after: c.compressed_tokens,
+            prompt: c.text.clone(),
+        };
+        Ok((Some(c.text), Some(stats)))
     }
 
     /// [`Pipeline::answer`] for the common case: an optional image file, text streamed to a

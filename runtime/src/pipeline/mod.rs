@@ -29,10 +29,10 @@ use crate::text::TextTokenizer;
 pub use crate::select::regions::RegionSkip;
 pub use crate::select::tiles::{SkippedTiles, TileBudget, TileSkip};
 pub use encode::{Encoded, NOT_ENCODED};
-pub use options::{fast_preset, Fast, PipelineOptions, Positions, ViewRun};
+pub use options::{fast_preset, Fast, PipelineOptions, Positions, PromptCompression, ViewRun};
 pub use prompt::{original_positions, Prepared};
 pub use request::{ImageInput, Observer, OnText, Quiet, Request, Stage};
-pub use stats::{Answer, GenerationStats, KeptLayout, StageTimes};
+pub use stats::{Answer, GenerationStats, KeptLayout, PromptCompressionStats, StageTimes};
 pub use vision::{
     Between, Chain, EncoderForm, EncoderHook, Group, NoReduction, VisionEncoder, VisionRun, REDUCTION_STAGE,
 };
@@ -112,6 +112,8 @@ pub struct Pipeline {
     eos: Vec<i64>,
     context: (usize, String),
     image_limits: ImageLimits,
+    /// The prompt compressor and its settings, when prompts are shortened first.
+    compressor: Option<(crate::compress::PromptCompressor, crate::compress::CompressOptions)>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -209,7 +211,17 @@ impl Pipeline {
         // every file resolved and the memory budget checked before a backend starts or loads
         let paths: Vec<(Part, std::path::PathBuf)> =
             dtypes.iter().map(|&(part, dtype)| Ok((part, folder.part_path(part, dtype)?))).collect::<Result<_>>()?;
-        crate::memory::check(&folder, &dtypes, opts.max_memory)?;
+        // the compressor's folder is checked (manifest, tokenizer) and counted before any load
+        let compressor_file = match &opts.prompt_compression {
+            Some(c) => {
+                c.options.check()?;
+                let manifest = crate::compress::CompressorManifest::load(&c.dir)?;
+                let onnx = c.dir.join(&manifest.onnx);
+                vec![(format!("prompt compressor {}", onnx.display()), crate::memory::file_bytes(&onnx))]
+            }
+            None => Vec::new(),
+        };
+        crate::memory::check(&folder, &dtypes, &compressor_file, opts.max_memory)?;
         let backend = backend::by_name(&opts.backend, &opts.backend_options)?;
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = paths.iter().find(|(p, _)| *p == part).map(|(_, path)| path).ok_or_else(|| {
@@ -286,6 +298,10 @@ impl Pipeline {
         };
         let eos = folder.eos_token_ids();
         let context = folder.context_length()?;
+        let compressor = match &opts.prompt_compression {
+            Some(c) => Some((crate::compress::PromptCompressor::load(&c.dir, backend.as_ref())?, c.options.clone())),
+            None => None,
+        };
         Ok(Pipeline {
             folder,
             family,
@@ -308,7 +324,13 @@ impl Pipeline {
             eos,
             context,
             image_limits: opts.image_limits,
+            compressor,
         })
+    }
+
+    /// The prompt compressor in use and its settings, if any.
+    pub fn prompt_compressor(&self) -> Option<&(crate::compress::PromptCompressor, crate::compress::CompressOptions)> {
+        self.compressor.as_ref()
     }
 
     /// The dtype variant loaded for a part.
@@ -338,6 +360,11 @@ impl Pipeline {
             (Part::EmbedTokens, self.embed.placement()),
             (Part::Decoder, self.decoder.placement()),
         ]
+    }
+
+    /// Where the prompt compressor runs, when one is loaded.
+    pub fn compressor_placement(&self) -> Option<Placement> {
+        self.compressor.as_ref().map(|(c, _)| c.placement())
     }
 
     /// Tile skipping in effect, if any.

@@ -43,6 +43,18 @@ pub struct PipelineOptions {
     pub encoder: super::EncoderForm,
     /// Whether the encoder runs all views of an image as one batch or one view at a time.
     pub views: ViewRun,
+    /// Shorten every request's text prompt with a prompt compressor first (timed as the
+    /// `prompt_compress` stage); `None`: prompts reach the model as given.
+    pub prompt_compression: Option<PromptCompression>,
+}
+
+/// A prompt compressor folder and how hard it compresses (`glimpse ask --prompt-compressor`).
+#[derive(Debug, Clone)]
+pub struct PromptCompression {
+    /// The compressor folder (`compressor.json`, docs/compressors.md).
+    pub dir: std::path::PathBuf,
+    /// Rate or target tokens, force tokens and digits.
+    pub options: crate::compress::CompressOptions,
 }
 
 /// The `--fast` preset: the combination of reductions before and inside the encoder measured
@@ -124,6 +136,7 @@ impl Default for PipelineOptions {
             max_memory: None,
             encoder: super::EncoderForm::Auto,
             views: ViewRun::Auto,
+            prompt_compression: None,
         }
     }
 }

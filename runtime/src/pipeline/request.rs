@@ -61,6 +61,8 @@ impl<'a> Request<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
+    /// The prompt compressor shortening the text prompt (when one is loaded).
+    PromptCompress,
     ImageDecode,
     Preprocess,
     Encode,
@@ -72,7 +74,8 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in order.
-    pub const ALL: [Stage; 7] = [
+    pub const ALL: [Stage; 8] = [
+        Stage::PromptCompress,
         Stage::ImageDecode,
         Stage::Preprocess,
         Stage::Encode,
@@ -85,6 +88,7 @@ impl Stage {
     /// The name used in reports.
     pub fn name(self) -> &'static str {
         match self {
+            Stage::PromptCompress => "prompt_compress",
             Stage::ImageDecode => "image_decode",
             Stage::Preprocess => "preprocess",
             Stage::Encode => "encode",

@@ -12,6 +12,8 @@ use crate::family::View;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct StageTimes {
     #[serde(serialize_with = "ms")]
+    pub prompt_compress: Duration,
+    #[serde(serialize_with = "ms")]
     pub image_decode: Duration,
     #[serde(serialize_with = "ms")]
     pub preprocess: Duration,
@@ -34,7 +36,13 @@ fn ms<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S:
 impl StageTimes {
     /// Time to first token: every stage up to and including prefill.
     pub fn ttft(&self) -> Duration {
-        self.image_decode + self.preprocess + self.encode + self.select + self.splice + self.prefill
+        self.prompt_compress
+            + self.image_decode
+            + self.preprocess
+            + self.encode
+            + self.select
+            + self.splice
+            + self.prefill
     }
 
     /// Sum of all stages.
@@ -50,6 +58,7 @@ impl StageTimes {
     /// Mutable access to one stage's time.
     pub fn slot_mut(&mut self, stage: Stage) -> &mut Duration {
         match stage {
+            Stage::PromptCompress => &mut self.prompt_compress,
             Stage::ImageDecode => &mut self.image_decode,
             Stage::Preprocess => &mut self.preprocess,
             Stage::Encode => &mut self.encode,
@@ -62,6 +71,7 @@ impl StageTimes {
 
     fn slot(&self, stage: Stage) -> &Duration {
         match stage {
+            Stage::PromptCompress => &self.prompt_compress,
             Stage::ImageDecode => &self.image_decode,
             Stage::Preprocess => &self.preprocess,
             Stage::Encode => &self.encode,
@@ -98,6 +108,22 @@ pub struct GenerationStats {
     /// `vision_head`; `vision_encoder` when monolithic), in run order; ms when serialised.
     #[serde(serialize_with = "stage_list")]
     pub encoder_stages: Vec<(String, Duration)>,
+    /// What the prompt compressor did, when one is loaded.
+    pub prompt_compression: Option<PromptCompressionStats>,
+}
+
+/// The prompt before and after the prompt compressor.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PromptCompressionStats {
+    /// Tokens of the prompt text in the model's tokenizer, before and after (chat template
+    /// not included).
+    pub text_tokens_before: usize,
+    pub text_tokens_after: usize,
+    /// The same counted in cl100k, the reference's unit for `rate` and target tokens.
+    pub cl100k_tokens_before: usize,
+    pub cl100k_tokens_after: usize,
+    /// The text that reached the chat template.
+    pub prompt: String,
 }
 
 fn stage_list<S: serde::Serializer>(v: &[(String, Duration)], s: S) -> std::result::Result<S::Ok, S::Error> {

@@ -260,8 +260,14 @@ COMPRESSOR_ARCHS = ["xlm-roberta", "bert"]
 
 def add_export_compressor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", required=True, choices=COMPRESSOR_ARCHS)
-    p.add_argument("--out", required=True, type=Path, help="compressor folder to (re)write, or to check")
+    p.add_argument("--out", type=Path, default=None,
+                   help="compressor folder to (re)write, or to check (required for --size tiny; default for large: "
+                        "models/real/llmlingua2-xlm-roberta-large)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--size", choices=["tiny", "large"], default="tiny",
+                   help="tiny: the parity folders (llmlingua fixtures); large: the real-size "
+                        "llmlingua-2-xlm-roberta-large shape with random weights, timing only (xlm-roberta, no fixtures)")
+    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (--size large)")
     p.add_argument("--check", action="store_true",
                    help="do not write: re-run llmlingua on OUT/fixtures and onnxruntime on their rows, compare")
 
@@ -269,6 +275,18 @@ def add_export_compressor(p: argparse.ArgumentParser) -> None:
 def cmd_export_compressor(args, ap) -> int:
     from .compressor.pipeline import run_check_compressor, run_export_compressor
 
+    if args.size == "large":
+        if args.arch != "xlm-roberta" or args.check:
+            ap.error("--size large: --arch xlm-roberta only, and no --check (it has no fixtures)")
+        from .compressor.realsize import run_realsize_compressor
+
+        res = run_realsize_compressor(args.out, args.seed, args.threads)
+        print(f"export-compressor --size large: wrote {res['out']} ({res['bytes']:,} bytes, "
+              f"{res['parameters'] / 1e6:.0f}M parameters) in {res['seconds']:.1f}s; "
+              f"onnxruntime max abs diff {res['ort_max_abs_diff_512']:.2e} (random weights: timing only)")
+        return 0
+    if args.out is None:
+        ap.error("--out is required for --size tiny")
     if args.check:
         return run_check_compressor(args.arch, args.out, args.seed)
     res = run_export_compressor(args.arch, args.out, args.seed)

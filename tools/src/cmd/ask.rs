@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use glimpse_runtime::compress::{CompressOptions, PromptCompressor};
 use glimpse_runtime::{GenerationOptions, ImageInput, Observer, Pipeline, Request, SamplingOptions};
 
 use super::{ModelArgs, SelectArgs};
@@ -46,22 +45,12 @@ pub struct Args {
     /// Print one JSON object (answer, token ids, stats) instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// Shorten the text prompt first with this LLMLingua-2 compressor folder
-    /// (`python -m glimpse_export export-compressor`; docs/compressors.md). Image tokens are untouched.
-    #[arg(long, value_name = "DIR")]
-    pub prompt_compressor: Option<PathBuf>,
-    /// With --prompt-compressor: fraction of the prompt's tokens to keep, in (0, 1].
-    #[arg(long, default_value_t = 0.5, requires = "prompt_compressor")]
-    pub prompt_rate: f64,
-    /// With --prompt-compressor: keep about this many (cl100k) tokens instead of --prompt-rate.
-    #[arg(long, requires = "prompt_compressor")]
-    pub prompt_target_tokens: Option<usize>,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(path)) => read_prompt(path)?,
+        (None, Some(path)) => super::read_prompt(path)?,
         (None, None) => anyhow::bail!("give --prompt or --prompt-file"),
     };
     let (options, applied) = args.model.pipeline_options(&args.select)?;
@@ -77,35 +66,6 @@ pub fn run(args: Args) -> Result<()> {
         },
         ignore_eos: false,
     };
-    let compression = match &args.prompt_compressor {
-        Some(dir) => {
-            let backend = glimpse_runtime::backend::by_name(&options.backend, &options.backend_options)?;
-            let compressor = PromptCompressor::load(dir, backend.as_ref())
-                .with_context(|| format!("loading prompt compressor {}", dir.display()))?;
-            let copts = CompressOptions {
-                rate: args.prompt_rate,
-                target_tokens: args.prompt_target_tokens,
-                ..Default::default()
-            };
-            let c = compressor.compress(&prompt, &copts).context("compressing the prompt")?;
-            let before = pipeline.expand_and_tokenize(&prompt, None)?.len();
-            let after = pipeline.expand_and_tokenize(&c.text, None)?.len();
-            Some((c, before, after))
-        }
-        None => None,
-    };
-    let prompt = compression.as_ref().map_or(prompt.clone(), |(c, _, _)| c.text.clone());
-    let compression_report = compression.as_ref().map(|(c, before, after)| {
-        serde_json::json!({
-            "compressor": args.prompt_compressor,
-            "text_tokens_before": before,
-            "text_tokens_after": after,
-            "cl100k_tokens_before": c.origin_tokens,
-            "cl100k_tokens_after": c.compressed_tokens,
-            "ms": c.took.as_secs_f64() * 1e3,
-            "prompt": c.text,
-        })
-    });
     let mut stdout = std::io::stdout().lock();
     let request = Request::new(&prompt).with_image(args.image.as_deref().map_or(ImageInput::None, ImageInput::Path));
     let mut out = Stdout { out: &mut stdout, stream: !args.json };
@@ -125,7 +85,7 @@ pub fn run(args: Args) -> Result<()> {
             "answer": answer.text,
             "token_ids": answer.token_ids,
             "stats": answer.stats,
-            "prompt_compression": compression_report,
+            "compressor_placement": pipeline.compressor_placement(),
         });
         writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
@@ -147,12 +107,14 @@ pub fn run(args: Args) -> Result<()> {
             t.prefill.as_secs_f64() * 1e3,
             t.decode.as_secs_f64() * 1e3,
         );
-        if let Some((c, before, after)) = &compression {
+        if let Some(c) = &s.prompt_compression {
             eprintln!(
-                "[prompt compressor: text tokens {before} -> {after} ({} -> {} cl100k) in {:.1} ms]",
-                c.origin_tokens,
-                c.compressed_tokens,
-                c.took.as_secs_f64() * 1e3
+                "[prompt compressor: text tokens {} -> {} ({} -> {} cl100k) in {:.1} ms]",
+                c.text_tokens_before,
+                c.text_tokens_after,
+                c.cl100k_tokens_before,
+                c.cl100k_tokens_after,
+                t.prompt_compress.as_secs_f64() * 1e3
             );
         }
         if pipeline.backend_name() != "tract" {
@@ -177,28 +139,4 @@ impl<W: Write> Observer for Stdout<'_, W> {
             let _ = self.out.flush();
         }
     }
-}
-
-/// Largest prompt read from a file or standard input.
-const MAX_PROMPT_BYTES: u64 = 16 << 20;
-
-/// The prompt from a file, or standard input for `-`, as UTF-8 within [`MAX_PROMPT_BYTES`].
-fn read_prompt(path: &std::path::Path) -> Result<String> {
-    use std::io::Read;
-    let stdin = path == std::path::Path::new("-");
-    let what = if stdin { "standard input".to_string() } else { path.display().to_string() };
-    let reader: Box<dyn Read> = if stdin {
-        Box::new(std::io::stdin().lock())
-    } else {
-        let meta = std::fs::metadata(path).with_context(|| format!("reading the prompt from {what}"))?;
-        anyhow::ensure!(meta.is_file(), "prompt file {what} is not a regular file");
-        Box::new(std::fs::File::open(path).with_context(|| format!("reading the prompt from {what}"))?)
-    };
-    let mut bytes = Vec::new();
-    reader
-        .take(MAX_PROMPT_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("reading the prompt from {what}"))?;
-    anyhow::ensure!(bytes.len() as u64 <= MAX_PROMPT_BYTES, "prompt from {what} is over {MAX_PROMPT_BYTES} bytes");
-    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("prompt from {what} is not UTF-8: {e}"))
 }

@@ -165,6 +165,12 @@ pub fn run(args: Args) -> Result<()> {
                 );
             }
             out!("    mean TTFT {:.1} ms", r.report.mean_ttft_ms);
+            if let Some((before, after)) = r.report.mean_prompt_text_tokens {
+                out!(
+                    "    prompt compressor: question text tokens {before:.1} -> {after:.1}, {:.1} ms per question (in TTFT)",
+                    r.report.mean_stage_ms.get("prompt_compress").copied().unwrap_or(0.0)
+                );
+            }
         }
     }
     Ok(())

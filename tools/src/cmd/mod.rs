@@ -89,6 +89,51 @@ pub struct ModelArgs {
     /// Default: the target profile's.
     #[arg(long)]
     pub fast: bool,
+    #[command(flatten)]
+    pub compress: CompressArgs,
+}
+
+/// The prompt compressor: shortens each text prompt before the chat template (docs/compressors.md).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CompressArgs {
+    /// Shorten the text prompt first with this LLMLingua-2 compressor folder
+    /// (`python -m glimpse_export export-compressor`; docs/compressors.md). Image tokens are
+    /// untouched; the time is the `prompt_compress` stage.
+    #[arg(long, value_name = "DIR")]
+    pub prompt_compressor: Option<PathBuf>,
+    /// With --prompt-compressor: fraction of the prompt's (cl100k) tokens to keep, in (0, 1].
+    #[arg(long, default_value_t = 0.5, requires = "prompt_compressor")]
+    pub prompt_rate: f64,
+    /// With --prompt-compressor: keep about this many (cl100k) tokens instead of --prompt-rate.
+    #[arg(long, requires = "prompt_compressor")]
+    pub prompt_target_tokens: Option<usize>,
+    /// With --prompt-compressor: tokens always kept, comma-separated (`\n` for a newline), as
+    /// llmlingua's `force_tokens`.
+    #[arg(long, value_delimiter = ',', requires = "prompt_compressor")]
+    pub prompt_force_tokens: Vec<String>,
+    /// With --prompt-compressor: keep every word with a digit (llmlingua's `force_reserve_digit`).
+    #[arg(long, requires = "prompt_compressor")]
+    pub prompt_force_digits: bool,
+    /// With --prompt-compressor: drop a force token repeated with no kept word between
+    /// (llmlingua's `drop_consecutive`).
+    #[arg(long, requires = "prompt_compressor")]
+    pub prompt_drop_consecutive: bool,
+}
+
+impl CompressArgs {
+    /// The pipeline's prompt compression, when a compressor is given.
+    pub fn config(&self) -> Option<glimpse_runtime::pipeline::PromptCompression> {
+        self.prompt_compressor.as_ref().map(|dir| glimpse_runtime::pipeline::PromptCompression {
+            dir: dir.clone(),
+            options: glimpse_runtime::compress::CompressOptions {
+                rate: self.prompt_rate,
+                target_tokens: self.prompt_target_tokens,
+                force_tokens: self.prompt_force_tokens.iter().map(|t| t.replace("\\n", "\n")).collect(),
+                force_digits: self.prompt_force_digits,
+                drop_consecutive: self.prompt_drop_consecutive,
+            },
+        })
+    }
 }
 
 /// `--dtype`: a default (a dtype or `auto`) and per-part overrides (`decoder=int8`).
@@ -221,6 +266,7 @@ impl ModelArgs {
             max_memory: self.max_memory,
             encoder: self.encoder,
             views: self.views,
+            prompt_compression: self.compress.config(),
         };
         Ok((opts, applied))
     }
@@ -559,4 +605,29 @@ pub fn tile_label(t: Option<TileBudget>) -> String {
         Some(TileBudget::Count(n)) => n.to_string(),
         Some(TileBudget::Ratio(r)) => r.to_string(),
     }
+}
+
+/// Largest prompt read from a file or standard input.
+const MAX_PROMPT_BYTES: u64 = 16 << 20;
+
+/// The prompt from a file, or standard input for `-`, as UTF-8 within [`MAX_PROMPT_BYTES`].
+pub fn read_prompt(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Read;
+    let stdin = path == std::path::Path::new("-");
+    let what = if stdin { "standard input".to_string() } else { path.display().to_string() };
+    let reader: Box<dyn Read> = if stdin {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let meta = std::fs::metadata(path).with_context(|| format!("reading the prompt from {what}"))?;
+        anyhow::ensure!(meta.is_file(), "prompt file {what} is not a regular file");
+        Box::new(std::fs::File::open(path).with_context(|| format!("reading the prompt from {what}"))?)
+    };
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_PROMPT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading the prompt from {what}"))?;
+    anyhow::ensure!(bytes.len() as u64 <= MAX_PROMPT_BYTES, "prompt from {what} is over {MAX_PROMPT_BYTES} bytes");
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("prompt from {what} is not UTF-8: {e}"))
 }

@@ -20,8 +20,12 @@ pub struct Args {
     #[arg(long, default_value = "models/images/wide.png")]
     pub image: PathBuf,
     /// Prompt.
-    #[arg(long, default_value = "What is in the image?")]
+    #[arg(long, default_value = "What is in the image?", conflicts_with = "prompt_file")]
     pub prompt: String,
+    /// Read the prompt from a file (`-`: standard input), e.g. a long context to time the
+    /// prompt compressor against the prefill it saves; at most 16 MiB.
+    #[arg(long, value_name = "PATH")]
+    pub prompt_file: Option<PathBuf>,
     /// Comma-separated backends to run side by side (e.g. tract,ort).
     #[arg(long = "backends", default_value = "")]
     pub backends: String,
@@ -62,6 +66,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let prompt = match &args.prompt_file {
+        Some(path) => super::read_prompt(path)?,
+        None => args.prompt.clone(),
+    };
     let (_, applied) = args.model.pipeline_options(&args.sweep.first()?)?;
     let backends = if args.backends.is_empty() { vec![applied.backend.value.clone()] } else { list(&args.backends) };
     let (methods, keeps) = args.sweep.methods_and_keeps(&applied)?;
@@ -118,6 +126,7 @@ pub fn run(args: Args) -> Result<()> {
                 .placements()
                 .into_iter()
                 .map(|(p, pl)| (p.stem().to_string(), pl))
+                .chain(pipeline.compressor_placement().map(|pl| ("prompt_compressor".to_string(), pl)))
                 .collect::<std::collections::BTreeMap<_, _>>(),
         );
         realsize = pipeline.folder.manifest.is_realsize();
@@ -136,7 +145,7 @@ pub fn run(args: Args) -> Result<()> {
             for &keep in &keeps {
                 bar.set_message(format!("{b} {m} {keep}"));
                 pipeline.set_selection(args.sweep.config(m, keep), args.sweep.positions)?;
-                let mut row = profile(&pipeline, &args.image, &args.prompt, &opts, cal.as_ref(), &mut || bar.inc(1))
+                let mut row = profile(&pipeline, &args.image, &prompt, &opts, cal.as_ref(), &mut || bar.inc(1))
                     .with_context(|| format!("profiling {b} {m} keep {keep}"))?;
                 row.reduction = if args.model.fast && !args.sweep.swept() { "fast".to_string() } else { side.label() };
                 rows.push(row);
@@ -161,7 +170,7 @@ pub fn run(args: Args) -> Result<()> {
             "model": args.model.model,
             "dtype": if args.dtypes.is_empty() { args.model.dtype_label() } else { args.dtypes.clone() },
             "image": args.image,
-            "prompt": args.prompt,
+            "prompt": if args.prompt_file.is_some() { serde_json::json!({"file": args.prompt_file}) } else { serde_json::json!(args.prompt) },
             "warmup": opts.warmup,
             "runs": opts.runs,
             "new_tokens": opts.new_tokens,
@@ -256,11 +265,27 @@ fn print_table(rows: &[ProfileRow]) {
             r.accounting_gap * 100.0
         );
     }
+    for r in rows {
+        if let Some(c) = &r.prompt_compression {
+            let _ = writeln!(
+                out,
+                "{} {} {}: prompt compressor {:.1} ms (in TTFT), text tokens {} -> {}, prompt {} tokens",
+                r.backend,
+                r.method,
+                r.keep,
+                r.stages.get("prompt_compress").map_or(0.0, |s| s.median_ms),
+                c.text_tokens_before,
+                c.text_tokens_after,
+                r.prompt_tokens
+            );
+        }
+    }
     let _ = writeln!(out, "(median ms over the timed runs; min/max in --json)");
 }
 
 fn write_csv(path: &std::path::Path, rows: &[ProfileRow]) -> Result<()> {
     let stages = [
+        "prompt_compress",
         "image_decode",
         "preprocess",
         "encode",

@@ -48,14 +48,23 @@ def calibrate_classifier(model, tok, seed: int) -> None:
         model.classifier.bias.copy_(torch.tensor([-b / 2, b / 2]))
 
 
-def build_model(arch: str, tok, seed: int):
-    """``tok``: the ``tokenizers.Tokenizer`` (its full size, [NEWi] included, is the model's vocab_size)."""
+# microsoft/llmlingua-2-xlm-roberta-large-meetingbank config.json (xlm-roberta-large; vocab_size 250102 = the
+# 250002 XLM-R pieces + llmlingua's 100 [NEWi] tokens): the real-size shape, random weights, for timing only
+LARGE = {"hidden": 1024, "layers": 24, "heads": 16, "intermediate": 4096, "init_range": 0.02, "vocab_size": 250102}
+TINY = {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "intermediate": INTERMEDIATE, "init_range": INIT_RANGE}
+
+
+def build_model(arch: str, tok, seed: int, size: dict | None = None):
+    """``tok``: the ``tokenizers.Tokenizer`` (its full size, [NEWi] included, is the model's vocab_size);
+    ``size``: TINY (default) or LARGE."""
+    size = size or TINY
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, intermediate_size=INTERMEDIATE, hidden_act="gelu", hidden_dropout_prob=0.0,
+        vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=size["hidden"],
+        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], intermediate_size=size["intermediate"],
+        hidden_act="gelu", hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, type_vocab_size=1 if arch == "xlm-roberta" else 2,
-        initializer_range=INIT_RANGE, layer_norm_eps=1e-5 if arch == "xlm-roberta" else 1e-12,
+        initializer_range=size["init_range"], layer_norm_eps=1e-5 if arch == "xlm-roberta" else 1e-12,
         num_labels=2, id2label=dict(ID2LABEL), label2id={v: k for k, v in ID2LABEL.items()},
         classifier_dropout=None,
     )

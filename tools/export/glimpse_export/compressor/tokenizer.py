@@ -71,8 +71,11 @@ def _add_force_tokens(tok: Tokenizer) -> None:
 
 # The vocabularies are built by counting, not by the ``tokenizers`` trainers: the Unigram and WordPiece trainers are
 # not deterministic run to run (float sums and hash-map order), and `export-compressor` must rebuild the same folder.
-def build_xlmr_tokenizer() -> Tokenizer:
-    """Unigram pieces: the specials (score 0), every corpus character and ``▁`` + character, the MAX_WORDS most
+def build_xlmr_tokenizer(pad_to: int | None = None) -> Tokenizer:
+    """``pad_to``: total vocabulary size ([NEWi] included) reached with filler pieces that no text matches
+    (``\ue000`` + number, private-use code point, score -99): real-size shapes for timing only.
+
+    Unigram pieces: the specials (score 0), every corpus character and ``▁`` + character, the MAX_WORDS most
     frequent words as ``▁word``, and the suffixes; score = ln(count / total) of the piece's corpus count (words:
     word count, characters: character count, suffixes: words ending with it), rounded to 4 decimals."""
     import math
@@ -104,6 +107,11 @@ def build_xlmr_tokenizer() -> Tokenizer:
     total = sum(chosen.values())
     vocab = [(t, 0.0) for t in XLMR_SPECIAL]
     vocab += [(t, round(math.log(n / total), 4)) for t, n in sorted(chosen.items(), key=lambda kv: (-kv[1], kv[0]))]
+    if pad_to is not None:
+        fill = pad_to - len(vocab) - len(FORCE_TOKEN_NAMES)
+        if fill < 0:
+            raise ValueError(f"pad_to {pad_to} is below the vocabulary's {len(vocab) + len(FORCE_TOKEN_NAMES)}")
+        vocab += [(f"\ue000{i}", -99.0) for i in range(fill)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=XLMR_SPECIAL.index("<unk>"), byte_fallback=False))
     tok.normalizer = norm
     tok.pre_tokenizer = pre
