@@ -91,6 +91,10 @@ pub enum Error {
     #[error("loading needs about {needed} bytes but {limit_from} allows {budget}: {detail}")]
     MemoryBudget { needed: u64, budget: u64, limit_from: String, detail: String },
 
+    /// The observer stopped the request before generation began (see `Observer::cancelled`).
+    #[error("the request was cancelled before generation began (after {after})")]
+    Cancelled { after: String },
+
     /// A caller-supplied option has an invalid value.
     #[error("invalid {name} {value:?}: {message}")]
     InvalidArgument { name: String, value: String, message: String },
@@ -105,6 +109,19 @@ impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(name: impl Into<String>, value: impl ToString, message: impl Into<String>) -> Self {
         Error::InvalidArgument { name: name.into(), value: value.to_string(), message: message.into() }
+    }
+
+    /// Whether the error is the request's fault (a bad option, image or prompt) rather than the
+    /// model folder's or the backend's: servers answer these with 400.
+    pub fn is_request_error(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidArgument { .. }
+                | Error::Image { .. }
+                | Error::ImageTooLarge { .. }
+                | Error::ContextOverflow { .. }
+                | Error::MissingSignal { .. }
+        )
     }
 
     /// Shorthand for [`Error::ModelInterface`].

@@ -31,10 +31,14 @@ pub enum Target {
     Image,
     /// `onnx/vision_encoder.onnx`: protobuf, declared I/O, external-data checks.
     Onnx,
+    /// An OpenAI chat-completions request body (`glimpse serve`): parsing and checking, the
+    /// turns rendered through the chat template and tokenized, a `data:` image decoded and
+    /// preprocessed.
+    ChatRequest,
 }
 
 /// Every target with its name (the fuzz binary's argument and the corpus folder name).
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("config", Target::Config),
     ("preprocessor", Target::Preprocessor),
     ("processor", Target::Processor),
@@ -43,6 +47,7 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("chat_template", Target::ChatTemplate),
     ("image", Target::Image),
     ("onnx", Target::Onnx),
+    ("chat_request", Target::ChatRequest),
 ];
 
 impl std::str::FromStr for Target {
@@ -67,6 +72,7 @@ impl Target {
             Target::ChatTemplate => Some("chat_template.jinja"),
             Target::Image => None,
             Target::Onnx => Some("onnx/vision_encoder.onnx"),
+            Target::ChatRequest => None,
         }
     }
 }
@@ -135,6 +141,22 @@ impl Harness {
                 tok.decode(&ids).map(drop)
             }
             Target::Config | Target::Preprocessor | Target::Processor => self.preprocess(&self.image),
+            Target::ChatRequest => {
+                use crate::api::openai::{parse_chat_request, ImageSource};
+                let req = parse_chat_request(data, limits.max_file_bytes)
+                    .map_err(|e| Error::invalid("chat request", e.status, e.message))?;
+                let folder = ModelFolder::open(&self.dir)?;
+                let tok = TextTokenizer::load(&folder)?;
+                let text = tok.render_chat_turns(&req.history, &req.prompt, req.image.is_some())?.unwrap_or_default();
+                tok.encode(&text)?;
+                match &req.image {
+                    Some(ImageSource::Bytes(bytes)) => {
+                        let img = preprocess::decode_image(bytes, Path::new("image_url"), limits)?;
+                        self.preprocess(&img)
+                    }
+                    _ => Ok(()),
+                }
+            }
         }
     }
 

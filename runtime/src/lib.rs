@@ -8,6 +8,7 @@
 //! ([`select`]) each sit behind one small trait and one registry. `docs/architecture.md` lists
 //! the files each extension point touches.
 
+pub mod api;
 pub mod backend;
 pub mod calibrate;
 pub mod compress;
@@ -34,6 +35,6 @@ pub use folder::{Dtype, ModelFolder, Part};
 pub use generate::{GenerationOptions, SamplingOptions};
 pub use pipeline::{
     Answer, Encoded, EncodedImage, GenerationStats, ImageInput, Observer, OnText, Pipeline, PipelineOptions, Positions,
-    Quiet, Request, SkippedTiles, Stage, StageTimes, TileBudget, TileSkip,
+    Quiet, Request, Role, SkippedTiles, Stage, StageTimes, TileBudget, TileSkip, Turn,
 };
 pub use select::{Budget, Scope, SelectConfig};

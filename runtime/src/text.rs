@@ -78,13 +78,29 @@ impl TextTokenizer {
     /// Renders a single user turn (optionally with one image) and the generation prompt, as
     /// `processor.apply_chat_template(messages, add_generation_prompt=True)` does.
     pub fn render_chat(&self, prompt: &str, with_image: bool) -> Result<Option<String>> {
+        self.render_chat_turns(&[], prompt, with_image)
+    }
+
+    /// Renders earlier text turns, then the user turn (optionally with one image) and the
+    /// generation prompt; every turn's content is a list of typed parts, as processors pass it.
+    pub fn render_chat_turns(
+        &self,
+        history: &[crate::pipeline::Turn],
+        prompt: &str,
+        with_image: bool,
+    ) -> Result<Option<String>> {
         let Some((source, path)) = &self.template else { return Ok(None) };
         let mut content = Vec::new();
         if with_image {
             content.push(json!({"type": "image"}));
         }
         content.push(json!({"type": "text", "text": prompt}));
-        let messages = json!([{"role": "user", "content": content}]);
+        let mut messages: Vec<Value> = history
+            .iter()
+            .map(|t| json!({"role": t.role.name(), "content": [{"type": "text", "text": t.text}]}))
+            .collect();
+        messages.push(json!({"role": "user", "content": content}));
+        let messages = Value::Array(messages);
         let terr = |e: minijinja::Error| Error::Template { path: path.clone(), message: format!("{e:#}") };
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);

@@ -25,6 +25,9 @@ enum Command {
     Profile(cmd::profile::Args),
     /// Write quantized dtype variants (fp16, int8, q4, ...) next to a model's fp32 parts.
     Quantize(cmd::quantize::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat completions with images,
+    /// streaming, a bounded queue, Prometheus metrics), loaded once.
+    Serve(cmd::serve::Args),
     /// Cut a monolithic vision encoder into stages (embed, groups of layers, head), verified
     /// against it before writing.
     Split(cmd::split::Args),
@@ -42,7 +45,7 @@ fn main() -> std::process::ExitCode {
     // the commands that reduce tokens list the encoder-side registry after their options
     let reduction = cmd::encoder_methods_help();
     let mut command = Cli::command();
-    for name in ["ask", "eval", "profile"] {
+    for name in ["ask", "eval", "profile", "serve"] {
         command = command.mut_subcommand(name, |c| c.after_help(reduction.clone()));
     }
     let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
@@ -52,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Profile(a) => cmd::profile::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Split(a) => cmd::split::run(a),
         Command::Targets(a) => cmd::targets::run(a),
     };

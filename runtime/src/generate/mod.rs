@@ -2,8 +2,10 @@
 //! `present.*` out), token sampling (greedy, temperature, top-k, top-p, seeded), and the
 //! prefill + decode loop with streaming ([`stream`]).
 
+pub mod stop;
 pub mod stream;
 
+pub use stop::{StopAt, MAX_STOPS};
 pub use stream::{Generator, StopReason};
 
 use ndarray::{Array1, Array3, ArrayD, Axis, IxDyn};

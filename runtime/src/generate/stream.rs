@@ -23,6 +23,8 @@ pub enum StopReason {
     MaxNewTokens,
     /// The context was full.
     Context,
+    /// The observer stopped generation (client gone, deadline, stop sequence).
+    Cancelled,
 }
 
 /// What the loop needs from a loaded model.
@@ -74,6 +76,9 @@ impl Generator<'_> {
             streamer.push(self.tokenizer, &ids, obs)?;
             if ids.len() >= budget {
                 break limit;
+            }
+            if obs.cancelled() {
+                break StopReason::Cancelled;
             }
             let step_ids = ArrayD::from_elem(IxDyn(&[1, 1]), token);
             let out = self.embed.run(vec![("input_ids", Tensor::I64(step_ids))])?;

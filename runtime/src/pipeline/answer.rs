@@ -22,6 +22,14 @@ fn record(times: &mut StageTimes, stage: Stage, took: Duration, obs: &mut dyn Ob
     obs.stage(stage, took);
 }
 
+/// Stops the request when the observer asks to, naming the last stage that ran.
+fn checkpoint(obs: &mut dyn Observer, after: Stage) -> Result<()> {
+    if obs.cancelled() {
+        return Err(Error::Cancelled { after: after.name().to_string() });
+    }
+    Ok(())
+}
+
 /// Per-request state: the prompt's text embeddings are computed at most once, whichever stage
 /// (tile scoring, a text-guided method) asks first.
 struct Scratch<'a> {
@@ -43,6 +51,9 @@ impl Pipeline {
         };
         let (selector, positions) = custom.as_ref().map_or((&self.selector, self.positions), |(s, p)| (s, *p));
         let mut times = StageTimes::default();
+        if obs.cancelled() {
+            return Err(Error::Cancelled { after: "nothing (it never started)".into() });
+        }
         let (compressed, prompt_compression) = self.compress_prompt(req.prompt, &mut times, obs)?;
         let prompt = compressed.as_deref().unwrap_or(req.prompt);
         let mut scratch = Scratch { prompt, text: None };
@@ -55,11 +66,17 @@ impl Pipeline {
                 record(&mut times, Stage::ImageDecode, started.elapsed(), obs);
                 Some(&decoded)
             }
+            ImageInput::Bytes { bytes, name } => {
+                let started = Instant::now();
+                decoded = crate::preprocess::decode_image(bytes, Path::new(name), self.image_limits)?;
+                record(&mut times, Stage::ImageDecode, started.elapsed(), obs);
+                Some(&decoded)
+            }
             ImageInput::Decoded(img) => Some(img),
             ImageInput::Encoded(_) => None,
         };
         let started = Instant::now();
-        let rendered = self.render_prompt(prompt, !matches!(req.image, ImageInput::None))?;
+        let rendered = self.render_turns(req.history, prompt, !matches!(req.image, ImageInput::None))?;
         let render_time = started.elapsed();
         let mut encoder_stages = Vec::new();
         let prepared = match (req.image, image) {
@@ -105,6 +122,7 @@ impl Pipeline {
                     self.encode(&input)?
                 };
                 record(&mut times, Stage::Encode, started.elapsed(), obs);
+                checkpoint(obs, Stage::Encode)?;
                 encoder_stages.clone_from(&encoded.stages);
                 self.select_and_splice(
                     &rendered,
@@ -123,6 +141,7 @@ impl Pipeline {
         let (prompt_tokens, visual, kept, views) =
             (prepared.input_ids.len(), prepared.visual_tokens, prepared.visual_tokens_kept, prepared.views);
         let layout = prepared.layout.clone();
+        checkpoint(obs, Stage::Splice)?;
         let (ids, stop) = self.generate(prepared, opts, &mut times, obs)?;
         let started = Instant::now();
         let text = self.tokenizer.decode(&ids)?;

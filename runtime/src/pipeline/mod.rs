@@ -31,7 +31,7 @@ pub use crate::select::tiles::{SkippedTiles, TileBudget, TileSkip};
 pub use encode::{Encoded, NOT_ENCODED};
 pub use options::{fast_preset, Fast, PipelineOptions, Positions, PromptCompression, ViewRun};
 pub use prompt::{original_positions, Prepared};
-pub use request::{ImageInput, Observer, OnText, Quiet, Request, Stage};
+pub use request::{ImageInput, Observer, OnText, Quiet, Request, Role, Stage, Turn};
 pub use stats::{Answer, GenerationStats, KeptLayout, PromptCompressionStats, StageTimes};
 pub use vision::{
     Between, Chain, EncoderForm, EncoderHook, Group, NoReduction, VisionEncoder, VisionRun, REDUCTION_STAGE,

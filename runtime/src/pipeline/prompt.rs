@@ -51,9 +51,20 @@ impl Pipeline {
 
     /// Renders the user prompt with the chat template (or the family's fallback).
     pub fn render_prompt(&self, prompt: &str, with_image: bool) -> Result<String> {
-        match self.tokenizer.render_chat(prompt, with_image)? {
+        self.render_turns(&[], prompt, with_image)
+    }
+
+    /// Renders earlier turns and the user prompt with the chat template; the family's fallback
+    /// (folders without a template) renders a single user turn only.
+    pub fn render_turns(&self, history: &[super::Turn], prompt: &str, with_image: bool) -> Result<String> {
+        match self.tokenizer.render_chat_turns(history, prompt, with_image)? {
             Some(s) => Ok(s),
-            None => Ok(self.family.fallback_prompt(prompt, with_image)),
+            None if history.is_empty() => Ok(self.family.fallback_prompt(prompt, with_image)),
+            None => Err(Error::invalid(
+                "messages",
+                format!("{} earlier turns", history.len()),
+                "this model folder has no chat template, so only a single user message can be rendered",
+            )),
         }
     }
 

@@ -22,16 +22,51 @@ pub enum ImageInput<'a> {
     Path(&'a Path),
     /// An already decoded image.
     Decoded(&'a RgbImage),
+    /// The bytes of an image file as received (e.g. a base64 data URL of an HTTP request),
+    /// decoded within the pipeline's limits (timed as `image_decode`); `name` labels errors.
+    Bytes { bytes: &'a [u8], name: &'a str },
     /// An image preprocessed and encoded once ([`super::Pipeline::encode_image`]); its measured
     /// preprocess and encode times are reported again, so time to first token stays that of a
     /// fresh image.
     Encoded(&'a EncodedImage),
 }
 
+/// Who said an earlier turn of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// The role's name in chat templates.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// An earlier text turn of a conversation, rendered through the chat template before the
+/// request's own prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: Role,
+    pub text: String,
+}
+
 /// One question: the prompt, the image, and per-request selection settings.
 #[derive(Debug, Clone, Default)]
 pub struct Request<'a> {
+    /// The user's question (the last user turn); the prompt compressor shortens this text.
     pub prompt: &'a str,
+    /// Earlier turns (system prompt, previous questions and answers), text only; they need a
+    /// chat template in the model folder.
+    pub history: &'a [Turn],
     pub image: ImageInput<'a>,
     /// Token selection for this request only (method, budget, positions); `None` uses the
     /// pipeline's.
@@ -47,6 +82,12 @@ impl<'a> Request<'a> {
     /// The same request about an image.
     pub fn with_image(mut self, image: ImageInput<'a>) -> Self {
         self.image = image;
+        self
+    }
+
+    /// The same request after earlier turns of a conversation.
+    pub fn with_history(mut self, history: &'a [Turn]) -> Self {
+        self.history = history;
         self
     }
 
@@ -106,6 +147,13 @@ pub trait Observer {
     fn stage(&mut self, _stage: Stage, _took: Duration) {}
     /// A piece of the answer became final (pieces concatenate to the answer text).
     fn text(&mut self, _piece: &str) {}
+    /// Asked between stages and after every generated token: `true` stops the request. Before
+    /// generation starts that is [`crate::Error::Cancelled`]; during it, the answer so far with
+    /// [`crate::generate::StopReason::Cancelled`] (a client that went away, a deadline, a stop
+    /// sequence).
+    fn cancelled(&mut self) -> bool {
+        false
+    }
 }
 
 /// An observer that ignores everything.

@@ -16,6 +16,7 @@ pub mod overlay;
 pub mod plot;
 pub mod profile;
 pub mod quantize;
+pub mod serve;
 pub mod split;
 pub mod targets;
 
@@ -209,7 +210,7 @@ impl ModelArgs {
     pub fn pipeline_options(&self, select: &SelectArgs) -> anyhow::Result<(PipelineOptions, Applied)> {
         let (applied, backend_options) = self.settle(select.prune.clone(), select.keep)?;
         // explicit encoder-side flags replace the preset; knobs that only tune them need them
-        let explicit = select.tiles.is_some() || select.regions.is_some() || select.merge.is_some();
+        let explicit = select.encoder_side();
         if !explicit {
             let tuned = [
                 (select.region_scope != Scope::Global, "--region-scope"),
@@ -232,14 +233,7 @@ impl ModelArgs {
         } else {
             (self.dtype.default.unwrap_or(Dtype::Fp32), self.dtype.parts.clone())
         };
-        let config = SelectConfig {
-            method: applied.prune.value.clone(),
-            budget: applied.keep.value.parse()?,
-            scope: select.keep_scope,
-            seed: select.prune_seed,
-            lambda: select.lambda,
-            pool: select.pool_dropped,
-        };
+        let config = select.config(applied.prune.value.clone(), applied.keep.value.parse()?);
         let opts = PipelineOptions {
             dtype,
             part_dtypes,
@@ -290,6 +284,25 @@ pub fn prune_values() -> clap::builder::PossibleValuesParser {
     clap::builder::PossibleValuesParser::new(
         glimpse_runtime::select::METHODS.iter().map(|m| clap::builder::PossibleValue::new(m.name).help(m.help())),
     )
+}
+
+impl SelectArgs {
+    /// The selection these flags describe, with the method and budget as settled.
+    pub fn config(&self, method: String, budget: Budget) -> SelectConfig {
+        SelectConfig {
+            method,
+            budget,
+            scope: self.keep_scope,
+            seed: self.prune_seed,
+            lambda: self.lambda,
+            pool: self.pool_dropped,
+        }
+    }
+
+    /// Whether any encoder-side reduction (`--tiles`, `--regions`, `--merge`) is asked for.
+    pub fn encoder_side(&self) -> bool {
+        self.tiles.is_some() || self.regions.is_some() || self.merge.is_some()
+    }
 }
 
 /// Options of the token-selection (pruning) stage.
