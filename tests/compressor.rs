@@ -27,8 +27,37 @@ fn options(params: &Value) -> CompressOptions {
 #[test]
 fn compression_keeps_the_words_llmlingua_keeps() {
     for name in ["tiny-lingua-xlmr", "tiny-lingua-bert"] {
-        let dir = model(name);
-        let text = std::fs::read_to_string(dir.join("fixtures/llmlingua.json")).expect("fixture");
+        keeps_the_fixture_words(name, &model(name), &model(name));
+    }
+}
+
+/// `export-compressor --from CHECKPOINT` (how a real LLMLingua-2 checkpoint becomes a folder):
+/// the tiny folders' own transformers files, exported again the way a downloaded checkpoint
+/// would be, give a folder that keeps exactly llmlingua's words (the original's fixtures).
+#[cfg(feature = "venv-tests")]
+#[test]
+fn a_checkpoint_exported_with_from_keeps_the_same_words() {
+    for name in ["tiny-lingua-xlmr", "tiny-lingua-bert"] {
+        let out = tempfile::tempdir().expect("tmp");
+        let run = std::process::Command::new(repo().join(".venv/bin/python"))
+            .current_dir(repo().join("tools/export"))
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["-m", "glimpse_export", "export-compressor", "--from"])
+            .arg(model(name))
+            .arg("--out")
+            .arg(out.path())
+            .output()
+            .expect("run the export");
+        assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
+        assert!(!out.path().join("fixtures").exists());
+        keeps_the_fixture_words(name, out.path(), &model(name));
+    }
+}
+
+/// Every single-text fixture case of `fixtures_from` compressed with the folder `dir`.
+fn keeps_the_fixture_words(name: &str, dir: &std::path::Path, fixtures_from: &std::path::Path) {
+    {
+        let text = std::fs::read_to_string(fixtures_from.join("fixtures/llmlingua.json")).expect("fixture");
         let fx: Value = serde_json::from_str(&text).expect("fixture parses");
         let cases = fx["cases"].as_array().expect("cases");
         // one text per request: the multi-context lists (llmlingua's context-level filter) are
@@ -39,7 +68,7 @@ fn compression_keeps_the_words_llmlingua_keeps() {
         for opts in backends() {
             let backend = opts.backend.as_str();
             let b = by_name(backend, &opts.backend_options).expect("backend");
-            let c = PromptCompressor::load(&dir, b.as_ref()).expect("load compressor");
+            let c = PromptCompressor::load(dir, b.as_ref()).expect("load compressor");
             for case in &single {
                 let what = format!("{name} {backend} {}", case["name"].as_str().unwrap_or("?"));
                 let got = c.compress(case["context"].as_str().unwrap(), &options(&case["params"])).expect(&what);

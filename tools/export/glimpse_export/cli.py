@@ -259,7 +259,10 @@ COMPRESSOR_ARCHS = ["xlm-roberta", "bert"]
 
 
 def add_export_compressor(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True, choices=COMPRESSOR_ARCHS)
+    p.add_argument("--arch", choices=COMPRESSOR_ARCHS, help="the tiny or large random-weight shape (not with --from)")
+    p.add_argument("--from", dest="checkpoint", type=Path, default=None,
+                   help="a local LLMLingua-2 checkpoint folder (e.g. microsoft/llmlingua-2-xlm-roberta-large-meetingbank "
+                        "downloaded elsewhere) to export into --out; the arch comes from its config.json")
     p.add_argument("--out", type=Path, default=None,
                    help="compressor folder to (re)write, or to check (required for --size tiny; default for large: "
                         "models/real/llmlingua2-xlm-roberta-large)")
@@ -275,6 +278,18 @@ def add_export_compressor(p: argparse.ArgumentParser) -> None:
 def cmd_export_compressor(args, ap) -> int:
     from .compressor.pipeline import run_check_compressor, run_export_compressor
 
+    if args.checkpoint is not None:
+        if args.arch or args.check or args.size != "tiny" or args.out is None:
+            ap.error("--from CHECKPOINT takes --out DIR only (no --arch, --size or --check)")
+        from .compressor.checkpoint import run_from_checkpoint
+
+        res = run_from_checkpoint(args.checkpoint, args.out, args.threads)
+        print(f"export-compressor --from {args.checkpoint}: wrote {res['out']} ({res['arch']}, {res['bytes']:,} bytes, "
+              f"{res['parameters'] / 1e6:.0f}M parameters) in {res['seconds']:.1f}s; onnxruntime max abs diff "
+              f"{res['ort_max_abs_diff']:.2e}")
+        return 0
+    if args.arch is None:
+        ap.error("--arch is required (or --from CHECKPOINT)")
     if args.size == "large":
         if args.arch != "xlm-roberta" or args.check:
             ap.error("--size large: --arch xlm-roberta only, and no --check (it has no fixtures)")
