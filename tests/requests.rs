@@ -122,3 +122,43 @@ print(json.dumps(tok.apply_chat_template(msgs, chat_template=template, tokenize=
         assert!(ours.contains("Answer in one word.") && ours.contains("No."), "{ours}");
     }
 }
+
+/// A request's own encoder-side reduction: on a pipeline with the staged encoder loaded beside
+/// the monolithic one (`stages_for_requests`, `glimpse serve --request-reduction`), a
+/// request with region skipping answers as a pipeline built with that skipping does, and
+/// encodes fewer tokens; a pipeline without stages refuses it by name.
+#[test]
+fn a_request_brings_its_own_region_skipping() {
+    use glimpse::runtime::pipeline::{EncoderReduction, RegionSkip};
+    use glimpse::runtime::{Budget, Scope, SkippedTiles};
+    let skip = RegionSkip {
+        budget: Budget::Ratio(0.5),
+        scope: Scope::Global,
+        skipped: SkippedTiles::Drop,
+        relevance: 0.0,
+        global: Budget::Ratio(1.0),
+    };
+    let path = repo().join("models/images/scene.png");
+    let opts = GenerationOptions { max_new_tokens: 8, ..Default::default() };
+    let q = "What number is written?";
+    let staged = PipelineOptions { stages_for_requests: true, ..Default::default() };
+    let p = Pipeline::load(model("testbed-smolvlm"), &staged).expect("load staged");
+    let full = p.ask(Some(&path), q, &opts, &mut |_| {}).expect("full");
+    let own = Request::new(q)
+        .with_image(ImageInput::Path(&path))
+        .with_reduction(EncoderReduction { regions: Some(skip), ..Default::default() });
+    let reduced = p.answer(&own, &opts, &mut glimpse::runtime::Quiet).expect("own regions");
+    let built =
+        Pipeline::load(model("testbed-smolvlm"), &PipelineOptions { regions: Some(skip), ..Default::default() })
+            .expect("load with regions");
+    let reference = built.ask(Some(&path), q, &opts, &mut |_| {}).expect("pipeline regions");
+    assert_eq!(reduced.text, reference.text);
+    assert_eq!(reduced.token_ids, reference.token_ids);
+    assert_eq!(reduced.stats.visual_tokens_kept, reference.stats.visual_tokens_kept);
+    assert!(reduced.stats.visual_tokens_kept < full.stats.visual_tokens_kept);
+    let plain = Pipeline::load(model("testbed-smolvlm"), &PipelineOptions::default()).expect("load");
+    if !plain.encoder_is_staged() {
+        let e = plain.answer(&own, &opts, &mut glimpse::runtime::Quiet).unwrap_err();
+        assert!(e.to_string().contains("--request-reduction"), "{e}");
+    }
+}

@@ -34,7 +34,7 @@ pub use error::{Error, Result};
 pub use folder::{Dtype, ModelFolder, Part};
 pub use generate::{GenerationOptions, SamplingOptions};
 pub use pipeline::{
-    Answer, Encoded, EncodedImage, GenerationStats, ImageInput, Observer, OnText, Pipeline, PipelineOptions, Positions,
-    Quiet, Request, Role, SkippedTiles, Stage, StageTimes, TileBudget, TileSkip, Turn,
+    Answer, Encoded, EncodedImage, EncoderReduction, GenerationStats, ImageInput, Observer, OnText, Pipeline,
+    PipelineOptions, Positions, Quiet, Request, Role, SkippedTiles, Stage, StageTimes, TileBudget, TileSkip, Turn,
 };
 pub use select::{Budget, Scope, SelectConfig};

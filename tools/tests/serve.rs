@@ -118,6 +118,9 @@ fn the_openai_client_gets_what_glimpse_ask_answers() {
     // a per-request selection reached the pipeline
     let p = &r["pruned_glimpse"];
     assert!(p["visual_tokens_kept"].as_u64() < p["visual_tokens"].as_u64(), "{p}");
+    let unstaged = &r["regions_unstaged"];
+    assert_eq!(unstaged["status"], 400, "{unstaged}");
+    assert!(unstaged["error"]["message"].as_str().unwrap_or("").contains("--request-reduction"), "{unstaged}");
     if let Some(stop) = r.get("stop") {
         let cut = expected.split(stop["sequence"].as_str().unwrap_or("")).next().unwrap_or("");
         assert_eq!(stop["answer"], cut, "{stop}");
@@ -163,13 +166,28 @@ fn the_openai_client_gets_what_glimpse_ask_answers() {
     assert!(stderr.contains("stopped"), "{stderr}");
 }
 
-/// The bounded load test: 8 clients x 25 requests on loopback; every request is answered or
+/// The bounded load test (staged encoder: a request's own `regions` is checked first): 8
+/// clients x 25 requests on loopback; every request is answered or
 /// refused with 429, none lost, none 5xx. Prints the figures (docs/serving.md quotes a run).
 #[test]
 fn eight_clients_times_twenty_five_requests_are_all_answered_or_refused() {
-    let server = Server::start(&["--queue", "4"]);
+    let server = Server::start(&["--queue", "4", "--request-reduction"]);
     let pid = server.child.id().to_string();
-    let r = server.client(&["load", "--image", IMAGE, "--prompt", PROMPT, "--max-tokens", "8", "--pid", &pid]);
+    let r = server.client(&[
+        "load",
+        "--image",
+        IMAGE,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "8",
+        "--pid",
+        &pid,
+        "--regions-check",
+    ]);
+    // a request's own region skipping (the staged encoder loaded) encodes fewer visual tokens
+    let (reg, full) = (&r["regions_check"]["regions"], &r["regions_check"]["full"]);
+    assert!(reg["visual_tokens_kept"].as_u64() < full["visual_tokens_kept"].as_u64(), "{reg} vs {full}");
     eprintln!("load test: {r}");
     let statuses = r["statuses"].as_object().expect("statuses");
     let total: u64 = statuses.values().filter_map(Value::as_u64).sum();

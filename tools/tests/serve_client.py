@@ -45,7 +45,10 @@ def raw(base, method, path, body=None, headers=None):
     """(status, headers, body bytes) of one plain HTTP request."""
     u = urllib.parse.urlparse(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
-    conn.request(method, path, body=body, headers=headers or {})
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered (413) and closed before the whole body was sent: read its answer
     r = conn.getresponse()
     out = (r.status, dict(r.getheaders()), r.read())
     conn.close()
@@ -113,6 +116,9 @@ def check(a):
     r = c.chat.completions.create(model="any", messages=msgs, max_tokens=a.max_tokens, temperature=0, seed=0,
                                   extra_body={"glimpse": {"prune": "random", "keep": 0.25}})
     report["pruned_glimpse"] = (r.model_extra or {}).get("glimpse")
+    # encoder-side reduction per request needs the staged encoder loaded (this server has not)
+    report["regions_unstaged"] = post_json(a.base, {"model": "m", "messages": msgs, "max_tokens": 2,
+                                                    "glimpse": {"regions": 0.5}})
 
     # concurrent clients, each with its own connection
     def one(_):
@@ -180,6 +186,14 @@ def rss_kib(pid):
 def load(a):
     msgs = messages(a.prompt, data_url(a.image))
     rss_before = rss_kib(a.pid)
+    # with the staged encoder loaded (--request-reduction), a request's own region skipping encodes fewer tokens
+    regions = None
+    if a.regions_check:
+        r = client(a.base).chat.completions.create(model="any", messages=msgs, max_tokens=a.max_tokens, temperature=0,
+                                                   extra_body={"glimpse": {"regions": 0.5}})
+        full = client(a.base).chat.completions.create(model="any", messages=msgs, max_tokens=a.max_tokens,
+                                                      temperature=0)
+        regions = {"regions": r.model_extra["glimpse"], "full": full.model_extra["glimpse"]}
 
     def run_client(i):
         c = client(a.base)
@@ -210,7 +224,7 @@ def load(a):
     print(json.dumps({
         "clients": a.clients, "requests_per_client": a.requests, "sent": len(results), "statuses": statuses,
         "p50_ms": pct(50), "p99_ms": pct(99), "answered_per_s": len(ok) / wall, "wall_s": wall,
-        "rss_kib_before": rss_before, "rss_kib_after": rss_kib(a.pid),
+        "rss_kib_before": rss_before, "rss_kib_after": rss_kib(a.pid), "regions_check": regions,
     }))
 
 
@@ -226,6 +240,7 @@ def main():
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=25)
     p.add_argument("--pid", type=int)
+    p.add_argument("--regions-check", action="store_true")
     a = p.parse_args()
     check(a) if a.mode == "check" else load(a)
 

@@ -50,6 +50,20 @@ impl Pipeline {
             None => None,
         };
         let (selector, positions) = custom.as_ref().map_or((&self.selector, self.positions), |(s, p)| (s, *p));
+        let reduction = match &req.reduction {
+            Some(r) => {
+                self.check_reduction(r)?;
+                if r.is_active() && matches!(req.image, ImageInput::Encoded(_)) {
+                    return Err(Error::invalid(
+                        "reduction",
+                        "an encoded image",
+                        "a request's own encoder reduction needs the image, not an encoding made without it",
+                    ));
+                }
+                *r
+            }
+            None => self.reduction(),
+        };
         let mut times = StageTimes::default();
         if obs.cancelled() {
             return Err(Error::Cancelled { after: "nothing (it never started)".into() });
@@ -115,9 +129,9 @@ impl Pipeline {
                 let input = self.preprocess(img)?;
                 record(&mut times, Stage::Preprocess, started.elapsed(), obs);
                 let started = Instant::now();
-                let encoded = if self.reduces_encoder() {
+                let encoded = if reduction.is_active() {
                     let mut text = || self.scratch_text(&mut scratch).cloned();
-                    self.encode_reduced(&input, &mut text)?
+                    self.encode_reduced_with(&input, &mut text, &reduction)?
                 } else {
                     self.encode(&input)?
                 };

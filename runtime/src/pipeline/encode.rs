@@ -9,7 +9,7 @@ use std::time::Duration;
 use ndarray::{Array2, Axis};
 
 use super::vision::{add_stage_times, Chain, EncoderHook, NoReduction, VisionEncoder, VisionRun};
-use super::Pipeline;
+use super::{EncoderReduction, Pipeline};
 use crate::backend::{NamedOutputs, Tensor};
 use crate::error::{Error, Result};
 use crate::family::{view_starts, ViewKind, VisionInput};
@@ -214,10 +214,10 @@ impl Pipeline {
         }
     }
 
-    /// The merging hook (ToMe or Token Transforming) for this pipeline, when merging is on.
-    fn merger(&self) -> Option<Box<dyn Merger>> {
+    /// The merging hook (ToMe or Token Transforming) of `red`, when merging is on.
+    fn merger(&self, red: &EncoderReduction) -> Option<Box<dyn Merger>> {
         let protected = self.family.encoder_prefix_tokens();
-        self.merge.map(|r| self.merge_method.hook(MergeConfig { r, protected }))
+        red.merge.map(|r| red.merge_method.hook(MergeConfig { r, protected }))
     }
 
     /// Encodes `input` with every encoder-side reduction the pipeline is configured for: tile or
@@ -229,19 +229,30 @@ impl Pipeline {
         input: &VisionInput,
         text: &mut dyn FnMut() -> Result<Array2<f32>>,
     ) -> Result<Encoded> {
+        self.encode_reduced_with(input, text, &self.reduction())
+    }
+
+    /// [`Self::encode_reduced`] with a given reduction (a request's own, checked with
+    /// [`Pipeline::check_reduction`]).
+    pub fn encode_reduced_with(
+        &self,
+        input: &VisionInput,
+        text: &mut dyn FnMut() -> Result<Array2<f32>>,
+        red: &EncoderReduction,
+    ) -> Result<Encoded> {
         let g = input.views.iter().position(|v| v.kind == ViewKind::Global);
         let tiled = g.is_some() && !tiles::tile_views(&input.views).is_empty();
-        let relevance = self.score_relevance();
+        let relevance = red.relevance();
         let text = if tiled && relevance != 0.0 { Some(text()?) } else { None };
-        match (tiled, self.tiles, self.regions) {
-            (true, Some(_), _) | (true, _, Some(_)) => self.encode_guided(input, g.unwrap_or(0), text.as_ref()),
-            (false, _, Some(skip)) => self.encode_salient(input, &skip),
-            _ => self.encode_merged(input, None),
+        match (tiled, red.tiles, red.regions) {
+            (true, Some(_), _) | (true, _, Some(_)) => self.encode_guided(input, g.unwrap_or(0), text.as_ref(), red),
+            (false, _, Some(skip)) => self.encode_salient(input, &skip, red),
+            _ => self.encode_merged(input, None, red),
         }
     }
 
     /// The whole input through the encoder, merged when merging is on (`only`: just these views).
-    fn encode_merged(&self, input: &VisionInput, only: Option<&[usize]>) -> Result<Encoded> {
+    fn encode_merged(&self, input: &VisionInput, only: Option<&[usize]>, red: &EncoderReduction) -> Result<Encoded> {
         let sub;
         let input = match only {
             Some(views) => {
@@ -250,7 +261,7 @@ impl Pipeline {
             }
             None => input,
         };
-        match self.merger() {
+        match self.merger(red) {
             Some(mut tome) => {
                 let mut enc = self.encode_on(self.encoder_for(true), input, &mut *tome)?;
                 let prefix = self.family.encoder_prefix_tokens();
@@ -263,13 +274,13 @@ impl Pipeline {
 
     /// Single-view region skipping: each view keeps its most salient patch groups (saliency of
     /// its own patch embeddings), run one view at a time.
-    fn encode_salient(&self, input: &VisionInput, skip: &RegionSkip) -> Result<Encoded> {
+    fn encode_salient(&self, input: &VisionInput, skip: &RegionSkip, red: &EncoderReduction) -> Result<Encoded> {
         let prefix = self.family.encoder_prefix_tokens();
         let mut parts = Vec::with_capacity(input.views.len());
         let mut present = Vec::with_capacity(input.views.len());
         for (v, view) in input.views.iter().enumerate() {
             let mut keep = PatchKeep::new(Keep::Salient(skip.budget), prefix, view.grid);
-            let enc = self.encode_partial(input, v, &mut keep)?;
+            let enc = self.encode_partial(input, v, &mut keep, red)?;
             present.push(keep.kept().to_vec());
             parts.push(enc);
         }
@@ -288,21 +299,33 @@ impl Pipeline {
     }
 
     /// One view through the staged encoder with region skipping (`keep`) and merging.
-    fn encode_partial(&self, input: &VisionInput, view: usize, keep: &mut PatchKeep) -> Result<Encoded> {
+    fn encode_partial(
+        &self,
+        input: &VisionInput,
+        view: usize,
+        keep: &mut PatchKeep,
+        red: &EncoderReduction,
+    ) -> Result<Encoded> {
         let staged = self.encoder_for(true);
         let one = input.subset(&[view]);
         let (hidden, took) = staged.embed(one.inputs_for(staged.inputs(), self.family.name())?)?;
-        let mut enc = self.run_partial(&one, hidden, keep)?;
+        let mut enc = self.run_partial(&one, hidden, keep, red)?;
         enc.stages.insert(0, ("vision_embed".into(), took));
         Ok(enc)
     }
 
     /// The groups and head of the staged encoder on one embedded view `[1, tokens, d]`, with
     /// region skipping (`keep`) and merging; `one` is that view's input.
-    fn run_partial(&self, one: &VisionInput, hidden: ndarray::Array3<f32>, keep: &mut PatchKeep) -> Result<Encoded> {
+    fn run_partial(
+        &self,
+        one: &VisionInput,
+        hidden: ndarray::Array3<f32>,
+        keep: &mut PatchKeep,
+        red: &EncoderReduction,
+    ) -> Result<Encoded> {
         let staged = self.encoder_for(true);
         let tokens = hidden.shape()[1];
-        let mut merger = self.merger();
+        let mut merger = self.merger(red);
         let run = {
             let mut hooks: Vec<&mut dyn EncoderHook> = vec![&mut *keep];
             if let Some(m) = merger.as_mut() {
@@ -325,24 +348,30 @@ impl Pipeline {
     /// run), adds each token's patch-embedding saliency to its score and runs the layers on the
     /// chosen patch groups only. Rows never encoded are absent, or stand in from the global view
     /// under `--skipped-tiles global`; every view keeps its place in the prompt.
-    fn encode_guided(&self, input: &VisionInput, g: usize, text: Option<&Array2<f32>>) -> Result<Encoded> {
+    fn encode_guided(
+        &self,
+        input: &VisionInput,
+        g: usize,
+        text: Option<&Array2<f32>>,
+        red: &EncoderReduction,
+    ) -> Result<Encoded> {
         // under region skipping the tiles' rows come from the stages, which carry no signals, so
         // the global view runs the stages too (cheaper than the monolithic file's signal outputs)
         // region skipping may also keep only the global view's most salient patch groups
         let mut global_rows: Option<Vec<usize>> = None;
-        let global = match (self.regions, self.merger()) {
+        let global = match (red.regions, self.merger(red)) {
             (Some(skip), _) if !skip.global.is_full() => {
                 let prefix = self.family.encoder_prefix_tokens();
                 let mut keep = PatchKeep::new(Keep::Salient(skip.global), prefix, input.views[g].grid);
-                let e = self.encode_partial(input, g, &mut keep)?;
+                let e = self.encode_partial(input, g, &mut keep, red)?;
                 global_rows = Some(keep.kept().to_vec());
                 e
             }
             (Some(_), None) => self.encode_on(self.encoder_for(true), &input.subset(&[g]), &mut NoReduction)?,
-            _ => self.encode_merged(input, Some(&[g]))?,
+            _ => self.encode_merged(input, Some(&[g]), red)?,
         };
         let gview = &input.views[g];
-        let relevance = self.score_relevance();
+        let relevance = red.relevance();
         let gscores = match &global_rows {
             None => tiles::global_token_scores(&global.features, text, relevance),
             Some(rows) => {
@@ -359,7 +388,7 @@ impl Pipeline {
         let tile_ids = tiles::tile_views(&input.views);
         let mut runs: Vec<(Vec<usize>, Encoded)> = Vec::new(); // (views, encoding of them in order)
         let mut extra_stages: Vec<(String, Duration)> = Vec::new();
-        let (kept, skipped): (Vec<Vec<usize>>, SkippedTiles) = match (self.tiles, self.regions) {
+        let (kept, skipped): (Vec<Vec<usize>>, SkippedTiles) = match (red.tiles, red.regions) {
             (_, Some(skip)) => {
                 let staged = self.encoder_for(true);
                 let sub = input.subset(&tile_ids);
@@ -389,14 +418,14 @@ impl Pipeline {
                     }
                     let one = hidden.slice(ndarray::s![k..k + 1, .., ..]).to_owned();
                     let mut keep = PatchKeep::new(Keep::Tokens(kept[v].clone()), prefix, input.views[v].grid);
-                    runs.push((vec![v], self.run_partial(&input.subset(&[v]), one, &mut keep)?));
+                    runs.push((vec![v], self.run_partial(&input.subset(&[v]), one, &mut keep, red)?));
                 }
                 (kept, skip.skipped)
             }
             (Some(skip), None) => {
                 let chosen = tiles::choose_tiles(&input.views, g, &gscores, skip.budget);
                 if !chosen.is_empty() {
-                    runs.push((chosen.clone(), self.encode_merged(input, Some(&chosen))?));
+                    runs.push((chosen.clone(), self.encode_merged(input, Some(&chosen), red)?));
                 }
                 let kept = input
                     .views
@@ -406,7 +435,7 @@ impl Pipeline {
                     .collect();
                 (kept, skip.skipped)
             }
-            (None, None) => return self.encode_merged(input, None),
+            (None, None) => return self.encode_merged(input, None, red),
         };
         let starts = view_starts(&input.views);
         // each present row: (encoding, row in it)

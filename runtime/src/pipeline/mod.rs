@@ -29,7 +29,7 @@ use crate::text::TextTokenizer;
 pub use crate::select::regions::RegionSkip;
 pub use crate::select::tiles::{SkippedTiles, TileBudget, TileSkip};
 pub use encode::{Encoded, NOT_ENCODED};
-pub use options::{fast_preset, Fast, PipelineOptions, Positions, PromptCompression, ViewRun};
+pub use options::{fast_preset, EncoderReduction, Fast, PipelineOptions, Positions, PromptCompression, ViewRun};
 pub use prompt::{original_positions, Prepared};
 pub use request::{ImageInput, Observer, OnText, Quiet, Request, Role, Stage, Turn};
 pub use stats::{Answer, GenerationStats, KeptLayout, PromptCompressionStats, StageTimes};
@@ -260,7 +260,7 @@ impl Pipeline {
             None => VisionEncoder::Monolithic(load(Part::VisionEncoder)?),
             Some(files) => load_staged(files)?,
         };
-        let reduces = opts.regions.is_some() || opts.merge.is_some();
+        let reduces = opts.regions.is_some() || opts.merge.is_some() || opts.stages_for_requests;
         let groups = manifest.stages.as_ref().map_or(0, |s| s.blocks.len());
         if opts.merge.is_some() && groups < 2 {
             return Err(Error::field(
@@ -384,7 +384,38 @@ impl Pipeline {
 
     /// Whether any reduction acts before or inside the encoder (tiles, regions, merging).
     pub fn reduces_encoder(&self) -> bool {
-        self.tiles.is_some() || self.regions.is_some() || self.merge.is_some()
+        self.reduction().is_active()
+    }
+
+    /// The pipeline's encoder-side reduction (what requests get unless they bring their own).
+    pub fn reduction(&self) -> EncoderReduction {
+        EncoderReduction {
+            tiles: self.tiles,
+            regions: self.regions,
+            merge: self.merge,
+            merge_method: self.merge_method,
+        }
+    }
+
+    /// Checks that this pipeline can run `r` (a request's own reduction): regions and merging
+    /// need the staged encoder loaded, merging at least two groups of layers.
+    pub fn check_reduction(&self, r: &EncoderReduction) -> Result<()> {
+        if r.needs_stages() && self.staged.is_none() && !self.vision.is_staged() {
+            return Err(Error::invalid(
+                "reduction",
+                "regions/merge",
+                "region skipping and merging need the staged encoder loaded: start the server with `--request-reduction` (or with --regions / --merge)",
+            ));
+        }
+        let groups = self.folder.manifest.stages.as_ref().map_or(0, |s| s.blocks.len());
+        if r.merge.is_some() && groups < 2 {
+            return Err(Error::invalid(
+                "merge",
+                format!("{groups} groups"),
+                "token merging acts between groups of layers: split the encoder into more (`glimpse split --groups 4`)",
+            ));
+        }
+        Ok(())
     }
 
     /// Whether the tokens encoded depend on the prompt (tile or region skipping guided by the
@@ -395,7 +426,7 @@ impl Pipeline {
 
     /// Weight of prompt relevance in the global view's tile / region scores (0 without either).
     fn score_relevance(&self) -> f32 {
-        self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0)
+        self.reduction().relevance()
     }
 
     /// The backend running the parts.

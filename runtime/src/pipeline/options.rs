@@ -10,6 +10,38 @@ use crate::select::regions::RegionSkip;
 use crate::select::tiles::TileSkip;
 use crate::select::{Budget, SelectConfig};
 
+/// Token reduction before and inside the vision encoder: tile or region skipping and token
+/// merging. The pipeline has one (from its options); a request may bring its own
+/// ([`super::Request::with_reduction`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EncoderReduction {
+    /// Skip whole tiles before the encoder (tiled families only).
+    pub tiles: Option<TileSkip>,
+    /// Run the encoder's layers only on the best patch groups (needs stages).
+    pub regions: Option<RegionSkip>,
+    /// Tokens merged per view after each group of encoder layers (needs stages).
+    pub merge: Option<Budget>,
+    /// How merged tokens combine.
+    pub merge_method: crate::select::tome::MergeMethod,
+}
+
+impl EncoderReduction {
+    /// Whether anything is reduced.
+    pub fn is_active(&self) -> bool {
+        self.tiles.is_some() || self.regions.is_some() || self.merge.is_some()
+    }
+
+    /// Whether it needs the staged encoder (regions and merging act between its groups).
+    pub fn needs_stages(&self) -> bool {
+        self.regions.is_some() || self.merge.is_some()
+    }
+
+    /// Weight of prompt relevance in the global view's tile / region scores (0 without either).
+    pub fn relevance(&self) -> f32 {
+        self.regions.map(|r| r.relevance).or(self.tiles.map(|t| t.relevance)).unwrap_or(0.0)
+    }
+}
+
 /// How a pipeline is built.
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -46,6 +78,10 @@ pub struct PipelineOptions {
     /// Shorten every request's text prompt with a prompt compressor first (timed as the
     /// `prompt_compress` stage); `None`: prompts reach the model as given.
     pub prompt_compression: Option<PromptCompression>,
+    /// Also load the staged encoder beside a monolithic one, so that requests can bring their
+    /// own region skipping or merging ([`super::Request::with_reduction`]); costs the
+    /// encoder's weights a second time.
+    pub stages_for_requests: bool,
 }
 
 /// A prompt compressor folder and how hard it compresses (`glimpse ask --prompt-compressor`).
@@ -137,6 +173,7 @@ impl Default for PipelineOptions {
             encoder: super::EncoderForm::Auto,
             views: ViewRun::Auto,
             prompt_compression: None,
+            stages_for_requests: false,
         }
     }
 }

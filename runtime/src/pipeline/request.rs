@@ -7,7 +7,7 @@ use std::time::Duration;
 use image::RgbImage;
 use serde::Serialize;
 
-use super::EncodedImage;
+use super::{EncodedImage, EncoderReduction};
 use crate::select::SelectConfig;
 
 use super::Positions;
@@ -71,6 +71,8 @@ pub struct Request<'a> {
     /// Token selection for this request only (method, budget, positions); `None` uses the
     /// pipeline's.
     pub selection: Option<(SelectConfig, Positions)>,
+    /// Tile / region skipping and merging for this request only; `None` uses the pipeline's.
+    pub reduction: Option<EncoderReduction>,
 }
 
 impl<'a> Request<'a> {
@@ -88,6 +90,12 @@ impl<'a> Request<'a> {
     /// The same request after earlier turns of a conversation.
     pub fn with_history(mut self, history: &'a [Turn]) -> Self {
         self.history = history;
+        self
+    }
+
+    /// The same request with its own reduction before and inside the encoder.
+    pub fn with_reduction(mut self, reduction: EncoderReduction) -> Self {
+        self.reduction = Some(reduction);
         self
     }
 

@@ -234,6 +234,7 @@ impl ModelArgs {
             (self.dtype.default.unwrap_or(Dtype::Fp32), self.dtype.parts.clone())
         };
         let config = select.config(applied.prune.value.clone(), applied.keep.value.parse()?);
+        let reduction = select.reduction()?;
         let opts = PipelineOptions {
             dtype,
             part_dtypes,
@@ -241,26 +242,17 @@ impl ModelArgs {
             image_limits: ImageLimits { max_pixels: self.max_image_pixels, ..ImageLimits::default() },
             select: config,
             positions: select.positions,
-            tiles: select.tiles.map(|budget| TileSkip {
-                budget,
-                skipped: select.skipped_tiles,
-                relevance: select.region_relevance,
-            }),
-            regions: select.regions.map(|budget| RegionSkip {
-                budget,
-                scope: select.region_scope,
-                skipped: select.skipped_tiles,
-                relevance: select.region_relevance,
-                global: select.global_regions,
-            }),
-            merge: select.merge.as_deref().map(tome::parse_r).transpose()?.flatten(),
-            merge_method: select.merge_method,
+            tiles: reduction.tiles,
+            regions: reduction.regions,
+            merge: reduction.merge,
+            merge_method: reduction.merge_method,
             fast: if explicit { Fast::Off } else { applied.fast_mode() },
             backend_options,
             max_memory: self.max_memory,
             encoder: self.encoder,
             views: self.views,
             prompt_compression: self.compress.config(),
+            stages_for_requests: false,
         };
         Ok((opts, applied))
     }
@@ -297,6 +289,27 @@ impl SelectArgs {
             lambda: self.lambda,
             pool: self.pool_dropped,
         }
+    }
+
+    /// The encoder-side reduction these flags describe (`--tiles`, `--regions`, `--merge` and
+    /// the knobs that tune them).
+    pub fn reduction(&self) -> anyhow::Result<glimpse_runtime::EncoderReduction> {
+        Ok(glimpse_runtime::EncoderReduction {
+            tiles: self.tiles.map(|budget| TileSkip {
+                budget,
+                skipped: self.skipped_tiles,
+                relevance: self.region_relevance,
+            }),
+            regions: self.regions.map(|budget| RegionSkip {
+                budget,
+                scope: self.region_scope,
+                skipped: self.skipped_tiles,
+                relevance: self.region_relevance,
+                global: self.global_regions,
+            }),
+            merge: self.merge.as_deref().map(tome::parse_r).transpose()?.flatten(),
+            merge_method: self.merge_method,
+        })
     }
 
     /// Whether any encoder-side reduction (`--tiles`, `--regions`, `--merge`) is asked for.

@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use clap::Parser;
 use futures_util::StreamExt;
 use glimpse_runtime::api::openai::{self, ApiError, Ids, ImageSource};
-use glimpse_runtime::{Budget, Positions, SelectConfig};
+use glimpse_runtime::{Budget, EncoderReduction, Positions, SelectConfig};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -111,24 +111,30 @@ async fn chat_inner(s: &Shared, headers: &HeaderMap, body: Body) -> Result<Respo
         )
     };
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > s.body_limit as u64) {
-        return Err(too_large());
-    }
-    let bytes = axum::body::to_bytes(body, s.body_limit).await.map_err(|_| too_large())?;
+    let bytes = read_body(body, s.body_limit, declared).await.ok_or_else(too_large)?;
     let chat = openai::parse_chat_request(&bytes, s.max_image_bytes)?;
     let image_path = match &chat.image {
         Some(ImageSource::Path(p)) => Some(openai::confine(p, &s.allow_dirs, "image_url")?),
         _ => None,
     };
-    let (selection, ignore_eos) = match &chat.glimpse {
+    let own = match &chat.glimpse {
         Some(o) => glimpse_options(o, s)?,
-        None => (None, false),
+        None => RequestOptions::default(),
     };
     let deadline = received + s.timeout;
     let (events, rx) = tokio::sync::mpsc::unbounded_channel();
     let (stream, include_usage) = (chat.stream, chat.include_usage);
     let max_new_tokens = chat.max_tokens.unwrap_or(s.max_tokens);
-    let job = Job { chat, image_path, selection, max_new_tokens, ignore_eos, deadline, events };
+    let job = Job {
+        chat,
+        image_path,
+        selection: own.selection,
+        reduction: own.reduction,
+        max_new_tokens,
+        ignore_eos: own.ignore_eos,
+        deadline,
+        events,
+    };
     s.metrics.enqueued();
     if let Err(e) = s.jobs.try_send(job) {
         s.metrics.dequeued();
@@ -153,6 +159,36 @@ async fn chat_inner(s: &Shared, headers: &HeaderMap, body: Body) -> Result<Respo
     } else {
         whole(rx, ids, wait_until).await
     }
+}
+
+/// Most bytes of an oversized body read and thrown away before answering 413, so that the
+/// client, still sending, reads the answer instead of a reset connection.
+const DRAIN: u64 = 64 << 20;
+
+/// The body if it fits in `limit` bytes; `None` (after draining up to [`DRAIN`] bytes of it)
+/// if it does not or cannot be read.
+async fn read_body(body: Body, limit: usize, declared: Option<u64>) -> Option<Vec<u8>> {
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    let mut seen: u64 = 0;
+    let mut over = declared.is_some_and(|n| n > limit as u64);
+    if !over {
+        out.reserve(declared.map_or(0, |n| n as usize));
+    }
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.ok()?;
+        seen += chunk.len() as u64;
+        if over || seen > limit as u64 {
+            over = true;
+            out = Vec::new();
+            if seen > DRAIN {
+                return None;
+            }
+        } else {
+            out.extend_from_slice(&chunk);
+        }
+    }
+    (!over).then_some(out)
 }
 
 /// The answer as one `chat.completion` body.
@@ -242,12 +278,17 @@ async fn sse(
 
 /// A request's `glimpse` object read as `glimpse ask`'s selection flags (one definition: keys
 /// are the flag names, `keep` → `--keep`, `pool_dropped` → `--pool-dropped`); `prune` and
-/// `keep` default to the server's. Also `ignore_eos`. Encoder-side reduction (`tiles`,
-/// `regions`, `merge`) is set when the server starts, not per request.
-fn glimpse_options(
-    obj: &Map<String, Value>,
-    s: &Shared,
-) -> Result<(Option<(SelectConfig, Positions)>, bool), ApiError> {
+/// `keep` default to the server's, and so does the encoder-side reduction unless the object
+/// names `tiles`, `regions` or `merge`. Also `ignore_eos`.
+/// A request's own settings from its `glimpse` object.
+#[derive(Default)]
+struct RequestOptions {
+    selection: Option<(SelectConfig, Positions)>,
+    reduction: Option<EncoderReduction>,
+    ignore_eos: bool,
+}
+
+fn glimpse_options(obj: &Map<String, Value>, s: &Shared) -> Result<RequestOptions, ApiError> {
     #[derive(clap::Parser)]
     #[command(no_binary_name = true)]
     struct RequestSelect {
@@ -272,7 +313,7 @@ fn glimpse_options(
         }
     }
     if argv.is_empty() {
-        return Ok((None, ignore_eos));
+        return Ok(RequestOptions { ignore_eos, ..Default::default() });
     }
     let parsed = RequestSelect::try_parse_from(&argv).map_err(|e| {
         let text = e.render().to_string();
@@ -280,16 +321,16 @@ fn glimpse_options(
         ApiError::invalid("glimpse", format!("{first} (keys are glimpse ask's selection flags: prune, keep, ...)"))
     })?;
     let select = parsed.select;
-    if select.encoder_side() {
-        return Err(ApiError::invalid(
-            "glimpse",
-            "tiles, regions and merge are set when the server starts (glimpse serve --tiles/--regions/--merge), not per request",
-        ));
-    }
+    // the encoder-side flags replace the server's only when the request names one of them
+    let reduction = if select.encoder_side() {
+        Some(select.reduction().map_err(|e| ApiError::invalid("glimpse", e.to_string()))?)
+    } else {
+        None
+    };
     let method = select.prune.clone().unwrap_or_else(|| s.default_prune.clone());
     let budget = match select.keep {
         Some(b) => b,
         None => s.default_keep.parse::<Budget>().map_err(|e| ApiError::invalid("glimpse.keep", e.to_string()))?,
     };
-    Ok((Some((select.config(method, budget), select.positions)), ignore_eos))
+    Ok(RequestOptions { selection: Some((select.config(method, budget), select.positions)), reduction, ignore_eos })
 }

@@ -50,6 +50,10 @@ pub struct Args {
     /// Most tokens to generate when a request gives no `max_tokens`.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    /// Load the staged encoder beside the monolithic one so that a request's `glimpse` object
+    /// can ask for its own `regions` / `merge` (the encoder's weights are held twice).
+    #[arg(long)]
+    pub request_reduction: bool,
     /// The model id `/v1/models` lists and responses carry (default: the folder's name).
     #[arg(long)]
     pub model_id: Option<String>,
@@ -73,7 +77,8 @@ pub(crate) struct Shared {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (options, applied) = args.model.pipeline_options(&args.select)?;
+    let (mut options, applied) = args.model.pipeline_options(&args.select)?;
+    options.stages_for_requests = args.request_reduction;
     let allow_dirs = args
         .allow_dir
         .iter()

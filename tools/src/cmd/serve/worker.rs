@@ -11,8 +11,8 @@ use std::time::Instant;
 use glimpse_runtime::api::openai::{self, ApiError, ChatRequest, ImageSource};
 use glimpse_runtime::generate::{StopAt, StopReason};
 use glimpse_runtime::{
-    Error, GenerationOptions, GenerationStats, ImageInput, Observer, Pipeline, PipelineOptions, Positions, Request,
-    SelectConfig,
+    EncoderReduction, Error, GenerationOptions, GenerationStats, ImageInput, Observer, Pipeline, PipelineOptions,
+    Positions, Request, SelectConfig,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -25,6 +25,8 @@ pub struct Job {
     pub image_path: Option<PathBuf>,
     /// The request's own selection (from its `glimpse` object).
     pub selection: Option<(SelectConfig, Positions)>,
+    /// The request's own tile / region skipping and merging.
+    pub reduction: Option<EncoderReduction>,
     pub max_new_tokens: usize,
     pub ignore_eos: bool,
     pub deadline: Instant,
@@ -135,6 +137,9 @@ fn answer(pipeline: &Pipeline, job: Job, metrics: &Metrics) {
     let mut request = Request::new(&job.chat.prompt).with_history(&job.chat.history).with_image(image);
     if let Some((config, positions)) = &job.selection {
         request = request.with_selection(config.clone(), *positions);
+    }
+    if let Some(r) = job.reduction {
+        request = request.with_reduction(r);
     }
     let opts = GenerationOptions {
         max_new_tokens: job.max_new_tokens,
