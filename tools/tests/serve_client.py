@@ -4,12 +4,14 @@ Run by tools/tests/serve.rs, which starts the server and checks the JSON report 
 
   python serve_client.py check --base URL --image PNG --prompt TEXT --max-tokens N --allowed-image PNG
   python serve_client.py load  --base URL --image PNG --prompt TEXT --clients 8 --requests 25 --pid PID
+  python serve_client.py soak  --base URL --image PNG --prompt TEXT --requests 1000 --pid PID
 
 `check`: one answer (non-streamed and streamed), concurrent clients, a full queue (429 with
 Retry-After, while a long request holds the worker and two wait), a disconnected client
 cancelling its request, and bad input (malformed JSON, huge body, bad base64, non-image data,
 disallowed paths, remote URLs, a prompt past the context). `load`: N clients x M requests,
-statuses, p50/p99 latency, throughput, server RSS before and after.
+statuses, p50/p99 latency, throughput, server RSS before and after. `soak`: requests in turn, the
+server's RSS sampled after each.
 """
 
 import argparse
@@ -228,9 +230,52 @@ def load(a):
     }))
 
 
+def soak(a):
+    """1000 requests in turn (image and text-only, streamed and whole, some with a selection) through one server,
+    its RSS sampled after every request: the median over requests 101-200 against the median over the last 100."""
+    c = client(a.base)
+    img = messages(a.prompt, data_url(a.image))
+    text = [{"role": "user", "content": "Is there a red square?"}]
+    statuses, samples, base, curve = {}, [], None, []
+    for i in range(a.requests):
+        kind = i % 4
+        try:
+            if kind == 0:
+                c.chat.completions.create(model="any", messages=img, max_tokens=4, temperature=0)
+            elif kind == 1:
+                for _ in c.chat.completions.create(model="any", messages=img, max_tokens=4, temperature=0, stream=True):
+                    pass
+            elif kind == 2:
+                c.chat.completions.create(model="any", messages=text, max_tokens=4, temperature=0)
+            else:
+                c.chat.completions.create(model="any", messages=img, max_tokens=4, temperature=0,
+                                          extra_body={"glimpse": {"prune": "divprune", "keep": 0.25}})
+            status = 200
+        except openai.APIStatusError as e:
+            status = e.status_code
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+        rss = rss_kib(a.pid)
+        if (i + 1) % 100 == 0:
+            curve.append(rss)
+        if i == 99:
+            base = rss
+        elif i > 99:
+            samples.append(rss)
+    # drift, not the transient of a request still being torn down when its answer arrived: the median of
+    # requests 101-200 against the median of the last 100
+    def median(v):
+        v = sorted(v)
+        return v[len(v) // 2] if v else None
+    first, last = median(samples[:100]), median(samples[-100:])
+    print(json.dumps({"requests": a.requests, "statuses": statuses, "rss_kib_after_100": base,
+                      "rss_kib_median_101_200": first, "rss_kib_median_last_100": last,
+                      "rss_kib_peak_after_100": max(samples) if samples else None,
+                      "growth": (last - first) / first if first and last else None, "rss_kib_every_100": curve}))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["check", "load"])
+    p.add_argument("mode", choices=["check", "load", "soak"])
     p.add_argument("--base", required=True)
     p.add_argument("--image", required=True)
     p.add_argument("--allowed-image")
@@ -242,7 +287,7 @@ def main():
     p.add_argument("--pid", type=int)
     p.add_argument("--regions-check", action="store_true")
     a = p.parse_args()
-    check(a) if a.mode == "check" else load(a)
+    {"check": check, "load": load, "soak": soak}[a.mode](a)
 
 
 if __name__ == "__main__":
