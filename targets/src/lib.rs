@@ -10,6 +10,7 @@
 
 pub mod detect;
 pub mod error;
+pub mod frame;
 #[cfg(feature = "hal")]
 pub mod hal;
 pub mod part;

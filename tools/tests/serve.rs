@@ -214,3 +214,87 @@ fn a_thousand_requests_through_serve_keep_memory_flat() {
     assert!(growth < 0.05, "resident memory grew {:.1}% over 800 requests: {r}", growth * 100.0);
     server.stop();
 }
+
+/// A pseudo-terminal pair in raw mode: (master fd, slave fd, slave path).
+fn pty() -> (i32, i32, String) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds; the name, termios and winsize arguments may be null
+    let rc =
+        unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: a zeroed termios is filled by tcgetattr before use
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: slave is an open tty fd and t a valid termios
+    unsafe {
+        assert_eq!(libc::tcgetattr(slave, &mut t), 0);
+        libc::cfmakeraw(&mut t);
+        assert_eq!(libc::tcsetattr(slave, libc::TCSANOW, &t), 0);
+    }
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: name has room for 128 bytes, ttyname_r writes a NUL-terminated path
+    let rc = unsafe { libc::ttyname_r(slave, name.as_mut_ptr(), name.len()) };
+    assert_eq!(rc, 0, "ttyname_r");
+    // SAFETY: ttyname_r wrote a NUL-terminated string
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+    (master, slave, path)
+}
+
+/// One chat request by plain HTTP/1.1; the response body.
+fn post(base: &str, body: &str) -> Value {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let json = out.split("\r\n\r\n").nth(1).expect("a body");
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `serve --serial DEVICE`: each answer goes to the serial line as a frame a microcontroller
+/// parses (glimpse_targets::frame), equal to the HTTP answer; a failed request sends an error
+/// frame. The line is a pseudo-terminal pair in raw mode.
+#[test]
+fn answers_are_framed_onto_the_serial_line() {
+    use glimpse_targets::frame::{Decoder, Kind};
+    let (master, _slave, path) = pty();
+    let server = Server::start(&["--serial", &path]);
+    let ok = post(
+        &server.base,
+        r#"{"model": "m", "messages": [{"role": "user", "content": "Is there a red square?"}], "max_tokens": 4, "temperature": 0}"#,
+    );
+    let answer = ok["choices"][0]["message"]["content"].as_str().expect("answer").to_string();
+    // a request that fails in the pipeline (not an image) gets an error frame
+    let bad = post(
+        &server.base,
+        r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}"#,
+    );
+    assert!(bad["error"]["message"].is_string(), "{bad}");
+    let mut decoder = Decoder::default();
+    let mut frames = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut buf = [0u8; 512];
+    while frames.len() < 2 && std::time::Instant::now() < deadline {
+        let mut poll = libc::pollfd { fd: master, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd
+        if unsafe { libc::poll(&mut poll, 1, 200) } <= 0 {
+            continue;
+        }
+        // SAFETY: buf is valid for buf.len() bytes
+        let n = unsafe { libc::read(master, buf.as_mut_ptr().cast(), buf.len()) };
+        for &b in &buf[..n.max(0) as usize] {
+            frames.extend(decoder.push(b));
+        }
+    }
+    server.stop();
+    assert_eq!(frames.len(), 2, "two frames on the line: {frames:?}");
+    assert_eq!((frames[0].kind, frames[0].seq, frames[0].text.as_str()), (Kind::Answer as u8, 0, answer.as_str()));
+    assert_eq!((frames[1].kind, frames[1].seq), (Kind::Error as u8, 1));
+    assert!(!frames[1].text.is_empty(), "{frames:?}");
+    assert!(bad["error"]["message"].as_str().unwrap_or("").starts_with(frames[1].text.as_str()), "{frames:?}");
+}

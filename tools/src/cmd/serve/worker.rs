@@ -14,6 +14,7 @@ use glimpse_runtime::{
     EncoderReduction, Error, GenerationOptions, GenerationStats, ImageInput, Observer, Pipeline, PipelineOptions,
     Positions, Request, SelectConfig,
 };
+use glimpse_targets::frame;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
@@ -65,7 +66,13 @@ impl Loaded {
 }
 
 /// Loads the model on a new thread that then serves `queue`; returns once it is loaded.
-pub fn start(dir: PathBuf, options: PipelineOptions, queue: Receiver<Job>, metrics: Metrics) -> anyhow::Result<Loaded> {
+pub fn start(
+    dir: PathBuf,
+    options: PipelineOptions,
+    queue: Receiver<Job>,
+    metrics: Metrics,
+    serial: Option<std::fs::File>,
+) -> anyhow::Result<Loaded> {
     let (ready, loaded) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new().name("glimpse-worker".into()).spawn(move || {
         let pipeline = match Pipeline::load(&dir, &options) {
@@ -78,9 +85,10 @@ pub fn start(dir: PathBuf, options: PipelineOptions, queue: Receiver<Job>, metri
                 return;
             }
         };
+        let mut serial = serial.map(|file| Serial { file, seq: 0 });
         for job in queue {
             metrics.dequeued();
-            answer(&pipeline, job, &metrics);
+            answer(&pipeline, job, &metrics, serial.as_mut());
         }
     })?;
     match loaded.recv() {
@@ -120,7 +128,26 @@ fn timeout_error() -> ApiError {
     ApiError::new(504, "timeout_error", "the request ran past the server's --timeout and was cancelled")
 }
 
-fn answer(pipeline: &Pipeline, job: Job, metrics: &Metrics) {
+/// The serial line answers are framed onto.
+struct Serial {
+    file: std::fs::File,
+    seq: u16,
+}
+
+impl Serial {
+    /// Writes one frame; a failed write is reported and the server goes on (the HTTP client
+    /// still gets its answer).
+    fn send(&mut self, kind: frame::Kind, text: &str) {
+        use std::io::Write;
+        let bytes = frame::encode(kind, self.seq, text);
+        self.seq = self.seq.wrapping_add(1);
+        if let Err(e) = self.file.write_all(&bytes).and_then(|()| self.file.flush()) {
+            eprintln!("glimpse serve: --serial: frame {} not written: {e}", self.seq.wrapping_sub(1));
+        }
+    }
+}
+
+fn answer(pipeline: &Pipeline, job: Job, metrics: &Metrics, serial: Option<&mut Serial>) {
     let mut forward = Forward { events: &job.events, deadline: job.deadline, timed_out: false };
     if forward.cancelled() {
         if forward.timed_out {
@@ -169,6 +196,13 @@ fn answer(pipeline: &Pipeline, job: Job, metrics: &Metrics) {
         Err(Error::Cancelled { .. }) => None,
         Err(e) => Some(Event::Failed(ApiError::from_runtime(&e))),
     };
+    if let (Some(serial), Some(event)) = (serial, &event) {
+        match event {
+            Event::Done(f) => serial.send(frame::Kind::Answer, &f.text),
+            Event::Failed(e) => serial.send(frame::Kind::Error, &e.message),
+            Event::Text(_) => {}
+        }
+    }
     match event {
         Some(event) => {
             let _ = job.events.send(event);
