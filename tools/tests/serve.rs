@@ -298,3 +298,25 @@ fn answers_are_framed_onto_the_serial_line() {
     assert!(!frames[1].text.is_empty(), "{frames:?}");
     assert!(bad["error"]["message"].as_str().unwrap_or("").starts_with(frames[1].text.as_str()), "{frames:?}");
 }
+
+/// `serve --prompt-compressor`: every request's prompt is shortened first, and the response's
+/// `glimpse` object reports the compression (text tokens before and after, the stage's time).
+#[test]
+fn the_server_compresses_prompts_with_a_compressor_folder() {
+    let server = Server::start(&["--prompt-compressor", "models/tiny-lingua-xlmr", "--prompt-rate", "0.5"]);
+    let prompt = "Please look at the picture carefully, think about every object in it, and then tell me, \
+                  in one word only, whether there is a red square anywhere in the scene?";
+    let body = serde_json::json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 3,
+        "temperature": 0,
+    });
+    let r = post(&server.base, &body.to_string());
+    server.stop();
+    let g = &r["glimpse"];
+    let c = &g["prompt_compression"];
+    let (before, after) = (c["text_tokens_before"].as_u64().unwrap_or(0), c["text_tokens_after"].as_u64().unwrap_or(0));
+    assert!(after > 0 && after < before, "{r}");
+    assert!(g["stage_ms"]["prompt_compress"].as_f64().unwrap_or(0.0) > 0.0, "{g}");
+}
