@@ -156,6 +156,15 @@ fn a_request_brings_its_own_region_skipping() {
     assert_eq!(reduced.token_ids, reference.token_ids);
     assert_eq!(reduced.stats.visual_tokens_kept, reference.stats.visual_tokens_kept);
     assert!(reduced.stats.visual_tokens_kept < full.stats.visual_tokens_kept);
+    // what the family does not allow is refused per request as at load, not ignored
+    use glimpse::runtime::{TileBudget, TileSkip};
+    let llava = Pipeline::load(model("testbed-llava"), &PipelineOptions::default()).expect("load llava");
+    let tiles = TileSkip { budget: TileBudget::Count(2), skipped: SkippedTiles::Drop, relevance: 0.0 };
+    let own_tiles = Request::new(q)
+        .with_image(ImageInput::Path(&path))
+        .with_reduction(EncoderReduction { tiles: Some(tiles), ..Default::default() });
+    let e = llava.answer(&own_tiles, &opts, &mut glimpse::runtime::Quiet).unwrap_err();
+    assert!(e.to_string().contains("tile skipping"), "{e}");
     let plain = Pipeline::load(model("testbed-smolvlm"), &PipelineOptions::default()).expect("load");
     if !plain.encoder_is_staged() {
         let e = plain.answer(&own, &opts, &mut glimpse::runtime::Quiet).unwrap_err();

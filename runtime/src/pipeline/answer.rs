@@ -22,10 +22,10 @@ fn record(times: &mut StageTimes, stage: Stage, took: Duration, obs: &mut dyn Ob
     obs.stage(stage, took);
 }
 
-/// Stops the request when the observer asks to, naming the last stage that ran.
-fn checkpoint(obs: &mut dyn Observer, after: Stage) -> Result<()> {
+/// Stops the request when the observer asks to, naming what ran last.
+fn checkpoint(obs: &mut dyn Observer, after: &str) -> Result<()> {
     if obs.cancelled() {
-        return Err(Error::Cancelled { after: after.name().to_string() });
+        return Err(Error::Cancelled { after: after.to_string() });
     }
     Ok(())
 }
@@ -65,9 +65,7 @@ impl Pipeline {
             None => self.reduction(),
         };
         let mut times = StageTimes::default();
-        if obs.cancelled() {
-            return Err(Error::Cancelled { after: "nothing (it never started)".into() });
-        }
+        checkpoint(obs, "nothing (it never started)")?;
         let (compressed, prompt_compression) = self.compress_prompt(req.prompt, &mut times, obs)?;
         let prompt = compressed.as_deref().unwrap_or(req.prompt);
         let mut scratch = Scratch { prompt, text: None };
@@ -136,7 +134,7 @@ impl Pipeline {
                     self.encode(&input)?
                 };
                 record(&mut times, Stage::Encode, started.elapsed(), obs);
-                checkpoint(obs, Stage::Encode)?;
+                checkpoint(obs, Stage::Encode.name())?;
                 encoder_stages.clone_from(&encoded.stages);
                 self.select_and_splice(
                     &rendered,
@@ -155,7 +153,7 @@ impl Pipeline {
         let (prompt_tokens, visual, kept, views) =
             (prepared.input_ids.len(), prepared.visual_tokens, prepared.visual_tokens_kept, prepared.views);
         let layout = prepared.layout.clone();
-        checkpoint(obs, Stage::Splice)?;
+        checkpoint(obs, Stage::Splice.name())?;
         let (ids, stop) = self.generate(prepared, opts, &mut times, obs)?;
         let started = Instant::now();
         let text = self.tokenizer.decode(&ids)?;

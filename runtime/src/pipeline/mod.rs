@@ -86,6 +86,42 @@ fn staged_files(
     }
 }
 
+/// What the family allows of a reduction (the pipeline's at load, a request's own before it
+/// runs): tiles need tiled images, regions patch-grid views, one of the two.
+fn fits_family(family: &dyn Family, r: &EncoderReduction) -> Result<()> {
+    if r.tiles.is_some() && !family.splits_into_tiles() {
+        // LLaVA has one view; LLaVA-OneVision's anyres crops are packed into one grid, which
+        // tile skipping does not handle yet.
+        return Err(Error::invalid(
+            "tile skipping (--tiles)",
+            family.name(),
+            "needs a family that splits images into tiles plus a global view (idefics3 / smolvlm with image splitting)",
+        ));
+    }
+    if r.regions.is_some() && !family.patch_grid_views() {
+        return Err(Error::invalid(
+            "region skipping (--regions)",
+            family.name(),
+            "needs views whose tokens are a grid over their patches (idefics3, llava); LLaVA-OneVision packs its crops",
+        ));
+    }
+    if r.regions.is_some_and(|r| r.skipped == SkippedTiles::Global) && !family.splits_into_tiles() {
+        return Err(Error::invalid(
+            "skipped tiles (--skipped-tiles)",
+            "global",
+            "stand-ins come from the global view of a tiled image; this family has one view",
+        ));
+    }
+    if r.regions.is_some() && r.tiles.is_some() {
+        return Err(Error::invalid(
+            "region skipping (--regions)",
+            "with --tiles",
+            "region skipping already chooses within and across tiles; use one of the two",
+        ));
+    }
+    Ok(())
+}
+
 /// A loaded model ready to answer.
 pub struct Pipeline {
     pub folder: ModelFolder,
@@ -103,10 +139,8 @@ pub struct Pipeline {
     decoder_io: DecoderIo,
     selector: Selector,
     positions: Positions,
-    tiles: Option<TileSkip>,
-    regions: Option<RegionSkip>,
-    merge: Option<crate::select::Budget>,
-    merge_method: crate::select::tome::MergeMethod,
+    /// Tile / region skipping and merging every request gets unless it brings its own.
+    reduction: EncoderReduction,
     dtypes: Vec<(Part, Dtype)>,
     signal_outputs: Vec<(String, String)>,
     eos: Vec<i64>,
@@ -132,15 +166,6 @@ impl Pipeline {
         let folder = ModelFolder::open(dir)?;
         let tokenizer = TextTokenizer::load(&folder)?;
         let family = family::for_folder(&folder, &tokenizer)?;
-        if opts.tiles.is_some() && !family.splits_into_tiles() {
-            // LLaVA has one view; LLaVA-OneVision's anyres crops are packed into one grid, which
-            // tile skipping does not handle yet.
-            return Err(Error::invalid(
-                "tile skipping (--tiles)",
-                family.name(),
-                "needs a family that splits images into tiles plus a global view (idefics3 / smolvlm with image splitting)",
-            ));
-        }
         let preset;
         let vision_dtype =
             opts.part_dtypes.iter().find(|(p, _)| *p == Part::VisionEncoder).map_or(opts.dtype, |(_, d)| *d);
@@ -168,27 +193,13 @@ impl Pipeline {
                 &preset
             }
         };
-        if opts.regions.is_some() && !family.patch_grid_views() {
-            return Err(Error::invalid(
-                "region skipping (--regions)",
-                family.name(),
-                "needs views whose tokens are a grid over their patches (idefics3, llava); LLaVA-OneVision packs its crops",
-            ));
-        }
-        if opts.regions.is_some_and(|r| r.skipped == SkippedTiles::Global) && !family.splits_into_tiles() {
-            return Err(Error::invalid(
-                "skipped tiles (--skipped-tiles)",
-                "global",
-                "stand-ins come from the global view of a tiled image; this family has one view",
-            ));
-        }
-        if opts.regions.is_some() && opts.tiles.is_some() {
-            return Err(Error::invalid(
-                "region skipping (--regions)",
-                "with --tiles",
-                "region skipping already chooses within and across tiles; use one of the two",
-            ));
-        }
+        let reduction = EncoderReduction {
+            tiles: opts.tiles,
+            regions: opts.regions,
+            merge: opts.merge,
+            merge_method: opts.merge_method,
+        };
+        fits_family(family.as_ref(), &reduction)?;
         let selector = Selector::new(opts.select.clone())?;
         let manifest = &folder.manifest;
         let signal_outputs: Vec<(String, String)> =
@@ -315,10 +326,7 @@ impl Pipeline {
             decoder_io,
             selector,
             positions: opts.positions,
-            tiles: opts.tiles,
-            regions: opts.regions,
-            merge: opts.merge,
-            merge_method: opts.merge_method,
+            reduction,
             dtypes,
             signal_outputs,
             eos,
@@ -369,17 +377,17 @@ impl Pipeline {
 
     /// Tile skipping in effect, if any.
     pub fn tile_skip(&self) -> Option<TileSkip> {
-        self.tiles
+        self.reduction.tiles
     }
 
     /// Region skipping in effect, if any.
     pub fn region_skip(&self) -> Option<RegionSkip> {
-        self.regions
+        self.reduction.regions
     }
 
     /// Token merging in the encoder in effect (tokens per group boundary), if any.
     pub fn merge(&self) -> Option<crate::select::Budget> {
-        self.merge
+        self.reduction.merge
     }
 
     /// Whether any reduction acts before or inside the encoder (tiles, regions, merging).
@@ -389,17 +397,14 @@ impl Pipeline {
 
     /// The pipeline's encoder-side reduction (what requests get unless they bring their own).
     pub fn reduction(&self) -> EncoderReduction {
-        EncoderReduction {
-            tiles: self.tiles,
-            regions: self.regions,
-            merge: self.merge,
-            merge_method: self.merge_method,
-        }
+        self.reduction
     }
 
-    /// Checks that this pipeline can run `r` (a request's own reduction): regions and merging
-    /// need the staged encoder loaded, merging at least two groups of layers.
+    /// Checks that this pipeline can run `r` (a request's own reduction): what the family
+    /// allows (as at load), regions and merging need the staged encoder loaded, merging at
+    /// least two groups of layers.
     pub fn check_reduction(&self, r: &EncoderReduction) -> Result<()> {
+        fits_family(self.family.as_ref(), r)?;
         if r.needs_stages() && self.staged.is_none() && !self.vision.is_staged() {
             return Err(Error::invalid(
                 "reduction",
@@ -426,7 +431,7 @@ impl Pipeline {
 
     /// Weight of prompt relevance in the global view's tile / region scores (0 without either).
     fn score_relevance(&self) -> f32 {
-        self.reduction().relevance()
+        self.reduction.relevance()
     }
 
     /// The backend running the parts.

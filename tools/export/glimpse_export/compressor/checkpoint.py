@@ -20,7 +20,6 @@ import onnxruntime
 import torch
 
 from ..common import ExportError, Timer, log
-from ..realsize.export import export_part
 
 TOL = 1e-3
 MODEL_TYPES = {"xlm-roberta": "xlm-roberta", "bert": "bert"}
@@ -28,7 +27,7 @@ MODEL_TYPES = {"xlm-roberta": "xlm-roberta", "bert": "bert"}
 
 @torch.no_grad()
 def run_from_checkpoint(src: Path, out: Path, threads: int = 2) -> dict:
-    from .export import (ARCHS, INPUTS, ONNX_PATH, OUTPUTS, Logits, sample_batch, write_compressor_manifest,
+    from .export import (ARCHS, ONNX_PATH, OUTPUTS, Logits, sample_batch, trace_logits, write_compressor_manifest,
                          write_export_info)
     from .fixtures import load_compressor, long_text
     from .model import MAX_SEQ_LEN
@@ -64,12 +63,7 @@ def run_from_checkpoint(src: Path, out: Path, threads: int = 2) -> dict:
     tok = fast.backend_tokenizer
     pad = next((i for i in (fast.pad_token_id, tok.token_to_id("<pad>"), tok.token_to_id("[PAD]")) if i is not None), 0)
     wrapper = Logits(model).eval()
-    ids, mask = sample_batch(tok, ["The council approved item 12.", "Hello!"], pad, seq=9)
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-            "attention_mask": {0: "batch_size", 1: "sequence_length"},
-            "logits": {0: "batch_size", 1: "sequence_length"}}
-    part = export_part(wrapper, (torch.from_numpy(ids), torch.from_numpy(mask)), out / ONNX_PATH, INPUTS, OUTPUTS,
-                       axes, fixed_out_dims={"logits": {2: 2}})
+    part = trace_logits(wrapper, tok, pad, out)
     so = onnxruntime.SessionOptions()
     so.intra_op_num_threads = threads
     sess = onnxruntime.InferenceSession(str(out / ONNX_PATH), so, providers=["CPUExecutionProvider"])
@@ -86,12 +80,8 @@ def run_from_checkpoint(src: Path, out: Path, threads: int = 2) -> dict:
     log(f"  onnxruntime == torch (max abs diff {worst:.2e})")
     write_compressor_manifest(out, arch, tok, fast, skip)
     info = {"from_checkpoint": str(src), "parameters": params, "onnx": part, "ort_max_abs_diff": worst}
-    write_export_info(out, arch, 0, info)
-    path = out / "export_info.json"
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    doc["model"] = {k: cfg.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                            "num_attention_heads", "vocab_size")}
-    doc.pop("seed", None)
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_export_info(out, arch, None, info,
+                      model={k: cfg.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                     "num_attention_heads", "vocab_size")})
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"out": str(out), "seconds": t(), "bytes": size, "arch": arch, **info}

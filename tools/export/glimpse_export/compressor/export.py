@@ -134,6 +134,20 @@ def export_and_check(model, tok: tokenizers.Tokenizer, out: Path) -> dict:
                                     "max": float(probs.max())}}
 
 
+@torch.no_grad()
+def trace_logits(wrapper, tok: tokenizers.Tokenizer, pad: int, out: Path) -> dict:
+    """Trace ``onnx/model.onnx`` (batch 2, seq 9, both axes dynamic) with ``export_part``: weights inside, or in
+    ``model.onnx_data`` above the 2 GiB protobuf limit (the real-size shapes)."""
+    from ..realsize.export import export_part
+
+    ids, mask = sample_batch(tok, ["The council approved item 12.", "Hello!"], pad, seq=9)
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    return export_part(wrapper, (torch.from_numpy(ids), torch.from_numpy(mask)), out / ONNX_PATH, INPUTS, OUTPUTS,
+                       axes, fixed_out_dims={"logits": {2: 2}})
+
+
 def write_compressor_manifest(out: Path, arch: str, tok: tokenizers.Tokenizer, fast, skip_tokens: list[str]) -> None:
     """``compressor.json``. Token strings and the ids they map to are both given, the Rust side can use either."""
     a = ARCHS[arch]
@@ -178,7 +192,8 @@ def write_compressor_manifest(out: Path, arch: str, tok: tokenizers.Tokenizer, f
     (out / COMPRESSOR_MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_export_info(out: Path, arch: str, seed: int, extra: dict) -> None:
+def write_export_info(out: Path, arch: str, seed: int | None, extra: dict, model: dict | None = None) -> None:
+    """``export_info.json``; ``model`` describes the shape (default: the tiny one), ``seed`` None: not seeded."""
     info = {
         "tool": f"glimpse_export {__version__}",
         "command": "export-compressor",
@@ -186,8 +201,8 @@ def write_export_info(out: Path, arch: str, seed: int, extra: dict) -> None:
         "seed": seed,
         "opset": OPSET,
         "exporter": "torch.onnx.export(dynamo=False, dynamic_axes)",
-        "model": {"hidden": HIDDEN, "layers": LAYERS, "intermediate": INTERMEDIATE,
-                  "initializer_range": INIT_RANGE, "classifier_logit_std": LOGIT_STD},
+        "model": model or {"hidden": HIDDEN, "layers": LAYERS, "intermediate": INTERMEDIATE,
+                           "initializer_range": INIT_RANGE, "classifier_logit_std": LOGIT_STD},
         "versions": {
             **library_versions(),
             "llmlingua": importlib.metadata.version("llmlingua"),
@@ -195,4 +210,6 @@ def write_export_info(out: Path, arch: str, seed: int, extra: dict) -> None:
         },
         **extra,
     }
+    if seed is None:
+        del info["seed"]
     (out / "export_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -12,7 +12,6 @@ meaningless, its time is real. onnxruntime must match torch within 1e-3 on one f
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ import onnxruntime
 import torch
 
 from ..common import REPO_ROOT, ExportError, Timer, log, seed_everything
-from ..realsize.export import export_part
 
 TOL = 1e-3
 DEFAULT_OUT = REPO_ROOT / "models" / "real" / "llmlingua2-xlm-roberta-large"
@@ -30,7 +28,8 @@ SKIP_TOKENS = ["</s>", "<mask>", "<pad>", "<s>", "<unk>"]
 
 @torch.no_grad()
 def run_realsize_compressor(out: Path | None, seed: int, threads: int = 2) -> dict:
-    from .export import INPUTS, ONNX_PATH, OUTPUTS, Logits, sample_batch, write_compressor_manifest, write_export_info
+    from .export import (ONNX_PATH, OUTPUTS, Logits, sample_batch, trace_logits, write_compressor_manifest,
+                         write_export_info)
     from .fixtures import long_text
     from .model import LARGE, MAX_SEQ_LEN, build_model
     from .tokenizer import build_xlmr_tokenizer
@@ -58,12 +57,7 @@ def run_realsize_compressor(out: Path | None, seed: int, threads: int = 2) -> di
     model.config.save_pretrained(str(out))
     wrapper = Logits(model).eval()
     pad = tok.token_to_id("<pad>")
-    ids, mask = sample_batch(tok, ["The council approved item 12.", "Hello!"], pad, seq=9)
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-            "attention_mask": {0: "batch_size", 1: "sequence_length"},
-            "logits": {0: "batch_size", 1: "sequence_length"}}
-    part = export_part(wrapper, (torch.from_numpy(ids), torch.from_numpy(mask)), out / ONNX_PATH, INPUTS, OUTPUTS,
-                       axes, fixed_out_dims={"logits": {2: 2}})
+    part = trace_logits(wrapper, tok, pad, out)
     ids, mask = sample_batch(tok, [long_text(0, 4000)], pad, seq=MAX_SEQ_LEN)
     ref = wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     del model, wrapper
@@ -79,12 +73,8 @@ def run_realsize_compressor(out: Path | None, seed: int, threads: int = 2) -> di
     write_compressor_manifest(out, "xlm-roberta", tok, fast, SKIP_TOKENS)
     info = {"size": "large", "note": "random weights: for timing only, compressed prompts are meaningless",
             "shape": LARGE, "parameters": params, "onnx": part, "ort_max_abs_diff_512": d}
-    write_export_info(out, "xlm-roberta", seed, info)
-    # export_info's "model" block describes the tiny shape: replace it with the real one
-    path = out / "export_info.json"
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    doc["model"] = {"hidden": LARGE["hidden"], "layers": LARGE["layers"], "intermediate": LARGE["intermediate"],
-                    "initializer_range": LARGE["init_range"]}
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_export_info(out, "xlm-roberta", seed, info,
+                      model={"hidden": LARGE["hidden"], "layers": LARGE["layers"],
+                             "intermediate": LARGE["intermediate"], "initializer_range": LARGE["init_range"]})
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"out": str(out), "seconds": t(), "bytes": size, **info}

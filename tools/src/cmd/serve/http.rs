@@ -17,11 +17,11 @@ use axum::{Json, Router};
 use clap::Parser;
 use futures_util::StreamExt;
 use glimpse_runtime::api::openai::{self, ApiError, Ids, ImageSource};
-use glimpse_runtime::{Budget, EncoderReduction, Positions, SelectConfig};
+use glimpse_runtime::{EncoderReduction, Positions, SelectConfig};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::worker::{Event, Job};
+use super::worker::{timeout_error, Event, Job};
 use super::Shared;
 use crate::cmd::SelectArgs;
 
@@ -89,10 +89,6 @@ async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> R
             error_response(&e, retry)
         }
     }
-}
-
-fn timeout_error() -> ApiError {
-    ApiError::new(504, "timeout_error", "the request ran past the server's --timeout and was cancelled")
 }
 
 fn worker_gone() -> ApiError {
@@ -328,9 +324,6 @@ fn glimpse_options(obj: &Map<String, Value>, s: &Shared) -> Result<RequestOption
         None
     };
     let method = select.prune.clone().unwrap_or_else(|| s.default_prune.clone());
-    let budget = match select.keep {
-        Some(b) => b,
-        None => s.default_keep.parse::<Budget>().map_err(|e| ApiError::invalid("glimpse.keep", e.to_string()))?,
-    };
+    let budget = select.keep.unwrap_or(s.default_keep);
     Ok(RequestOptions { selection: Some((select.config(method, budget), select.positions)), reduction, ignore_eos })
 }

@@ -78,7 +78,7 @@ pub(crate) struct Shared {
     /// The server's settled `--prune` and `--keep`: a request's `glimpse` object changes them
     /// only if it names them.
     pub default_prune: String,
-    pub default_keep: String,
+    pub default_keep: glimpse_runtime::Budget,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -97,6 +97,7 @@ pub fn run(args: Args) -> Result<()> {
         None => args.model.model.file_name().map_or("glimpse".into(), |n| n.to_string_lossy().into_owned()),
     };
     let max_image_bytes = options.image_limits.max_file_bytes;
+    let (default_prune, default_keep) = (options.select.method.clone(), options.select.budget);
     // the pipeline is built on the worker thread that owns it; load errors come back here
     let (jobs, queue) = std::sync::mpsc::sync_channel(args.queue);
     let metrics = metrics::Metrics::new();
@@ -121,8 +122,8 @@ pub fn run(args: Args) -> Result<()> {
         timeout: Duration::from_secs(args.timeout),
         max_tokens: args.max_tokens,
         queue: args.queue,
-        default_prune: applied.prune.value.clone(),
-        default_keep: applied.keep.value.clone(),
+        default_prune,
+        default_keep,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

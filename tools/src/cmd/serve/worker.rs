@@ -124,7 +124,8 @@ impl Observer for Forward<'_> {
     }
 }
 
-fn timeout_error() -> ApiError {
+/// The 504 of a request past its deadline (the worker's and the handler's).
+pub fn timeout_error() -> ApiError {
     ApiError::new(504, "timeout_error", "the request ran past the server's --timeout and was cancelled")
 }
 
