@@ -28,6 +28,7 @@ pub mod profile;
 pub mod select;
 pub mod settings;
 pub mod split;
+pub mod stream;
 pub mod text;
 
 pub use error::{Error, Result};
@@ -35,6 +36,8 @@ pub use folder::{Dtype, ModelFolder, Part};
 pub use generate::{GenerationOptions, SamplingOptions};
 pub use pipeline::{
     Answer, Encoded, EncodedImage, EncoderReduction, GenerationStats, ImageInput, Observer, OnText, Pipeline,
-    PipelineOptions, Positions, Quiet, Request, Role, SkippedTiles, Stage, StageTimes, TileBudget, TileSkip, Turn,
+    PipelineOptions, Positions, PrefixCache, Quiet, Request, Role, SkippedTiles, Stage, StageTimes, TileBudget,
+    TileSkip, Turn,
 };
 pub use select::{Budget, Scope, SelectConfig};
+pub use stream::{FrameReport, FrameUpdate, Stream, StreamOptions};

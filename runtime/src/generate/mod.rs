@@ -167,6 +167,22 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Keeps the first `len` tokens (keys, values and their biases), dropping the rest: a
+    /// causal decoder's cache for a prompt's prefix is the prefix of its cache for the prompt.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        let keep: Vec<usize> = (0..len).collect();
+        for t in &mut self.tensors {
+            if t.shape().len() > 2 {
+                *t = t.select(2, &keep);
+            }
+        }
+        self.bias.truncate(len);
+        self.len = len;
+    }
 }
 
 /// How a decoder file's inputs and outputs map onto a generation step.

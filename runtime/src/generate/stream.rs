@@ -50,17 +50,38 @@ impl Generator<'_> {
         times: &mut StageTimes,
         obs: &mut dyn Observer,
     ) -> Result<(Vec<i64>, StopReason)> {
+        let cache = self.io.empty_cache()?;
+        let (ids, reason, _) = self.run_from(cache, embeds, positions, key_bias, opts, times, obs)?;
+        Ok((ids, reason))
+    }
+
+    /// [`Generator::run`] continuing from `cache`, which holds the prompt's first tokens
+    /// (`embeds` and `positions` are the rest of it); returns the cache as generation left it
+    /// (prompt then generated tokens), for a later prompt that shares a prefix with this one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_from(
+        &self,
+        mut cache: KvCache,
+        embeds: Array3<f32>,
+        positions: &[i64],
+        key_bias: Option<&[f32]>,
+        opts: &GenerationOptions,
+        times: &mut StageTimes,
+        obs: &mut dyn Observer,
+    ) -> Result<(Vec<i64>, StopReason, KvCache)> {
         let started = Instant::now();
         opts.sampling.validate()?;
-        let room = self.context.saturating_sub(positions.len());
+        if positions.is_empty() {
+            return Err(Error::interface("decoder_model_merged", "a prefill needs at least one new token"));
+        }
+        let room = self.context.saturating_sub(cache.len() + positions.len());
         let budget = opts.max_new_tokens.min(room);
         let limit = if opts.max_new_tokens <= room { StopReason::MaxNewTokens } else { StopReason::Context };
         let mut ids = Vec::new();
         if budget == 0 {
-            return Ok((ids, limit));
+            return Ok((ids, limit, cache));
         }
         let mut sampler = Sampler::new(opts.sampling);
-        let mut cache: KvCache = self.io.empty_cache()?;
         let mut next_pos = positions.last().map_or(0, |p| p + 1);
         let mut streamer = Streamer::default();
         let logits = self.io.step_biased(self.decoder, embeds, positions, key_bias, &mut cache)?;
@@ -96,9 +117,8 @@ impl Generator<'_> {
             token = sampler.sample(logits.as_slice().unwrap_or(&logits.to_vec()));
         };
         streamer.finish(self.tokenizer, &ids, obs)?;
-        drop(cache);
         times.decode = started.elapsed();
-        Ok((ids, reason))
+        Ok((ids, reason, cache))
     }
 }
 

@@ -9,7 +9,7 @@ use ndarray::Array2;
 
 use super::{
     original_positions, pool_fits, Answer, Encoded, EncodedImage, GenerationStats, ImageInput, KeptLayout, Observer,
-    OnText, Pipeline, Positions, Prepared, PromptCompressionStats, Request, Stage, StageTimes,
+    OnText, Pipeline, Positions, PrefixCache, Prepared, PromptCompressionStats, Request, Stage, StageTimes,
 };
 use crate::error::{Error, Result};
 use crate::family::{self, View, ViewKind, VisionInput};
@@ -41,6 +41,30 @@ impl Pipeline {
     /// Answers one request: every stage in order, each timed and reported to `obs`, the answer
     /// streamed to `obs` as it is generated.
     pub fn answer(&self, req: &Request<'_>, opts: &GenerationOptions, obs: &mut dyn Observer) -> Result<Answer> {
+        self.answer_with(req, opts, obs, None)
+    }
+
+    /// [`Pipeline::answer`] that prefills only from the first prompt token that differs from
+    /// the one `cache` holds (a standing question about the next camera frame), then keeps this
+    /// prompt's cache there. The answer equals [`Pipeline::answer`]'s up to float rounding; the
+    /// tokens taken from the cache are in [`GenerationStats::kv_tokens_reused`].
+    pub fn answer_reusing(
+        &self,
+        req: &Request<'_>,
+        opts: &GenerationOptions,
+        obs: &mut dyn Observer,
+        cache: &mut PrefixCache,
+    ) -> Result<Answer> {
+        self.answer_with(req, opts, obs, Some(cache))
+    }
+
+    fn answer_with(
+        &self,
+        req: &Request<'_>,
+        opts: &GenerationOptions,
+        obs: &mut dyn Observer,
+        cache: Option<&mut PrefixCache>,
+    ) -> Result<Answer> {
         // the pipeline's own selection was checked when it was set; a request's own is checked here
         let custom = match &req.selection {
             Some((config, positions)) => {
@@ -154,7 +178,13 @@ impl Pipeline {
             (prepared.input_ids.len(), prepared.visual_tokens, prepared.visual_tokens_kept, prepared.views);
         let layout = prepared.layout.clone();
         checkpoint(obs, Stage::Splice.name())?;
-        let (ids, stop) = self.generate(prepared, opts, &mut times, obs)?;
+        let (ids, stop, kv_tokens_reused) = match cache {
+            Some(cache) => self.generate_reusing(prepared, opts, &mut times, obs, cache)?,
+            None => {
+                let (ids, stop) = self.generate(prepared, opts, &mut times, obs)?;
+                (ids, stop, 0)
+            }
+        };
         let started = Instant::now();
         let text = self.tokenizer.decode(&ids)?;
         times.decode += started.elapsed();
@@ -172,6 +202,7 @@ impl Pipeline {
             stop,
             encoder_stages,
             prompt_compression,
+            kv_tokens_reused,
         };
         Ok(Answer { text, token_ids: ids, stats, layout })
     }

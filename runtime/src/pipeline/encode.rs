@@ -497,7 +497,7 @@ impl Pipeline {
 /// Builds the full-layout encoding of `input` from rows of several encodings: `(encoding,
 /// [(row in the full layout, row in that encoding)])`. Rows not given are zero (and absent);
 /// a signal is kept only when every encoding that gives rows has it.
-fn assemble(input: &VisionInput, picks: &[(&Encoded, Vec<(usize, usize)>)]) -> Result<Encoded> {
+pub(super) fn assemble(input: &VisionInput, picks: &[(&Encoded, Vec<(usize, usize)>)]) -> Result<Encoded> {
     let n = input.total_tokens();
     let used: Vec<&(&Encoded, Vec<(usize, usize)>)> = picks.iter().filter(|(_, r)| !r.is_empty()).collect();
     let d = used.first().map_or(0, |(e, _)| e.features.ncols());

@@ -9,6 +9,7 @@ mod encode;
 mod options;
 mod prompt;
 mod request;
+mod reuse;
 mod stats;
 pub(crate) mod vision;
 
@@ -32,6 +33,7 @@ pub use encode::{Encoded, NOT_ENCODED};
 pub use options::{fast_preset, EncoderReduction, Fast, PipelineOptions, Positions, PromptCompression, ViewRun};
 pub use prompt::{original_positions, Prepared};
 pub use request::{ImageInput, Observer, OnText, Quiet, Request, Role, Stage, Turn};
+pub use reuse::PrefixCache;
 pub use stats::{Answer, GenerationStats, KeptLayout, PromptCompressionStats, StageTimes};
 pub use vision::{
     Between, Chain, EncoderForm, EncoderHook, Group, NoReduction, VisionEncoder, VisionRun, REDUCTION_STAGE,
@@ -41,10 +43,10 @@ pub use vision::{
 /// preprocess and encode times.
 #[derive(Debug, Clone)]
 pub struct EncodedImage {
-    input: VisionInput,
-    encoded: Encoded,
-    preprocess: Duration,
-    encode: Duration,
+    pub(crate) input: VisionInput,
+    pub(crate) encoded: Encoded,
+    pub(crate) preprocess: Duration,
+    pub(crate) encode: Duration,
 }
 
 fn part_dtype(dtypes: &[(Part, Dtype)], part: Part) -> Dtype {

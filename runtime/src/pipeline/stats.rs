@@ -110,6 +110,9 @@ pub struct GenerationStats {
     pub encoder_stages: Vec<(String, Duration)>,
     /// What the prompt compressor did, when one is loaded.
     pub prompt_compression: Option<PromptCompressionStats>,
+    /// Prompt tokens whose keys and values came from the previous answer's cache instead of
+    /// the prefill ([`super::Pipeline::answer_reusing`]; 0 otherwise).
+    pub kv_tokens_reused: usize,
 }
 
 /// The prompt before and after the prompt compressor.
