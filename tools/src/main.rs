@@ -31,6 +31,9 @@ enum Command {
     /// Cut a monolithic vision encoder into stages (embed, groups of layers, head), verified
     /// against it before writing.
     Split(cmd::split::Args),
+    /// Ask a standing question about every frame of a camera, a video or a folder of frames,
+    /// re-encoding only what changed; one JSON line per frame.
+    Watch(cmd::watch::Args),
     /// Show the detected device, the target profile in use, and what each profile picks.
     Targets(cmd::targets::Args),
     /// Describe a model folder: family, parts, dtype variants, inputs and outputs.
@@ -45,7 +48,7 @@ fn main() -> std::process::ExitCode {
     // the commands that reduce tokens list the encoder-side registry after their options
     let reduction = cmd::encoder_methods_help();
     let mut command = Cli::command();
-    for name in ["ask", "eval", "profile", "serve"] {
+    for name in ["ask", "eval", "profile", "serve", "watch"] {
         command = command.mut_subcommand(name, |c| c.after_help(reduction.clone()));
     }
     let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Split(a) => cmd::split::run(a),
         Command::Targets(a) => cmd::targets::run(a),
+        Command::Watch(a) => cmd::watch::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

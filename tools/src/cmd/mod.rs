@@ -19,6 +19,7 @@ pub mod quantize;
 pub mod serve;
 pub mod split;
 pub mod targets;
+pub mod watch;
 
 use std::path::PathBuf;
 
