@@ -89,11 +89,14 @@ struct Expected {
     answer: String,
 }
 
+/// A standing prompt with its frames and their right answers.
+type Scored = (String, Vec<(PathBuf, String)>);
+
 /// The prompts of a sequence file, in order, each with its frames and answers.
-fn read_expected(path: &Path) -> Result<Vec<(String, Vec<(PathBuf, String)>)>> {
+fn read_expected(path: &Path) -> Result<Vec<Scored>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut out: Vec<(String, Vec<(PathBuf, String)>)> = Vec::new();
+    let mut out: Vec<Scored> = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let e: Expected = serde_json::from_str(line)
             .with_context(|| format!("{} line {}: not a sequence entry", path.display(), i + 1))?;
