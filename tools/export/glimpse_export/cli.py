@@ -157,6 +157,25 @@ def cmd_evalset(args, ap) -> int:
     return _print_json(write_evalset(args.testbed, args.out, args.images, args.seed_base))
 
 
+def add_scenestream(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--testbed", required=True, choices=TESTBED_NAMES)
+    p.add_argument("--out", required=True, type=Path, help="output folder: frames/, sequence.jsonl, sequence_info.json")
+    p.add_argument("--frames", type=int, default=100)
+    p.add_argument("--seed", type=int, default=9_100_000, help="scene seed (default outside the eval and train seeds)")
+    p.add_argument("--prompts", type=int, default=4, help="standing questions, each answered for every frame")
+    p.add_argument("--check", action="store_true",
+                   help="also write a 12-frame sequence twice into temp folders and require byte-identical files")
+
+
+def cmd_scenestream(args, ap) -> int:
+    from .testbed.sequence import check_sequence, write_sequence
+
+    res = write_sequence(args.testbed, args.out, args.frames, args.seed, args.prompts)
+    if args.check:
+        res["check"] = check_sequence(args.testbed, args.seed, 12, args.prompts)["check"]
+    return _print_json(res)
+
+
 def add_hf_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--keep-random", type=float, default=None,
@@ -317,6 +336,8 @@ COMMANDS = (
     ("snapshot", "model folder from a running train's stage-2 checkpoint (progress checks)", add_snapshot,
      cmd_snapshot),
     ("evalset", "write a held-out eval set (PNGs + questions.jsonl) for a testbed", add_evalset, cmd_evalset),
+    ("scenestream", "write a camera-like scene sequence (frames + standing questions answered per frame)",
+     add_scenestream, cmd_scenestream),
     ("hf-eval", "transformers accuracy on MODEL/eval (JSON: overall + per type, 95%% CI)", add_hf_eval, cmd_hf_eval),
     ("export-testbed", "export a trained testbed's ONNX parts and check ORT against transformers",
      add_export_testbed, cmd_export_testbed),

@@ -1,4 +1,4 @@
-"""Synthetic scenes + one-word-answer questions for the testbeds (~420 lines: one Scene model for all of it).
+"""Synthetic scenes + one-word-answer questions for the testbeds (~470 lines: one Scene model for all of it).
 
 Deterministic: the renderer, the questions and the per-patch labels all read the same ``Scene``.
 
@@ -254,6 +254,59 @@ def _rel_pairs(scene: Scene, axis: str):
     return out
 
 
+def question_text(qtype: str, subject) -> str:
+    """The question of a type about a subject: a shape (colour, count), a colour (shape), a (colour, shape) pair
+    (quadrant, exist), a pair of objects (leftright, abovebelow) or None (ocr)."""
+    if qtype == "colour":
+        return f"What colour is the {subject}?"
+    if qtype == "shape":
+        return f"What shape is the {subject} object?"
+    if qtype == "count":
+        return f"How many {PLURAL[subject]} are there?"
+    if qtype == "leftright":
+        return f"Is the {subject[0].name} left or right of the {subject[1].name}?"
+    if qtype == "abovebelow":
+        return f"Is the {subject[0].name} above or below the {subject[1].name}?"
+    if qtype == "quadrant":
+        return f"Where is the {subject[0]} {subject[1]}?"
+    if qtype == "exist":
+        return f"Is there a {subject[0]} {subject[1]}?"
+    if qtype == "ocr":
+        return "What number is written?"
+    raise ValueError(qtype)
+
+
+def answer_of(scene: Scene, qtype: str, subject) -> str | None:
+    """The answer to ``question_text(qtype, subject)`` on this scene; None where the question is not well-defined
+    there (colour / shape: the shape / colour is not unique; quadrant: no such object; leftright / abovebelow: the
+    two objects are closer than ``min_sep`` on that axis)."""
+    objs = scene.objects
+    if qtype == "colour":
+        hit = [o for o in objs if o.shape == subject]
+        return hit[0].colour if len(hit) == 1 else None
+    if qtype == "shape":
+        hit = [o for o in objs if o.colour == subject]
+        return hit[0].shape if len(hit) == 1 else None
+    if qtype == "count":
+        return COUNT_WORDS[sum(o.shape == subject for o in objs)]
+    if qtype in ("leftright", "abovebelow"):
+        a, b = subject
+        dv = (a.cx - b.cx) if qtype == "leftright" else (a.cy - b.cy)
+        if abs(dv) < scene.spec.min_sep:
+            return None
+        if qtype == "leftright":
+            return "left" if dv < 0 else "right"
+        return "above" if dv < 0 else "below"
+    if qtype == "quadrant":
+        hit = [o for o in objs if (o.colour, o.shape) == tuple(subject)]
+        return QUADRANTS[hit[0].quadrant] if hit else None
+    if qtype == "exist":
+        return "yes" if any((o.colour, o.shape) == tuple(subject) for o in objs) else "no"
+    if qtype == "ocr":
+        return scene.number
+    raise ValueError(qtype)
+
+
 def question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | None:
     objs = scene.objects
     shapes = [o.shape for o in objs]
@@ -264,48 +317,46 @@ def question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | None:
         if not cands:
             return None
         o = pick(cands)
-        return dict(question=f"What colour is the {o.shape}?", answer=o.colour, objs=[objs.index(o)])
+        return dict(question=question_text(qtype, o.shape), answer=answer_of(scene, qtype, o.shape),
+                    objs=[objs.index(o)])
     if qtype == "shape":
         cands = [o for o in objs if colours.count(o.colour) == 1]
         if not cands:
             return None
         o = pick(cands)
-        return dict(question=f"What shape is the {o.colour} object?", answer=o.shape, objs=[objs.index(o)])
+        return dict(question=question_text(qtype, o.colour), answer=answer_of(scene, qtype, o.colour),
+                    objs=[objs.index(o)])
     if qtype == "count":
         # balance answers: pick the wanted count first, then a shape with that count if any
         want = int(rng.integers(0, 4))
         cands = [s for s in SHAPES if shapes.count(s) == want] or SHAPES
         s = pick(cands)
-        return dict(question=f"How many {PLURAL[s]} are there?", answer=COUNT_WORDS[shapes.count(s)],
+        return dict(question=question_text(qtype, s), answer=answer_of(scene, qtype, s),
                     objs=[i for i, o in enumerate(objs) if o.shape == s])
     if qtype in ("leftright", "abovebelow"):
         pairs = _rel_pairs(scene, "x" if qtype == "leftright" else "y")
         if not pairs:
             return None
-        a, b, dv = pick(pairs)
-        if qtype == "leftright":
-            return dict(question=f"Is the {a.name} left or right of the {b.name}?", answer="left" if dv < 0 else "right",
-                        objs=[objs.index(a), objs.index(b)])
-        return dict(question=f"Is the {a.name} above or below the {b.name}?", answer="above" if dv < 0 else "below",
+        a, b, _ = pick(pairs)
+        return dict(question=question_text(qtype, (a, b)), answer=answer_of(scene, qtype, (a, b)),
                     objs=[objs.index(a), objs.index(b)])
     if qtype == "quadrant":
         o = pick(objs)
-        return dict(question=f"Where is the {o.name}?", answer=QUADRANTS[o.quadrant], objs=[objs.index(o)])
+        key = (o.colour, o.shape)
+        return dict(question=question_text(qtype, key), answer=answer_of(scene, qtype, key), objs=[objs.index(o)])
     if qtype == "exist":
         present = {(o.colour, o.shape) for o in objs}
         if rng.random() < 0.5:
             c, s = pick(sorted(present))
-            ans = "yes"
         else:
             # absent combination sharing a colour or a shape with something present (needs fine detail)
             cands = sorted({(c, s) for c in COLOUR_NAMES for s in SHAPES} - present)
             near = [(c, s) for c, s in cands if c in colours or s in shapes]
             c, s = pick(near or cands)
-            ans = "no"
-        return dict(question=f"Is there a {c} {s}?", answer=ans,
+        return dict(question=question_text(qtype, (c, s)), answer=answer_of(scene, qtype, (c, s)),
                     objs=[i for i, o in enumerate(objs) if (o.colour, o.shape) == (c, s)])
     if qtype == "ocr":
-        return dict(question="What number is written?", answer=scene.number, objs=[-1])
+        return dict(question=question_text(qtype, None), answer=answer_of(scene, qtype, None), objs=[-1])
     raise ValueError(qtype)
 
 

@@ -9,5 +9,5 @@ same exporter as the tiny models. Auxiliary heads live outside the HF model and 
 Modules: ``config`` (sizes, seeds, per-testbed view layout), ``model`` (build / load / save, initialisations,
 auxiliary heads), ``data`` (fast preprocessing, prompts, scene batches, packed sequences, encoded pools),
 ``losses``, ``train`` (``train`` / ``snapshot``, stages 1 and 1b), ``stage2`` (the two stage-2 loops), ``eval``
-(``evalset`` / ``hf-eval``), ``export`` (``export-testbed``).
+(``evalset`` / ``hf-eval``), ``sequence`` (``scenestream``), ``export`` (``export-testbed``).
 """
