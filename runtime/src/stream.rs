@@ -179,12 +179,13 @@ impl<'p> Stream<'p> {
         let views = input.views.len();
         // the previous frame's encoding, when its layout matches and reuse is on
         let previous = self.cached.take().filter(|c| self.opts.reuse_features && c.layout == layout);
+        let dims = unit_dims(&input, per_view);
         let changed: Vec<(usize, f32)> = match &previous {
             Some(c) => units
                 .iter()
                 .enumerate()
                 .filter_map(|(u, px)| {
-                    let score = change_score(&c.pixels[u], px, unit_dims(&input, per_view));
+                    let score = change_score(&c.pixels[u], px, dims);
                     (score > self.opts.change_threshold).then_some((u, score))
                 })
                 .collect(),
@@ -202,9 +203,7 @@ impl<'p> Stream<'p> {
         let (encoded, encoded_views): (Encoded, usize) = match &previous {
             Some(c) if chosen.is_empty() => (c.image.encoded.clone(), 0),
             Some(c) if per_view && !p.reduces_encoder() => {
-                let mut views_in: Vec<usize> = chosen.clone();
-                views_in.sort_unstable();
-                (p.encode_reusing(&input, &c.image.encoded, &views_in)?, views_in.len())
+                (p.encode_reusing(&input, &c.image.encoded, &chosen)?, chosen.len())
             }
             _ => (self.encode_whole(&input)?, views),
         };

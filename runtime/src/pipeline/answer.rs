@@ -376,15 +376,19 @@ impl Pipeline {
         times: &mut StageTimes,
         obs: &mut dyn Observer,
     ) -> Result<(Vec<i64>, StopReason)> {
-        let generator = Generator {
+        self.generator().run(prepared.embeds, &prepared.positions, prepared.key_bias.as_deref(), opts, times, obs)
+    }
+
+    /// The prefill + decode loop over this pipeline's decoder, embeddings and tokenizer.
+    pub(crate) fn generator(&self) -> Generator<'_> {
+        Generator {
             io: &self.decoder_io,
             decoder: self.decoder.as_ref(),
             embed: self.embed.as_ref(),
             tokenizer: &self.tokenizer,
             eos: &self.eos,
             context: self.context.0,
-        };
-        generator.run(prepared.embeds, &prepared.positions, prepared.key_bias.as_deref(), opts, times, obs)
+        }
     }
 }
 

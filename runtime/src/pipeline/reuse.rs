@@ -8,7 +8,7 @@ use super::encode::assemble;
 use super::{Encoded, Observer, Pipeline, Prepared, StageTimes};
 use crate::error::Result;
 use crate::family::{view_starts, VisionInput};
-use crate::generate::{GenerationOptions, Generator, KvCache, StopReason};
+use crate::generate::{GenerationOptions, KvCache, StopReason};
 
 /// The last prompt a [`PrefixCache`] saw, with the decoder's cache after answering it.
 #[derive(Debug)]
@@ -80,18 +80,17 @@ impl Pipeline {
             }
             None => (self.decoder_io.empty_cache()?, 0),
         };
-        let generator = Generator {
-            io: &self.decoder_io,
-            decoder: self.decoder.as_ref(),
-            embed: self.embed.as_ref(),
-            tokenizer: &self.tokenizer,
-            eos: &self.eos,
-            context: self.context.0,
-        };
         let rest = prepared.embeds.slice(s![.., shared.., ..]).to_owned();
         let rest_bias = prepared.key_bias.as_ref().map(|b| b[shared.min(b.len())..].to_vec());
-        let (ids, stop, kv) =
-            generator.run_from(kv, rest, &prepared.positions[shared..], rest_bias.as_deref(), opts, times, obs)?;
+        let (ids, stop, kv) = self.generator().run_from(
+            kv,
+            rest,
+            &prepared.positions[shared..],
+            rest_bias.as_deref(),
+            opts,
+            times,
+            obs,
+        )?;
         cache.seen = Some(Seen { embeds, positions: prepared.positions, bias, kv });
         Ok((ids, stop, shared))
     }
