@@ -5,12 +5,15 @@
 //!   `--dtype auto`.
 //! - [`mod@detect`]: board / Jetson L4T / CPU features / GPU detection from `/proc` and `/etc`
 //!   (testable against fixture trees) and the recommended [`Profile`].
-//! - `hal` (feature `hal`): embedded-hal 1.0 adapters (busy indicator, trigger input) for robot
-//!   apps.
+//! - `hal` (feature `hal`): embedded-hal 1.0 adapters (busy indicator, trigger input,
+//!   [`hal::IoLines`]) for robot apps; `gpio` (feature `gpio`, Linux): them on GPIO character
+//!   devices.
 
 pub mod detect;
 pub mod error;
 pub mod frame;
+#[cfg(all(feature = "gpio", target_os = "linux"))]
+pub mod gpio;
 #[cfg(feature = "hal")]
 pub mod hal;
 pub mod part;

@@ -16,6 +16,7 @@ pub mod overlay;
 pub mod plot;
 pub mod profile;
 pub mod quantize;
+pub mod robot;
 pub mod serve;
 pub mod split;
 pub mod targets;

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use super::robot::RobotArgs;
 use super::{ModelArgs, SelectArgs};
 
 #[derive(clap::Args, Debug)]
@@ -54,11 +55,9 @@ pub struct Args {
     /// can ask for its own `regions` / `merge` (the encoder's weights are held twice).
     #[arg(long)]
     pub request_reduction: bool,
-    /// Write each answer as a frame (glimpse_targets::frame, docs/serving.md "Serial frames") to
-    /// this serial device (or any file) for a microcontroller; set its speed first, e.g.
-    /// `stty -F /dev/ttyUSB0 115200 raw`.
-    #[arg(long, value_name = "DEVICE")]
-    pub serial: Option<PathBuf>,
+    /// The robot's serial line and GPIO lines.
+    #[command(flatten)]
+    pub robot: RobotArgs,
     /// The model id `/v1/models` lists and responses carry (default: the folder's name).
     #[arg(long)]
     pub model_id: Option<String>,
@@ -101,16 +100,9 @@ pub fn run(args: Args) -> Result<()> {
     // the pipeline is built on the worker thread that owns it; load errors come back here
     let (jobs, queue) = std::sync::mpsc::sync_channel(args.queue);
     let metrics = metrics::Metrics::new();
-    let serial = match &args.serial {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .with_context(|| format!("--serial {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let loaded = worker::start(args.model.model.clone(), options, queue, metrics.clone(), serial)
+    let serial = args.robot.serial("serve")?;
+    let lines = args.robot.lines()?;
+    let loaded = worker::start(args.model.model.clone(), options, queue, metrics.clone(), serial, lines)
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
     let shared = Arc::new(Shared {
         jobs,

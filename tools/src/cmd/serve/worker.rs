@@ -15,9 +15,11 @@ use glimpse_runtime::{
     Positions, Request, SelectConfig,
 };
 use glimpse_targets::frame;
+use glimpse_targets::hal::IoLines;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
+use crate::cmd::robot::SerialOut;
 
 /// One queued request.
 pub struct Job {
@@ -71,7 +73,8 @@ pub fn start(
     options: PipelineOptions,
     queue: Receiver<Job>,
     metrics: Metrics,
-    serial: Option<std::fs::File>,
+    mut serial: Option<SerialOut>,
+    mut lines: IoLines,
 ) -> anyhow::Result<Loaded> {
     let (ready, loaded) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new().name("glimpse-worker".into()).spawn(move || {
@@ -85,10 +88,19 @@ pub fn start(
                 return;
             }
         };
-        let mut serial = serial.map(|file| Serial { file, seq: 0 });
         for job in queue {
             metrics.dequeued();
-            answer(&pipeline, job, &metrics, serial.as_mut());
+            // a press while idle is not a stop for this request: sample the trigger once first
+            if let Err(e) = lines.poll_trigger() {
+                eprintln!("glimpse serve: {e}");
+            }
+            if let Err(e) = lines.set_busy(true) {
+                eprintln!("glimpse serve: {e}");
+            }
+            answer(&pipeline, job, &metrics, serial.as_mut(), &mut lines);
+            if let Err(e) = lines.set_busy(false) {
+                eprintln!("glimpse serve: {e}");
+            }
         }
     })?;
     match loaded.recv() {
@@ -104,11 +116,14 @@ pub fn start(
     }
 }
 
-/// Forwards text to the handler; cancels when the handler is gone or the deadline passed.
+/// Forwards text to the handler; cancels when the handler is gone, the deadline passed or the
+/// trigger input (the robot's stop button) was pressed.
 struct Forward<'a> {
     events: &'a UnboundedSender<Event>,
     deadline: Instant,
     timed_out: bool,
+    lines: &'a mut IoLines,
+    stopped: bool,
 }
 
 impl Observer for Forward<'_> {
@@ -120,7 +135,13 @@ impl Observer for Forward<'_> {
         if Instant::now() >= self.deadline {
             self.timed_out = true;
         }
-        self.timed_out || self.events.is_closed()
+        if !self.stopped && self.lines.has_trigger() {
+            match self.lines.poll_trigger() {
+                Ok(pressed) => self.stopped = pressed,
+                Err(e) => eprintln!("glimpse serve: {e}"),
+            }
+        }
+        self.timed_out || self.stopped || self.events.is_closed()
     }
 }
 
@@ -129,27 +150,18 @@ pub fn timeout_error() -> ApiError {
     ApiError::new(504, "timeout_error", "the request ran past the server's --timeout and was cancelled")
 }
 
-/// The serial line answers are framed onto.
-struct Serial {
-    file: std::fs::File,
-    seq: u16,
+/// The error of a request stopped by the trigger input before its answer began (422: clients
+/// such as OpenAI's retry 408, 409, 429 and 5xx, and a stop must not be retried).
+pub fn stopped_error() -> ApiError {
+    ApiError::new(
+        422,
+        "cancelled_error",
+        "stopped by the robot's trigger input (--trigger-gpio) before the answer began",
+    )
 }
 
-impl Serial {
-    /// Writes one frame; a failed write is reported and the server goes on (the HTTP client
-    /// still gets its answer).
-    fn send(&mut self, kind: frame::Kind, text: &str) {
-        use std::io::Write;
-        let bytes = frame::encode(kind, self.seq, text);
-        self.seq = self.seq.wrapping_add(1);
-        if let Err(e) = self.file.write_all(&bytes).and_then(|()| self.file.flush()) {
-            eprintln!("glimpse serve: --serial: frame {} not written: {e}", self.seq.wrapping_sub(1));
-        }
-    }
-}
-
-fn answer(pipeline: &Pipeline, job: Job, metrics: &Metrics, serial: Option<&mut Serial>) {
-    let mut forward = Forward { events: &job.events, deadline: job.deadline, timed_out: false };
+fn answer(pipeline: &Pipeline, job: Job, metrics: &Metrics, serial: Option<&mut SerialOut>, lines: &mut IoLines) {
+    let mut forward = Forward { events: &job.events, deadline: job.deadline, timed_out: false, lines, stopped: false };
     if forward.cancelled() {
         if forward.timed_out {
             let _ = job.events.send(Event::Failed(timeout_error()));
@@ -186,13 +198,14 @@ fn answer(pipeline: &Pipeline, job: Job, metrics: &Metrics, serial: Option<&mut 
     let text = stop.finish();
     let event = match result {
         _ if forward.timed_out => Some(Event::Failed(timeout_error())),
-        // the client went away during generation
-        Ok(answer) if answer.stats.stop == StopReason::Cancelled && !hit => None,
+        // the client went away during generation (a stop button's answer is sent, cut short)
+        Ok(answer) if answer.stats.stop == StopReason::Cancelled && !hit && !forward.stopped => None,
         Ok(answer) => {
             metrics.answered(&answer.stats);
             let finish_reason = openai::finish_reason(answer.stats.stop, hit);
             Some(Event::Done(Box::new(Finished { text, finish_reason, stats: answer.stats })))
         }
+        Err(Error::Cancelled { .. }) if forward.stopped => Some(Event::Failed(stopped_error())),
         // the client went away
         Err(Error::Cancelled { .. }) => None,
         Err(e) => Some(Event::Failed(ApiError::from_runtime(&e))),

@@ -16,7 +16,9 @@ use glimpse_runtime::preprocess::ImageLimits;
 use glimpse_runtime::{GenerationOptions, Pipeline, Quiet, Stream, StreamOptions};
 use serde::Deserialize;
 
+use super::robot::{RobotArgs, TRIGGER_POLL};
 use super::{ModelArgs, SelectArgs};
+use glimpse_targets::frame::Kind;
 use source::Source;
 
 /// What is reused between frames.
@@ -79,6 +81,9 @@ pub struct Args {
     /// Most tokens to generate per frame.
     #[arg(long, default_value_t = 16)]
     pub max_new_tokens: usize,
+    /// The robot's serial line and GPIO lines.
+    #[command(flatten)]
+    pub robot: RobotArgs,
 }
 
 /// One line of a scene sequence.
@@ -162,15 +167,26 @@ pub fn run(args: Args) -> Result<()> {
         }
         (None, None) => bail!("give --prompt (or --expect)"),
     };
+    let mut serial = args.robot.serial("watch")?;
+    let mut lines = args.robot.lines()?;
     let mut totals = Totals::default();
     for (prompt, mut source, answers) in runs {
         let mut stream = Stream::new(&pipeline, &prompt, stream_opts)?;
         let mut k = 0;
         while args.max_frames.is_none_or(|m| k < m) {
+            // with a trigger input, each activation answers one frame (the newest from a camera)
+            lines.wait_trigger(TRIGGER_POLL, || false)?;
             let Some(frame) = source.next_frame()? else { break };
-            let r = stream
-                .frame(&frame.image, &gen, &mut Quiet)
-                .with_context(|| format!("answering about {}", frame.name))?;
+            lines.set_busy(true)?;
+            let result = stream.frame(&frame.image, &gen, &mut Quiet);
+            lines.set_busy(false)?;
+            if let Some(serial) = &mut serial {
+                match &result {
+                    Ok(r) => serial.send(Kind::Answer, r.answer.text.trim()),
+                    Err(e) => serial.send(Kind::Error, &e.to_string()),
+                }
+            }
+            let r = result.with_context(|| format!("answering about {}", frame.name))?;
             let s = &r.answer.stats;
             let expected = answers.get(k).cloned().flatten();
             let correct = expected.as_ref().map(|e| normalize_answer(&r.answer.text) == normalize_answer(e));

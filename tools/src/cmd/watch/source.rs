@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Context, Result};
 use glimpse_runtime::preprocess::ImageLimits;
@@ -22,8 +23,66 @@ pub struct Frame {
 pub enum Source {
     /// Image files, in name order.
     Files { paths: Vec<PathBuf>, next: usize, limits: ImageLimits },
-    /// PPM frames from an ffmpeg process.
+    /// PPM frames from an ffmpeg process, every one in order (a video file).
     Ffmpeg { child: Child, out: BufReader<ChildStdout>, next: usize, limits: ImageLimits, what: String },
+    /// The newest PPM frame of a process read by a thread as fast as it writes (a camera: a
+    /// frame taken after a slow answer or a trigger is the present one, not one queued in the
+    /// pipe); frames nobody took are dropped.
+    Live { child: Child, latest: Arc<Latest>, what: String },
+}
+
+/// The newest frame of a live source and how the reader ended.
+#[derive(Default)]
+pub struct Latest {
+    slot: Mutex<Slot>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The newest frame not yet taken, with its number.
+    frame: Option<(usize, RgbImage)>,
+    /// Set when the stream ended: `Err` with the reason when it broke.
+    end: Option<std::result::Result<(), String>>,
+}
+
+impl Latest {
+    /// Reads frames from `out` into the slot until the end of the stream or an error.
+    fn fill(&self, mut out: impl BufRead, limits: ImageLimits) {
+        let mut n = 0;
+        let end = loop {
+            match read_ppm(&mut out, limits) {
+                Ok(Some(image)) => {
+                    if let Ok(mut slot) = self.slot.lock() {
+                        slot.frame = Some((n, image));
+                    }
+                    self.ready.notify_all();
+                    n += 1;
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("frame {n}: {e:#}")),
+            }
+        };
+        if let Ok(mut slot) = self.slot.lock() {
+            slot.end = Some(end);
+        }
+        self.ready.notify_all();
+    }
+
+    /// Waits for a frame newer than the last taken; `Ok(None)` once the stream ended with
+    /// none left.
+    fn take(&self) -> std::result::Result<Option<(usize, RgbImage)>, String> {
+        let mut slot = self.slot.lock().map_err(|_| "the frame reader panicked".to_string())?;
+        loop {
+            if let Some(frame) = slot.frame.take() {
+                return Ok(Some(frame));
+            }
+            if let Some(end) = &slot.end {
+                return end.clone().map(|()| None);
+            }
+            slot = self.ready.wait(slot).map_err(|_| "the frame reader panicked".to_string())?;
+        }
+    }
 }
 
 /// Image files of a folder, sorted by name (PNG, JPEG).
@@ -80,7 +139,20 @@ impl Source {
             .spawn()
             .with_context(|| format!("starting {} (install ffmpeg or give --ffmpeg PATH)", ffmpeg.display()))?;
         let out = child.stdout.take().context("ffmpeg's standard output")?;
-        Ok(Source::Ffmpeg { child, out: BufReader::new(out), next: 0, limits, what: input.display().to_string() })
+        let what = input.display().to_string();
+        if camera {
+            return Ok(Source::live(child, BufReader::new(out), limits, what));
+        }
+        Ok(Source::Ffmpeg { child, out: BufReader::new(out), next: 0, limits, what })
+    }
+
+    /// The newest-frame source over `child`'s PPM output `out`.
+    fn live(child: Child, out: BufReader<ChildStdout>, limits: ImageLimits, what: String) -> Self {
+        let latest = Arc::new(Latest::default());
+        let filler = latest.clone();
+        // detached: it ends when the child's output does (the child is killed on drop)
+        std::thread::spawn(move || filler.fill(out, limits));
+        Source::Live { child, latest, what }
     }
 
     /// The next frame, `None` at the end.
@@ -111,13 +183,24 @@ impl Source {
                     }
                 }
             }
+            Source::Live { child, latest, what } => match latest.take() {
+                Ok(Some((n, image))) => Ok(Some(Frame { name: format!("frame {n}"), image })),
+                Ok(None) => {
+                    let status = child.wait().context("waiting for ffmpeg")?;
+                    if !status.success() {
+                        bail!("ffmpeg failed on {what} ({status}); its messages are above");
+                    }
+                    Ok(None)
+                }
+                Err(e) => bail!("reading {what} from ffmpeg: {e}"),
+            },
         }
     }
 }
 
 impl Drop for Source {
     fn drop(&mut self) {
-        if let Source::Ffmpeg { child, .. } = self {
+        if let Source::Ffmpeg { child, .. } | Source::Live { child, .. } = self {
             // a camera never ends by itself
             let _ = child.kill();
             let _ = child.wait();
@@ -228,5 +311,34 @@ mod tests {
         assert!(a.contains("-f v4l2 -i /dev/video0") && a.ends_with("-f image2pipe -c:v ppm -"), "{a}");
         let v = ffmpeg_args(Path::new("clip.mp4"), false, Some(2.0)).join(" ");
         assert!(v.contains("-i clip.mp4 -vf fps=2") && !v.contains("v4l2"), "{v}");
+    }
+
+    #[test]
+    fn a_live_source_hands_out_the_newest_frames_in_order_then_ends() {
+        let mut all = Vec::new();
+        for k in 1..=4u32 {
+            all.extend(ppm(k, 2));
+        }
+        let file = std::env::temp_dir().join(format!("glimpse-live-source-{}.ppm", std::process::id()));
+        std::fs::write(&file, &all).unwrap();
+        let mut child = Command::new("cat").arg(&file).stdout(Stdio::piped()).spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut source = Source::live(child, out, ImageLimits::default(), "test".into());
+        let mut widths = Vec::new();
+        while let Some(frame) = source.next_frame().unwrap() {
+            widths.push(frame.image.width());
+        }
+        // some frames may be dropped, never reordered, and the last one is always handed out
+        assert!(widths.windows(2).all(|w| w[0] < w[1]), "{widths:?}");
+        assert_eq!(widths.last(), Some(&4));
+
+        // a broken stream is an error naming the frame
+        std::fs::write(&file, b"P6 2 2 255\nab").unwrap();
+        let mut child = Command::new("cat").arg(&file).stdout(Stdio::piped()).spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut source = Source::live(child, out, ImageLimits::default(), "test".into());
+        let e = source.next_frame().err().expect("a broken stream is an error").to_string();
+        let _ = std::fs::remove_file(&file);
+        assert!(e.contains("frame 0") && e.contains("ended early"), "{e}");
     }
 }
