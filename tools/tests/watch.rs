@@ -161,3 +161,132 @@ fn a_video_through_ffmpeg_answers_as_its_frames_do() {
     assert_eq!(two.len(), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--max-latency MS` on the CLI: a 1 ms budget cannot fit any encoding, so the first frame is
+/// encoded whole (nothing is cached), the changed frame defers its changed views and says it
+/// missed its deadline, and the summary records the budget.
+#[test]
+fn watch_max_latency_defers_what_does_not_fit() {
+    let dir = frames("latency");
+    let d = dir.to_str().expect("path");
+    let (lines, summary) = watch(&["--frames", d, "--prompt", Q, "--max-new-tokens", "2", "--max-latency", "1"]);
+    assert_eq!(lines.len(), 4);
+    let views = lines[0]["views"].as_u64().expect("views");
+    assert_eq!(lines[0]["views_encoded"].as_u64(), Some(views), "nothing cached yet: {}", lines[0]);
+    let changed = &lines[2];
+    assert!(changed["views_changed"].as_u64() > Some(0), "{changed}");
+    assert_eq!(changed["views_encoded"], 0, "{changed}");
+    assert_eq!(changed["views_deferred"], changed["views_changed"], "{changed}");
+    assert_eq!(changed["deadline_met"], false, "{changed}");
+    assert!(changed["predicted_ttft_ms"].as_f64() > Some(1.0), "{changed}");
+    assert_eq!(summary["max_latency_ms"], 1, "{summary}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `watch --serial FILE`: every frame's answer goes out as one frame of the documented format
+/// (glimpse_targets::frame), in order, with sequence numbers from 0. A regular file stands in
+/// for the serial device here (the pseudo-terminal case is `serve`'s test in tools/tests/serve.rs).
+#[test]
+fn watch_writes_each_answer_to_the_serial_line() {
+    use glimpse_targets::frame::{Decoder, Kind};
+    let dir = frames("serial");
+    let line = dir.join("ttyFAKE");
+    std::fs::write(&line, b"").expect("create the line");
+    let (lines, _) = watch(&[
+        "--frames",
+        dir.to_str().expect("path"),
+        "--prompt",
+        Q,
+        "--max-new-tokens",
+        "4",
+        "--serial",
+        line.to_str().expect("path"),
+    ]);
+    let bytes = std::fs::read(&line).expect("read the line");
+    let mut decoder = Decoder::default();
+    let frames: Vec<_> = bytes.iter().flat_map(|&b| decoder.push(b)).collect();
+    assert_eq!(frames.len(), lines.len(), "one frame per answer: {frames:?}");
+    for (i, (f, l)) in frames.iter().zip(&lines).enumerate() {
+        assert_eq!((f.kind, f.seq as usize), (Kind::Answer as u8, i), "{f:?}");
+        assert_eq!(Some(f.text.as_str()), l["answer"].as_str(), "{f:?} vs {l}");
+    }
+    // a serial line that cannot be opened is named, before the model is loaded
+    let out = glimpse()
+        .args(["watch", "--prompt", Q, "--frames", "models/images", "--serial", "/nonexistent/ttyS9"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--serial /nonexistent/ttyS9"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// GPIO lines that do not exist are refused with the flag and the chip named, on `watch` and
+/// `serve` alike, and a malformed spec says what the form is.
+#[cfg(all(feature = "gpio", target_os = "linux"))]
+#[test]
+fn gpio_flags_name_what_is_wrong() {
+    for (cmd, extra) in [("watch", &["--prompt", Q, "--frames", "models/images"][..]), ("serve", &["--port", "0"][..])]
+    {
+        let out = glimpse().arg(cmd).args(extra).args(["--busy-gpio", "/nonexistent-chip:3"]).output().expect("run");
+        assert!(!out.status.success(), "{cmd}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--busy-gpio") && stderr.contains("/nonexistent-chip"), "{cmd}: {stderr}");
+        let out = glimpse().arg(cmd).args(extra).args(["--trigger-gpio", "gpiochip0"]).output().expect("run");
+        assert!(!out.status.success(), "{cmd}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--trigger-gpio") && stderr.contains("CHIP:LINE"), "{cmd}: {stderr}");
+    }
+}
+
+/// `tools/export scenestream` end to end: the generator's own checks pass (two runs
+/// byte-identical, background bit-exact, every answer valid), `glimpse watch --expect` reads
+/// its sequence, the trained testbed answers most frames right, and a frame the generator
+/// reports as unchanged encodes no view.
+#[cfg(feature = "venv-tests")]
+#[test]
+fn a_generated_scene_sequence_is_watched_and_scored() {
+    let py = repo().join(".venv/bin/python");
+    assert!(
+        py.is_file(),
+        "no venv: `.ci/run` creates it (python3 -m venv .venv; pip install -r tools/export/requirements.txt)"
+    );
+    let out_dir = std::env::temp_dir().join(format!("glimpse-scenestream-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = Command::new(&py)
+        .current_dir(repo().join("tools/export"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["-m", "glimpse_export", "scenestream", "--testbed", "smolvlm", "--frames", "12", "--seed", "9300000"])
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--check")
+        .output()
+        .expect("run python -m glimpse_export scenestream");
+    assert!(out.status.success(), "scenestream failed: {}", String::from_utf8_lossy(&out.stderr));
+    let res: Value = serde_json::from_slice(&out.stdout).expect("scenestream prints JSON");
+    assert!(res["check"].as_str().is_some_and(|c| c.starts_with("ok")), "{res}");
+    assert_eq!(res["rows"], 48, "{res}");
+    let info: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("sequence_info.json")).expect("info"))
+        .expect("json");
+    let unchanged: Vec<usize> = info["per_frame"]
+        .as_array()
+        .expect("per_frame")
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r["changed_pixels"] == 0)
+        .map(|(i, _)| i)
+        .collect();
+    let seq = out_dir.join("sequence.jsonl");
+    let (lines, summary) = watch(&["--expect", seq.to_str().expect("path"), "--max-new-tokens", "4"]);
+    assert_eq!(lines.len(), 48);
+    let (correct, total) = (summary["accuracy"]["correct"].as_u64(), summary["accuracy"]["total"].as_u64());
+    assert_eq!(total, Some(48));
+    assert!(correct >= Some(36), "the testbed answers at least 75% of the frames: {summary}");
+    for l in &lines {
+        let frame = l["frame"].as_u64().expect("frame") as usize;
+        if unchanged.contains(&frame) {
+            assert_eq!(l["views_encoded"], 0, "frame {frame} did not change: {l}");
+        }
+    }
+    assert!(summary["views_encoded"].as_u64() < summary["views"].as_u64(), "views are reused: {summary}");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

@@ -133,6 +133,9 @@ struct Totals {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // the robot's lines first: a wrong device is named before the model is loaded
+    let mut serial = args.robot.serial("watch")?;
+    let mut lines = args.robot.lines()?;
     let (options, applied) = args.model.pipeline_options(&args.select)?;
     let pipeline = Pipeline::load(&args.model.model, &options)
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
@@ -167,8 +170,6 @@ pub fn run(args: Args) -> Result<()> {
         }
         (None, None) => bail!("give --prompt (or --expect)"),
     };
-    let mut serial = args.robot.serial("watch")?;
-    let mut lines = args.robot.lines()?;
     let mut totals = Totals::default();
     for (prompt, mut source, answers) in runs {
         let mut stream = Stream::new(&pipeline, &prompt, stream_opts)?;
