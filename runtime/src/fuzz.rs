@@ -29,7 +29,8 @@ pub enum Target {
     ChatTemplate,
     /// An image file: sniffing, decoding within the limits, preprocessing.
     Image,
-    /// `onnx/vision_encoder.onnx`: protobuf, declared I/O, external-data checks.
+    /// `onnx/vision_encoder.onnx`: protobuf header, declared I/O, external-data checks, and the
+    /// weights-by-reference rewrite tract's loader decodes.
     Onnx,
     /// An OpenAI chat-completions request body (`glimpse serve`): parsing and checking, the
     /// turns rendered through the chat template and tokenized, a `data:` image decoded and
@@ -127,7 +128,9 @@ impl Harness {
             Target::Manifest => crate::manifest::Manifest::load(&self.dir).map(drop),
             Target::Onnx => {
                 let path = self.dir.join("onnx/vision_encoder.onnx");
-                crate::onnx_info::describe(&path, &self.dir).map(drop)
+                crate::onnx_info::describe(&path, &self.dir)?;
+                // the wire surgery tract's loader runs on the same bytes
+                crate::onnx_info::read_proto_by_reference(&path, &self.dir).map(drop)
             }
             Target::Image => {
                 let img = preprocess::decode_image(data, Path::new("fuzz-input"), limits)?;

@@ -1,6 +1,10 @@
-//! Backend-independent facts about an ONNX file, read from its protobuf (tract-onnx's generated
-//! types serve as the parser): declared inputs and outputs, parameter counts, operators, and the
-//! external-data safety check.
+//! Backend-independent facts about an ONNX file: declared inputs and outputs, parameter counts,
+//! operators, and the external-data safety check.
+//!
+//! They come from the file's *header* ([`read_header`]): the protobuf decoded through a memory
+//! map into types that leave out every weight field, so no weight byte is read or copied (a
+//! 1 GB encoder costs a few MB of graph structure). The full message ([`read_proto`]) is decoded
+//! only where a consumer needs the weights too: tract's parser and `glimpse split`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +15,70 @@ use tract_onnx::prelude::Framework;
 use crate::backend::{Dim, ElemType, TensorInfo};
 use crate::error::{Error, Result};
 use crate::folder::check_external_location;
+
+/// The ONNX messages with only the fields Glimpse reads (same field numbers as `onnx.proto`).
+/// prost skips the others, weights included, by advancing past them in the map: their pages
+/// are never touched.
+pub mod header {
+    use tract_onnx::pb;
+
+    /// `ModelProto`: opsets and the graph.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Model {
+        #[prost(message, repeated, tag = "8")]
+        pub opset_import: Vec<pb::OperatorSetIdProto>,
+        #[prost(message, optional, tag = "7")]
+        pub graph: Option<Graph>,
+    }
+
+    /// `GraphProto`: nodes, initializers (without data), declared inputs and outputs.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Graph {
+        #[prost(message, repeated, tag = "1")]
+        pub node: Vec<Node>,
+        #[prost(message, repeated, tag = "5")]
+        pub initializer: Vec<Tensor>,
+        #[prost(message, repeated, tag = "11")]
+        pub input: Vec<pb::ValueInfoProto>,
+        #[prost(message, repeated, tag = "12")]
+        pub output: Vec<pb::ValueInfoProto>,
+    }
+
+    /// `NodeProto`: operator and the attributes that can hold tensors or subgraphs.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Node {
+        #[prost(string, tag = "4")]
+        pub op_type: String,
+        #[prost(string, tag = "7")]
+        pub domain: String,
+        #[prost(message, repeated, tag = "5")]
+        pub attribute: Vec<Attribute>,
+    }
+
+    /// `AttributeProto`: tensor and graph values only.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Attribute {
+        #[prost(message, optional, tag = "5")]
+        pub t: Option<Tensor>,
+        #[prost(message, optional, tag = "6")]
+        pub g: Option<Graph>,
+        #[prost(message, repeated, tag = "10")]
+        pub tensors: Vec<Tensor>,
+        #[prost(message, repeated, tag = "11")]
+        pub graphs: Vec<Graph>,
+    }
+
+    /// `TensorProto` without its data: name, shape and where external data lives.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Tensor {
+        #[prost(int64, repeated, tag = "1")]
+        pub dims: Vec<i64>,
+        #[prost(string, tag = "8")]
+        pub name: String,
+        #[prost(message, repeated, tag = "13")]
+        pub external_data: Vec<pb::StringStringEntryProto>,
+    }
+}
 
 /// Summary of one ONNX file.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -33,41 +101,268 @@ fn infos<S: serde::Serializer>(v: &[TensorInfo], s: S) -> std::result::Result<S:
     s.collect_seq(v.iter().map(|i| i.to_string()))
 }
 
-/// Parses an ONNX file's protobuf, refusing corrupt bytes and external data outside `root`.
-pub fn read_proto(path: &Path, root: &Path) -> Result<pb::ModelProto> {
+fn parse_error(path: &Path, message: String) -> Error {
+    Error::OnnxLoad { path: path.to_path_buf(), backend: "onnx parser".into(), message }
+}
+
+/// Reads an ONNX file's header (graph structure without weight data), refusing corrupt bytes,
+/// a file without a graph and external data outside `root`.
+pub fn read_header(path: &Path, root: &Path) -> Result<header::Model> {
+    use prost::Message;
     if !path.is_file() {
         return Err(Error::MissingFile { path: path.to_path_buf(), what: "ONNX file".into() });
     }
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
-        return Err(Error::OnnxLoad {
-            path: path.to_path_buf(),
-            backend: "onnx parser".into(),
-            message: "the file is empty (0 bytes)".into(),
-        });
+    let file = std::fs::File::open(path).map_err(|e| parse_error(path, format!("cannot open: {e}")))?;
+    if file.metadata().is_ok_and(|m| m.len() == 0) {
+        return Err(parse_error(path, "the file is empty (0 bytes)".into()));
     }
-    let proto = tract_onnx::onnx().proto_model_for_path(path).map_err(|e| Error::OnnxLoad {
-        path: path.to_path_buf(),
-        backend: "onnx parser".into(),
-        message: format!("not a valid ONNX protobuf: {e}"),
-    })?;
-    let graph = proto.graph.as_ref().ok_or_else(|| Error::OnnxLoad {
-        path: path.to_path_buf(),
-        backend: "onnx parser".into(),
-        message: "the file has no graph".into(),
-    })?;
+    // SAFETY: the map is read-only and lives only during the decode, which copies what it keeps;
+    // as for tract's own loader, the file must not be truncated while it is read.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| parse_error(path, format!("cannot map: {e}")))?;
+    let model =
+        header::Model::decode(&map[..]).map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
+    let graph = model.graph.as_ref().ok_or_else(|| parse_error(path, "the file has no graph".into()))?;
     check_graph_external_data(graph, path, root)?;
+    Ok(model)
+}
+
+/// Parses an ONNX file's whole protobuf, weights included, after [`read_header`]'s checks.
+pub fn read_proto(path: &Path, root: &Path) -> Result<pb::ModelProto> {
+    read_header(path, root)?;
+    let proto = tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
+    if proto.graph.is_none() {
+        return Err(parse_error(path, "the file has no graph".into()));
+    }
     Ok(proto)
 }
 
-/// Describes an ONNX file without building an execution plan.
+/// Parses an ONNX file's protobuf for a backend that reads external data itself (tract): every
+/// embedded initializer of at least [`BY_REFERENCE_MIN_BYTES`] becomes an external-data
+/// reference into the ONNX file itself (its offset and length there), so the message holds no
+/// copy of the weights and the backend reads each one straight into its own tensor.
+pub fn read_proto_by_reference(path: &Path, root: &Path) -> Result<pb::ModelProto> {
+    use prost::Message;
+    read_header(path, root)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| parse_error(path, "the file name is not UTF-8".into()))?;
+    let file = std::fs::File::open(path).map_err(|e| parse_error(path, format!("cannot open: {e}")))?;
+    // SAFETY: as in `read_header`.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| parse_error(path, format!("cannot map: {e}")))?;
+    let small = wire::weights_by_reference(&map, name)
+        .map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
+    drop(map);
+    let proto =
+        pb::ModelProto::decode(&small[..]).map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
+    if proto.graph.is_none() {
+        return Err(parse_error(path, "the file has no graph".into()));
+    }
+    Ok(proto)
+}
+
+/// Embedded initializers smaller than this stay in the message (a reference costs a file
+/// mapping when it is read).
+pub const BY_REFERENCE_MIN_BYTES: usize = 64 * 1024;
+
+/// Protobuf wire-format surgery on an ONNX `ModelProto`, field numbers from `onnx.proto`.
+mod wire {
+    use std::ops::Range;
+
+    const VARINT: u64 = 0;
+    const FIXED64: u64 = 1;
+    const LEN: u64 = 2;
+    const FIXED32: u64 = 5;
+
+    /// One field of a message: its number and wire type, where the whole field starts, and
+    /// its payload (the value bytes; for length-delimited fields, the bytes after the length).
+    struct Field {
+        number: u64,
+        wire: u64,
+        start: usize,
+        payload: Range<usize>,
+    }
+
+    fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *buf.get(*pos).ok_or("truncated varint")?;
+            *pos += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint longer than 10 bytes".into())
+    }
+
+    fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn put_len(out: &mut Vec<u8>, number: u64, bytes: &[u8]) {
+        put_varint(out, number << 3 | LEN);
+        put_varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    }
+
+    /// The fields of the message in `buf[range]`.
+    fn fields(buf: &[u8], range: Range<usize>) -> Result<Vec<Field>, String> {
+        let mut out = Vec::new();
+        let mut pos = range.start;
+        while pos < range.end {
+            let start = pos;
+            let key = varint(buf, &mut pos)?;
+            let (number, wire) = (key >> 3, key & 7);
+            let payload = match wire {
+                VARINT => {
+                    let from = pos;
+                    varint(buf, &mut pos)?;
+                    from..pos
+                }
+                FIXED64 => pos..pos + 8,
+                FIXED32 => pos..pos + 4,
+                LEN => {
+                    let len = usize::try_from(varint(buf, &mut pos)?).map_err(|_| "length too large")?;
+                    pos..pos.checked_add(len).ok_or("length overflows")?
+                }
+                w => return Err(format!("wire type {w} in field {number}")),
+            };
+            if payload.end > range.end {
+                return Err(format!("field {number} runs past the end of its message"));
+            }
+            pos = payload.end;
+            out.push(Field { number, wire, start, payload });
+        }
+        Ok(out)
+    }
+
+    /// `ModelProto` with its graph's large embedded initializers turned into references into
+    /// `file_name` (the file `buf` was read from).
+    pub fn weights_by_reference(buf: &[u8], file_name: &str) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        for f in fields(buf, 0..buf.len())? {
+            if f.number == 7 && f.wire == LEN {
+                put_len(&mut out, 7, &graph(buf, f.payload, file_name)?);
+            } else {
+                out.extend_from_slice(&buf[f.start..f.payload.end]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `GraphProto` (field 5: initializer).
+    fn graph(buf: &[u8], range: Range<usize>, file_name: &str) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        for f in fields(buf, range)? {
+            if f.number == 5 && f.wire == LEN {
+                put_len(&mut out, 5, &tensor(buf, f.payload, file_name)?);
+            } else {
+                out.extend_from_slice(&buf[f.start..f.payload.end]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `TensorProto`: `raw_data` (9) becomes `external_data` (13: location, offset, length)
+    /// with `data_location` (14) EXTERNAL, when it is large and the tensor is not external
+    /// already.
+    fn tensor(buf: &[u8], range: Range<usize>, file_name: &str) -> Result<Vec<u8>, String> {
+        let fields = fields(buf, range.clone())?;
+        let raw = fields.iter().find(|f| f.number == 9 && f.wire == LEN).map(|f| f.payload.clone());
+        let external = fields.iter().any(|f| f.number == 13 || f.number == 14);
+        let Some(raw) = raw.filter(|r| r.len() >= super::BY_REFERENCE_MIN_BYTES && !external) else {
+            return Ok(buf[range].to_vec());
+        };
+        let mut out = Vec::new();
+        for f in fields.iter().filter(|f| !(f.number == 9 && f.wire == LEN)) {
+            out.extend_from_slice(&buf[f.start..f.payload.end]);
+        }
+        for (key, value) in
+            [("location", file_name.to_string()), ("offset", raw.start.to_string()), ("length", raw.len().to_string())]
+        {
+            let mut entry = Vec::new();
+            put_len(&mut entry, 1, key.as_bytes());
+            put_len(&mut entry, 2, value.as_bytes());
+            put_len(&mut out, 13, &entry);
+        }
+        put_varint(&mut out, 14 << 3 | VARINT);
+        put_varint(&mut out, 1);
+        Ok(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use prost::Message;
+        use tract_onnx::pb;
+
+        fn model(raw: Vec<u8>) -> pb::ModelProto {
+            let t = pb::TensorProto {
+                name: "w".into(),
+                dims: vec![raw.len() as i64 / 4],
+                data_type: 1,
+                raw_data: raw,
+                ..Default::default()
+            };
+            let small = pb::TensorProto {
+                name: "b".into(),
+                dims: vec![1],
+                data_type: 1,
+                raw_data: vec![0, 0, 128, 63],
+                ..Default::default()
+            };
+            pb::ModelProto {
+                ir_version: 8,
+                graph: Some(pb::GraphProto { name: "g".into(), initializer: vec![t, small], ..Default::default() }),
+                ..Default::default()
+            }
+        }
+
+        #[test]
+        fn large_initializers_become_references_to_their_bytes_in_the_file() {
+            let raw: Vec<u8> = (0..super::super::BY_REFERENCE_MIN_BYTES as u32 * 2).map(|i| (i % 251) as u8).collect();
+            let bytes = model(raw.clone()).encode_to_vec();
+            let out = super::weights_by_reference(&bytes, "m.onnx").unwrap();
+            assert!(out.len() < 1024, "the weights left the message: {} bytes", out.len());
+            let p = pb::ModelProto::decode(&out[..]).unwrap();
+            let g = p.graph.unwrap();
+            let (w, b) = (&g.initializer[0], &g.initializer[1]);
+            assert!(w.raw_data.is_empty());
+            assert_eq!(w.data_location, Some(1));
+            let kv = |k: &str| w.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone()).unwrap();
+            assert_eq!(kv("location"), "m.onnx");
+            let (off, len): (usize, usize) = (kv("offset").parse().unwrap(), kv("length").parse().unwrap());
+            assert_eq!(&bytes[off..off + len], &raw[..], "the reference points at the weight's own bytes");
+            assert_eq!((w.dims.clone(), w.name.as_str()), (vec![raw.len() as i64 / 4], "w"));
+            assert_eq!(b.raw_data, vec![0, 0, 128, 63], "small initializers stay embedded");
+        }
+
+        #[test]
+        fn corrupt_messages_are_errors_not_panics() {
+            let bytes = model(vec![1; 70_000]).encode_to_vec();
+            for cut in [1, 7, 100, bytes.len() / 2, bytes.len() - 1] {
+                assert!(super::weights_by_reference(&bytes[..cut], "m.onnx").is_err(), "cut at {cut}");
+            }
+            assert!(super::weights_by_reference(&[0x0b], "m.onnx").is_err(), "group wire type");
+        }
+    }
+}
+
+/// Describes an ONNX file without building an execution plan (or reading its weights).
 pub fn describe(path: &Path, root: &Path) -> Result<OnnxSummary> {
-    let proto = read_proto(path, root)?;
-    let graph = proto.graph.as_ref().expect("checked by read_proto");
+    let model = read_header(path, root)?;
+    let graph = model.graph.as_ref().ok_or_else(|| parse_error(path, "the file has no graph".into()))?;
     let (inputs, outputs) = graph_io(graph);
     let mut operators = BTreeMap::new();
     count_ops(graph, &mut operators);
     let parameters = graph.initializer.iter().map(|t| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>()).sum();
-    let opsets = proto
+    let opsets = model
         .opset_import
         .iter()
         .map(|o| (if o.domain.is_empty() { "ai.onnx".to_string() } else { o.domain.clone() }, o.version))
@@ -76,13 +371,13 @@ pub fn describe(path: &Path, root: &Path) -> Result<OnnxSummary> {
 }
 
 /// Whether any node of `graph` (or of its subgraphs) is `op_type`.
-pub fn uses_op(graph: &pb::GraphProto, op_type: &str) -> bool {
+pub fn uses_op(graph: &header::Graph, op_type: &str) -> bool {
     let mut ops = BTreeMap::new();
     count_ops(graph, &mut ops);
     ops.keys().any(|k| k.rsplit("::").next() == Some(op_type))
 }
 
-fn count_ops(graph: &pb::GraphProto, ops: &mut BTreeMap<String, usize>) {
+fn count_ops(graph: &header::Graph, ops: &mut BTreeMap<String, usize>) {
     for node in &graph.node {
         let domain = if node.domain.is_empty() { "ai.onnx" } else { node.domain.as_str() };
         *ops.entry(format!("{domain}::{}", node.op_type)).or_default() += 1;
@@ -98,7 +393,7 @@ fn count_ops(graph: &pb::GraphProto, ops: &mut BTreeMap<String, usize>) {
 }
 
 /// Declared inputs (excluding initializers listed as inputs, as old exporters did) and outputs.
-pub fn graph_io(graph: &pb::GraphProto) -> (Vec<TensorInfo>, Vec<TensorInfo>) {
+pub fn graph_io(graph: &header::Graph) -> (Vec<TensorInfo>, Vec<TensorInfo>) {
     let inits: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let inputs = graph.input.iter().filter(|v| !inits.contains(v.name.as_str())).map(value_info).collect();
     let outputs = graph.output.iter().map(value_info).collect();
@@ -200,8 +495,8 @@ pub fn rebase_external_data(proto: &mut pb::ModelProto, onnx_file: &Path, root: 
 }
 
 /// Checks every external-data location of a graph (initializers, tensor attributes, subgraphs).
-pub fn check_graph_external_data(graph: &pb::GraphProto, onnx_file: &Path, root: &Path) -> Result<()> {
-    let check = |t: &pb::TensorProto| -> Result<()> {
+pub fn check_graph_external_data(graph: &header::Graph, onnx_file: &Path, root: &Path) -> Result<()> {
+    let check = |t: &header::Tensor| -> Result<()> {
         match t.external_data.iter().find(|kv| kv.key == "location") {
             Some(loc) => check_external_location(onnx_file, &loc.value, root).map(drop),
             None => Ok(()),

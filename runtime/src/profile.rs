@@ -88,6 +88,34 @@ pub struct ProfileRow {
     /// Median over runs of |stage sum − end to end| / end to end.
     pub accounting_gap: f64,
     pub efficiency: Efficiency,
+    /// Resident memory per stage, measured on the first run (the warm-up when there is one:
+    /// first-run allocations are where the peaks are); empty off Linux.
+    pub memory: Vec<StageMemory>,
+}
+
+/// Resident memory of one stage of one run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageMemory {
+    /// The stage's name (`encode`, `prefill`, ...).
+    pub stage: String,
+    /// Peak resident bytes while the stage ran (Linux `VmHWM` over the stage; since the run
+    /// started when peaks cannot be reset).
+    pub peak_bytes: u64,
+    /// Resident bytes when the stage ended.
+    pub rss_after: u64,
+}
+
+/// Records each stage's peak and resident memory, starting a new peak window per stage.
+#[derive(Default)]
+struct StagePeaks(Vec<StageMemory>);
+
+impl crate::pipeline::Observer for StagePeaks {
+    fn stage(&mut self, stage: Stage, _took: Duration) {
+        if let (Some(peak_bytes), Some(rss_after)) = (crate::memory::peak_since_reset(), crate::memory::rss_bytes()) {
+            self.0.push(StageMemory { stage: stage.name().into(), peak_bytes, rss_after });
+        }
+        crate::memory::reset_peak();
+    }
 }
 
 /// How to profile.
@@ -105,12 +133,10 @@ impl Default for ProfileOptions {
     }
 }
 
-/// Peak resident memory of this process so far (Linux `VmHWM`), bytes.
+/// Peak resident memory of this process so far (Linux `VmHWM`, across the per-step resets of
+/// [`crate::memory::reset_peak`]), bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    crate::memory::process_peak()
 }
 
 /// Bytes of a model part on disk, external data included.
@@ -131,10 +157,23 @@ pub fn profile(
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut gaps = Vec::new();
     let mut last = None;
+    let mut memory = Vec::new();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for run in 0..opts.warmup + opts.runs {
-        let start = Instant::now();
-        let answer = pipeline.answer(&Request::new(prompt).with_image(ImageInput::Path(image)), &gen, &mut Quiet)?;
+        let request = Request::new(prompt).with_image(ImageInput::Path(image));
+        let start;
+        let answer;
+        if run == 0 {
+            // the memory run: a peak window per stage (its resets cost a page-table walk each)
+            let mut peaks = StagePeaks::default();
+            crate::memory::reset_peak();
+            start = Instant::now();
+            answer = pipeline.answer(&request, &gen, &mut peaks)?;
+            memory = peaks.0;
+        } else {
+            start = Instant::now();
+            answer = pipeline.answer(&request, &gen, &mut Quiet)?;
+        }
         let e2e = start.elapsed();
         progress();
         if run < opts.warmup {
@@ -190,6 +229,7 @@ pub fn profile(
         decode_tokens_per_s,
         accounting_gap: Spread::of(gaps).median_ms,
         efficiency,
+        memory,
     })
 }
 

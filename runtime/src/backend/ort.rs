@@ -13,7 +13,7 @@ use ort::value::{DynValue, Tensor as OrtTensor};
 
 use super::{order_inputs, Backend, Placement, ProviderStatus, Session, Tensor, TensorInfo};
 use crate::error::{Error, Result};
-use crate::onnx_info::{graph_io, read_proto};
+use crate::onnx_info::{graph_io, read_header};
 
 const NAME: &str = "ort";
 
@@ -177,14 +177,15 @@ impl Backend for OrtBackend {
     }
 
     fn load(&self, onnx_file: &Path, root: &Path, part: &str, _hints: &super::LoadHints) -> Result<Box<dyn Session>> {
-        let proto = read_proto(onnx_file, root)?;
-        let graph = proto.graph.as_ref().ok_or_else(|| Error::OnnxLoad {
+        // the header only: ONNX Runtime reads the weights itself
+        let header = read_header(onnx_file, root)?;
+        let graph = header.graph.as_ref().ok_or_else(|| Error::OnnxLoad {
             path: onnx_file.to_path_buf(),
             backend: NAME.into(),
             message: "the file has no graph".into(),
         })?;
         let (inputs, outputs) = graph_io(graph);
-        drop(proto);
+        drop(header);
         let load_err = |e: ort::Error| Error::OnnxLoad {
             path: onnx_file.to_path_buf(),
             backend: NAME.into(),

@@ -7,7 +7,7 @@ use tract_onnx::prelude::*;
 
 use super::{order_inputs, Backend, Placement, Session, Tensor as HostTensor, TensorInfo};
 use crate::error::{Error, Result};
-use crate::onnx_info::{graph_io, read_proto, uses_op};
+use crate::onnx_info::{graph_io, read_header, read_proto_by_reference, uses_op};
 
 /// tract backend (default).
 #[derive(Debug, Default, Clone)]
@@ -60,36 +60,31 @@ impl Backend for TractBackend {
     fn load(&self, onnx_file: &Path, root: &Path, part: &str, hints: &super::LoadHints) -> Result<Box<dyn Session>> {
         let load_err =
             |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
-        let mut proto = read_proto(onnx_file, root)?;
-        let data_dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?;
-        let rewrites = super::rewrite::for_tract(&mut proto);
-        if !rewrites.is_empty() {
-            tracing::debug!("{}: rewrote {}", onnx_file.display(), rewrites.join(", "));
-        }
-        let graph = proto.graph.as_ref().ok_or_else(|| load_err("the file has no graph".into()))?;
+        let header = read_header(onnx_file, root)?;
+        let graph = header.graph.as_ref().ok_or_else(|| load_err("the file has no graph".into()))?;
         let (inputs, outputs) = graph_io(graph);
-        // Intermediate value_info written by other tools (e.g. ORT shape inference during
-        // quantization) can name the same length with unrelated symbols (`total_sequence_length`
-        // vs `sequence_length + past_sequence_length`); tract infers those shapes itself.
-        let framework = tract_onnx::onnx().with_ignore_value_info(true);
-        let dir = data_dir.as_deref().or(onnx_file.parent()).and_then(Path::to_str);
-        let parsed = framework.parse(&proto, dir).map_err(|e| load_err(format!("{e:#}")))?;
-        if !parsed.unresolved_inputs.is_empty() {
-            return Err(load_err(format!("unresolved inputs {:?}", parsed.unresolved_inputs)));
-        }
         let block_quant = uses_op(graph, "MatMulNBits");
-        let mut model = parsed.model;
-        apply_hints(&mut model, hints).map_err(|e| load_err(format!("applying input facts: {e:#}")))?;
-        let plan = model
-            .into_typed()
-            .and_then(|m| optimize(m, block_quant))
-            .and_then(|(m, skipped)| {
-                if !skipped.is_empty() {
-                    tracing::debug!("{}: tract optimizer passes skipped: {}", onnx_file.display(), skipped.join(", "));
-                }
-                m.into_runnable()
-            })
-            .map_err(|e| load_err(format!("tract could not analyse the graph: {e:#} (ONNX Runtime may run it: `--backend ort`; docs/compatibility.md)")))?;
+        drop(header);
+        let analyse_err = |e: TractError| {
+            load_err(format!("tract could not analyse the graph: {e:#} (ONNX Runtime may run it: `--backend ort`; docs/compatibility.md)"))
+        };
+        // Optimised from a fresh parse on every try: a pass that fails is skipped on the next
+        // one, and no unoptimised copy of the weights is kept beside the plan for the retry.
+        let mut skip: Vec<String> = if block_quant { vec![MERGE_AXES_PASS.to_string()] } else { Vec::new() };
+        let model = loop {
+            let typed = parse_typed(onnx_file, root, hints)?.into_typed().map_err(analyse_err)?;
+            match optimize_skipping(typed, &skip) {
+                Ok(m) => break m,
+                Err(e) => match failing_pass(&e) {
+                    Some(pass) if !skip.contains(&pass) && skip.len() < MAX_SKIPPED_PASSES => skip.push(pass),
+                    _ => return Err(analyse_err(e)),
+                },
+            }
+        };
+        if !skip.is_empty() {
+            tracing::debug!("{}: tract optimizer passes skipped: {}", onnx_file.display(), skip.join(", "));
+        }
+        let plan = model.into_runnable().map_err(analyse_err)?;
         Ok(Box::new(TractSession { part: part.to_string(), plan, inputs, outputs, executor: self.executor.clone() }))
     }
 }
@@ -132,28 +127,30 @@ const MERGE_AXES_PASS: &str = "MergeConsecutiveSameRoleAxes";
 /// Most optimizer passes skipped before giving up on a graph.
 const MAX_SKIPPED_PASSES: usize = 4;
 
-/// tract's `into_optimized` (declutter, then codegen), except for passes known or found to fail:
-///
-/// - Graphs with block-quantized weights skip [`MERGE_AXES_PASS`]: merging the head axes of an
-///   attention output (Transpose + Reshape) into a q4 `o_proj` contraction gives wrong results
-///   (testbed-llava's q4 decoder answered nothing right; with the pass skipped its logits equal
-///   ONNX Runtime's). Regression test: `tests/export_tools.rs`, q4 tokens equal across backends.
-/// - A pass that stops with an error (tract 0.23.9's `FoldUniformMask` on the broadcast masks of
-///   torch's dynamo exports) is skipped and the optimization run again; optimizer passes only
-///   make a plan faster, so the result is the same. Regression test: `tests/compat.rs`.
-///
-/// Returns the plan and the passes skipped.
-fn optimize(model: TypedModel, block_quant: bool) -> TractResult<(TypedModel, Vec<String>)> {
-    let mut skip: Vec<String> = if block_quant { vec![MERGE_AXES_PASS.to_string()] } else { Vec::new() };
-    loop {
-        match optimize_skipping(model.clone(), &skip) {
-            Ok(m) => return Ok((m, skip)),
-            Err(e) => match failing_pass(&e) {
-                Some(pass) if !skip.contains(&pass) && skip.len() < MAX_SKIPPED_PASSES => skip.push(pass),
-                _ => return Err(e),
-            },
-        }
+/// Parses an ONNX file into tract's inference model with the folder's hints applied. The
+/// protobuf message (which holds a copy of embedded weights) is dropped as soon as tract holds
+/// its own tensors.
+fn parse_typed(onnx_file: &Path, root: &Path, hints: &super::LoadHints) -> Result<tract_onnx::prelude::InferenceModel> {
+    let load_err = |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
+    let mut proto = read_proto_by_reference(onnx_file, root)?;
+    let data_dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?;
+    let rewrites = super::rewrite::for_tract(&mut proto);
+    if !rewrites.is_empty() {
+        tracing::debug!("{}: rewrote {}", onnx_file.display(), rewrites.join(", "));
     }
+    // Intermediate value_info written by other tools (e.g. ORT shape inference during
+    // quantization) can name the same length with unrelated symbols (`total_sequence_length`
+    // vs `sequence_length + past_sequence_length`); tract infers those shapes itself.
+    let framework = tract_onnx::onnx().with_ignore_value_info(true);
+    let dir = data_dir.as_deref().or(onnx_file.parent()).and_then(Path::to_str);
+    let parsed = framework.parse(&proto, dir).map_err(|e| load_err(format!("{e:#}")))?;
+    drop(proto);
+    if !parsed.unresolved_inputs.is_empty() {
+        return Err(load_err(format!("unresolved inputs {:?}", parsed.unresolved_inputs)));
+    }
+    let mut model = parsed.model;
+    apply_hints(&mut model, hints).map_err(|e| load_err(format!("applying input facts: {e:#}")))?;
+    Ok(model)
 }
 
 fn optimize_skipping(mut model: TypedModel, skip: &[String]) -> TractResult<TypedModel> {

@@ -150,6 +150,8 @@ pub struct Pipeline {
     image_limits: ImageLimits,
     /// The prompt compressor and its settings, when prompts are shortened first.
     compressor: Option<(crate::compress::PromptCompressor, crate::compress::CompressOptions)>,
+    /// What each file's load cost in resident memory, in load order (empty off Linux).
+    load_memory: Vec<crate::memory::LoadMemory>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -225,17 +227,25 @@ impl Pipeline {
         let paths: Vec<(Part, std::path::PathBuf)> =
             dtypes.iter().map(|&(part, dtype)| Ok((part, folder.part_path(part, dtype)?))).collect::<Result<_>>()?;
         // the compressor's folder is checked (manifest, tokenizer) and counted before any load
-        let compressor_file = match &opts.prompt_compression {
+        let (compressor_file, compressor_onnx) = match &opts.prompt_compression {
             Some(c) => {
                 c.options.check()?;
                 let manifest = crate::compress::CompressorManifest::load(&c.dir)?;
                 let onnx = c.dir.join(&manifest.onnx);
-                vec![(format!("prompt compressor {}", onnx.display()), crate::memory::file_bytes(&onnx))]
+                (vec![(format!("prompt compressor {}", onnx.display()), crate::memory::file_bytes(&onnx))], onnx)
             }
-            None => Vec::new(),
+            None => (Vec::new(), std::path::PathBuf::new()),
         };
         crate::memory::check(&folder, &dtypes, &compressor_file, opts.max_memory)?;
         let backend = backend::by_name(&opts.backend, &opts.backend_options)?;
+        let load_memory = std::cell::RefCell::new(Vec::new());
+        // every file's load goes through here, so each one's resident cost is measured
+        let load_file = |path: &Path, stem: &str, hints: &crate::backend::LoadHints| -> Result<Box<dyn Session>> {
+            let (session, m) =
+                crate::memory::measure_load(stem, path, || backend.load(path, &folder.root, stem, hints));
+            load_memory.borrow_mut().extend(m);
+            session
+        };
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = paths.iter().find(|(p, _)| *p == part).map(|(_, path)| path).ok_or_else(|| {
                 Error::field(folder.path("glimpse.json"), "parts", format!("no part with role `{}`", part.role()))
@@ -244,7 +254,7 @@ impl Pipeline {
                 Part::VisionEncoder => family.encoder_hints(),
                 Part::EmbedTokens | Part::Decoder => crate::generate::text_hints(),
             };
-            backend.load(path, &folder.root, part.stem(), &hints)
+            load_file(path, part.stem(), &hints)
         };
         let load_staged = |files: Vec<(String, std::path::PathBuf)>| -> Result<VisionEncoder> {
             let stages = manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
@@ -257,7 +267,7 @@ impl Pipeline {
                     k if k + 1 == files.len() => &head_hints,
                     _ => &none,
                 };
-                sessions.push(backend.load(path, &folder.root, stem, h)?);
+                sessions.push(load_file(path, stem, h)?);
             }
             let head = sessions.pop().ok_or_else(|| Error::interface("vision stages", "no head"))?;
             let mut rest = sessions.into_iter();
@@ -312,9 +322,16 @@ impl Pipeline {
         let eos = folder.eos_token_ids();
         let context = folder.context_length()?;
         let compressor = match &opts.prompt_compression {
-            Some(c) => Some((crate::compress::PromptCompressor::load(&c.dir, backend.as_ref())?, c.options.clone())),
+            Some(c) => {
+                let (loaded, m) = crate::memory::measure_load("prompt_compressor", &compressor_onnx, || {
+                    crate::compress::PromptCompressor::load(&c.dir, backend.as_ref())
+                });
+                load_memory.borrow_mut().extend(m);
+                Some((loaded?, c.options.clone()))
+            }
             None => None,
         };
+        let load_memory = load_memory.into_inner();
         Ok(Pipeline {
             folder,
             family,
@@ -335,7 +352,14 @@ impl Pipeline {
             context,
             image_limits: opts.image_limits,
             compressor,
+            load_memory,
         })
+    }
+
+    /// What each file's load cost in resident memory (kept and transient), in load order:
+    /// `glimpse profile` reports it per part; empty where the OS does not say (not Linux).
+    pub fn load_memory(&self) -> &[crate::memory::LoadMemory] {
+        &self.load_memory
     }
 
     /// The prompt compressor in use and its settings, if any.

@@ -102,6 +102,8 @@ pub fn run(args: Args) -> Result<()> {
     let mut realsize = false;
     let mut placements = std::collections::BTreeMap::new();
     let mut configs = Vec::new();
+    // each configuration's load: what every part cost in resident memory
+    let mut loads = Vec::new();
     for d in &dtypes {
         for &encoder in &encoders {
             for &views in &view_runs {
@@ -129,6 +131,12 @@ pub fn run(args: Args) -> Result<()> {
                 .chain(pipeline.compressor_placement().map(|pl| ("prompt_compressor".to_string(), pl)))
                 .collect::<std::collections::BTreeMap<_, _>>(),
         );
+        loads.push(serde_json::json!({
+            "backend": b,
+            "dtype": pipeline.parts().iter().map(|(_, d)| d.name()).collect::<Vec<_>>().join("/"),
+            "encoder": if pipeline.encoder_is_staged() { "staged" } else { "monolithic" },
+            "parts": pipeline.load_memory(),
+        }));
         realsize = pipeline.folder.manifest.is_realsize();
         model_bytes =
             pipeline.parts().iter().map(|&(p, d)| glimpse_runtime::profile::part_bytes(&pipeline, p, d)).sum();
@@ -176,6 +184,7 @@ pub fn run(args: Args) -> Result<()> {
             "new_tokens": opts.new_tokens,
             "model_bytes": model_bytes,
             "peak_rss_bytes": peak,
+            "loads": loads,
             "note": note,
             "calibration": calibrations,
             "placement": placements,
@@ -185,6 +194,7 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     print_table(&rows);
+    print_memory(&loads, &rows)?;
     out!(
         "model {:.1} MB on disk; peak RSS {:.1} MB; {} timed runs after {} warm-up; {note}",
         model_bytes as f64 / 1e6,
@@ -207,6 +217,49 @@ pub fn run(args: Args) -> Result<()> {
             c.bandwidth_gb_s,
             c.bandwidth_threads
         );
+    }
+    Ok(())
+}
+
+/// Resident memory: per part loaded (file size, what the load kept, its transient peak above
+/// the RSS before it), then per stage of each configuration's first run (peak while it ran).
+fn print_memory(loads: &[serde_json::Value], rows: &[ProfileRow]) -> Result<()> {
+    let mb = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |b| format!("{:.0}", b / 1e6));
+    for l in loads {
+        let parts: Vec<String> = l["parts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "{} {} MB file, +{} kept, +{} peak",
+                    p["part"].as_str().unwrap_or("?"),
+                    mb(&p["file_bytes"]),
+                    mb(&p["kept_bytes"]),
+                    mb(&p["transient_bytes"])
+                )
+            })
+            .collect();
+        if parts.is_empty() {
+            continue;
+        }
+        let after = l["parts"].as_array().and_then(|p| p.last()).map(|p| mb(&p["rss_after"])).unwrap_or_default();
+        let s = |k: &str| l[k].as_str().unwrap_or("?").to_string();
+        out!(
+            "memory load {} {} {}: {}; RSS after load {after} MB",
+            s("backend"),
+            s("dtype"),
+            s("encoder"),
+            parts.join("; ")
+        );
+    }
+    for r in rows {
+        if r.memory.is_empty() {
+            continue;
+        }
+        let stages: Vec<String> =
+            r.memory.iter().map(|m| format!("{} {:.0}", m.stage, m.peak_bytes as f64 / 1e6)).collect();
+        out!("memory peak MB per stage, {} {} {} {}: {}", r.backend, r.dtype, r.method, r.keep, stages.join(", "));
     }
     Ok(())
 }

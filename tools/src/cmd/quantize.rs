@@ -40,7 +40,7 @@ pub fn run(args: Args) -> Result<()> {
     let default_parts = glimpse_runtime::Part::ALL.map(|p| p.stem()).join(",");
     for stem in args.parts.as_deref().unwrap_or(&default_parts).split(',').map(str::trim) {
         let path = args.model.join("onnx").join(format!("{stem}.onnx"));
-        glimpse_runtime::onnx_info::read_proto(&path, &args.model)
+        glimpse_runtime::onnx_info::read_header(&path, &args.model)
             .with_context(|| format!("checking {} before quantizing", path.display()))?;
     }
     let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("export");
