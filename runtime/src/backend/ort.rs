@@ -209,7 +209,17 @@ impl Backend for OrtBackend {
             providers.push((name.clone(), register(name, &mut builder, &self.engine_cache)));
         }
         let placement = Placement { backend: NAME.into(), providers };
-        let session = builder.commit_from_file(onnx_file).map_err(load_err)?;
+        // The model goes in as bytes whose large embedded initializers are references into the
+        // file (onnx_info::bytes_by_reference): ONNX Runtime then maps the weights from the file
+        // instead of parsing a copy of them with the message and copying them again into
+        // tensors (measured in docs/benchmarks.md, "Memory").
+        let bytes = crate::onnx_info::bytes_by_reference(onnx_file, root)?;
+        let dir = onnx_file.parent().unwrap_or(Path::new(".")).to_string_lossy().into_owned();
+        builder = builder
+            .with_config_entry("session.model_external_initializers_file_folder_path", dir)
+            .map_err(|e| load_err(e.into()))?;
+        let session = builder.commit_from_memory(&bytes).map_err(load_err)?;
+        drop(bytes);
         Ok(Box::new(OrtPart { part: part.to_string(), session: Mutex::new(session), inputs, outputs, placement }))
     }
 }
