@@ -31,7 +31,10 @@ fn value_info(name: &str, dims: [i64; 2]) -> pb::ValueInfoProto {
             value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
                 elem_type: 1,
                 shape: Some(pb::TensorShapeProto {
-                    dim: dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect(),
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
+                        .collect(),
                 }),
             })),
             ..Default::default()
@@ -48,7 +51,8 @@ fn write_model(dir: &Path, external: bool) {
             raw.extend_from_slice(&weight(k, n).to_le_bytes());
         }
     }
-    let mut w = pb::TensorProto { name: "w".into(), dims: vec![K as i64, N as i64], data_type: 1, ..Default::default() };
+    let mut w =
+        pb::TensorProto { name: "w".into(), dims: vec![K as i64, N as i64], data_type: 1, ..Default::default() };
     if external {
         std::fs::write(dir.join("m.onnx.data"), &raw).expect("write external data");
         let kv = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
@@ -109,10 +113,18 @@ fn a_loaded_part_keeps_one_copy_of_its_weights() {
             let Tensor::F32(y) = &out[0] else { panic!("y is not f32") };
             for n in [0, 1, N / 2, N - 1] {
                 let want: f32 = (0..K).map(|k| weight(k, n)).sum();
-                assert!((y[[0, n]] - want).abs() < 1e-2 * want.abs().max(1.0), "{name}: y[{n}] {} vs {want}", y[[0, n]]);
+                assert!(
+                    (y[[0, n]] - want).abs() < 1e-2 * want.abs().max(1.0),
+                    "{name}: y[{n}] {} vs {want}",
+                    y[[0, n]]
+                );
             }
             let where_ = if external { "external data" } else { "embedded" };
-            report.push(format!("{name} {where_}: kept {:.1} MiB for a {:.1} MiB weight", mb(kept), mb(WEIGHT_BYTES as i64)));
+            report.push(format!(
+                "{name} {where_}: kept {:.1} MiB for a {:.1} MiB weight",
+                mb(kept),
+                mb(WEIGHT_BYTES as i64)
+            ));
             assert!(
                 (kept as f64) < 1.3 * WEIGHT_BYTES as f64,
                 "{name}, weight {where_}: the load kept {:.1} MiB for a {:.1} MiB weight (a second copy?)",

@@ -194,17 +194,18 @@ pub fn check(
         parts.iter().map(|&(p, d)| (p, d, file_bytes(&folder.part_file(p, d)))).collect();
     let extra_bytes: u64 = extra.iter().map(|e| e.1).sum();
     // working memory follows the fp32 shape; a part without an fp32 file counts as its own size
-    let fp32: u64 = sizes
-        .iter()
-        .map(|&(p, _, b)| {
-            if folder.variants(p).contains(&Dtype::Fp32) {
-                file_bytes(&folder.part_file(p, Dtype::Fp32))
-            } else {
-                b
-            }
-        })
-        .sum::<u64>()
-        + extra_bytes;
+    let fp32: u64 =
+        sizes
+            .iter()
+            .map(|&(p, _, b)| {
+                if folder.variants(p).contains(&Dtype::Fp32) {
+                    file_bytes(&folder.part_file(p, Dtype::Fp32))
+                } else {
+                    b
+                }
+            })
+            .sum::<u64>()
+            + extra_bytes;
     let with_extra = |mut v: Vec<u64>| {
         v.extend(extra.iter().map(|e| e.1));
         v
@@ -227,9 +228,8 @@ pub fn check(
                 .collect();
             let bytes = with_extra(bytes?);
             let need = estimate(&bytes, fp32, backend);
-            (need <= budget).then(|| {
-                format!("--dtype {d} ({} of files, about {} resident)", mb(bytes.iter().sum()), mb(need))
-            })
+            (need <= budget)
+                .then(|| format!("--dtype {d} ({} of files, about {} resident)", mb(bytes.iter().sum()), mb(need)))
         })
         .collect();
     let hint = if smaller.is_empty() {

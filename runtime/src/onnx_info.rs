@@ -145,7 +145,8 @@ pub fn read_proto(path: &Path, root: &Path) -> Result<pb::ModelProto> {
 pub fn read_proto_by_reference(path: &Path, root: &Path) -> Result<pb::ModelProto> {
     use prost::Message;
     let small = bytes_by_reference(path, root)?;
-    let proto = pb::ModelProto::decode(&small[..]).map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
+    let proto =
+        pb::ModelProto::decode(&small[..]).map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
     if proto.graph.is_none() {
         return Err(parse_error(path, "the file has no graph".into()));
     }
@@ -157,7 +158,10 @@ pub fn read_proto_by_reference(path: &Path, root: &Path) -> Result<pb::ModelProt
 /// model bytes and a folder to resolve external data in, ONNX Runtime).
 pub fn bytes_by_reference(path: &Path, root: &Path) -> Result<Vec<u8>> {
     read_header(path, root)?;
-    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| parse_error(path, "the file name is not UTF-8".into()))?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| parse_error(path, "the file name is not UTF-8".into()))?;
     let file = std::fs::File::open(path).map_err(|e| parse_error(path, format!("cannot open: {e}")))?;
     // SAFETY: as in `read_header`.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| parse_error(path, format!("cannot map: {e}")))?;
