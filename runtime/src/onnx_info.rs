@@ -153,10 +153,9 @@ pub fn read_proto_by_reference(path: &Path, root: &Path) -> Result<pb::ModelProt
     Ok(proto)
 }
 
-/// The encoded `ModelProto` of [`read_proto_by_reference`]: the file's message with its large
-/// embedded initializers as external-data references into the file (for a backend that takes
-/// model bytes and a folder to resolve external data in, ONNX Runtime).
-pub fn bytes_by_reference(path: &Path, root: &Path) -> Result<Vec<u8>> {
+/// The file's `ModelProto` re-encoded with its large embedded initializers as external-data
+/// references into the file ([`read_proto_by_reference`] decodes it).
+fn bytes_by_reference(path: &Path, root: &Path) -> Result<Vec<u8>> {
     read_header(path, root)?;
     let name = path
         .file_name()
@@ -484,7 +483,7 @@ pub fn rebase_external_data(proto: &mut pb::ModelProto, onnx_file: &Path, root: 
             if !base.pop() {
                 return Err(Error::OnnxLoad {
                     path: onnx_file.to_path_buf(),
-                    backend: "tract".into(),
+                    backend: "onnx parser".into(),
                     message: "external data files share no folder".into(),
                 });
             }

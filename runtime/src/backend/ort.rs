@@ -210,13 +210,18 @@ impl Backend for OrtBackend {
         }
         let placement = Placement { backend: NAME.into(), providers };
         // The model goes in as bytes whose large embedded initializers are references into the
-        // file (onnx_info::bytes_by_reference): ONNX Runtime then maps the weights from the file
+        // file (onnx_info::read_proto_by_reference): ONNX Runtime then maps the weights from the file
         // instead of parsing a copy of them with the message and copying them again into
         // tensors (measured in docs/benchmarks.md, "Memory").
-        let bytes = crate::onnx_info::bytes_by_reference(onnx_file, root)?;
-        let dir = onnx_file.parent().unwrap_or(Path::new(".")).to_string_lossy().into_owned();
+        // Locations are rebased on the folder holding every data file (a Hugging Face cache
+        // snapshot's files are links into its `blobs/`), which ONNX Runtime then resolves them in.
+        let mut proto = crate::onnx_info::read_proto_by_reference(onnx_file, root)?;
+        let dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?
+            .unwrap_or_else(|| onnx_file.parent().unwrap_or(Path::new(".")).to_path_buf());
+        let bytes = prost::Message::encode_to_vec(&proto);
+        drop(proto);
         builder = builder
-            .with_config_entry("session.model_external_initializers_file_folder_path", dir)
+            .with_config_entry("session.model_external_initializers_file_folder_path", dir.to_string_lossy())
             .map_err(|e| load_err(e.into()))?;
         let session = builder.commit_from_memory(&bytes).map_err(load_err)?;
         drop(bytes);
