@@ -106,13 +106,14 @@ pub const KEPT_PER_BYTE: f64 = 1.1;
 pub const LOAD_PEAK_PER_BYTE: f64 = 1.75;
 
 /// Working memory while answering (activations, KV cache, logits) per byte of the parts' fp32
-/// variant, by backend: it follows the model's dimensions, not its dtype. Measured on the
-/// real-size SmolVLM-256M shape answering about 4 tiles + the global view: tract up to 0.31;
-/// ONNX Runtime 0.44-0.88 from run to run (its arena grows differently as the encoder's
-/// threads allocate).
+/// variant, by backend: it follows the model's dimensions more than its dtype. Measured on the
+/// real-size SmolVLM-256M and LLaVA-OneVision-0.5B shapes answering about an image: tract up
+/// to 0.55 (q4, whose block-quantized products run on dequantized temporaries); ONNX Runtime
+/// up to 0.88, varying from run to run (its arena grows differently as the encoder's threads
+/// allocate).
 pub fn working_per_fp32_byte(backend: &str) -> f64 {
     match backend {
-        "tract" => 0.4,
+        "tract" => 0.6,
         _ => 0.9,
     }
 }
@@ -254,21 +255,32 @@ pub fn check(
 mod tests {
     use super::*;
 
-    /// The estimate covers the peaks measured on the real-size SmolVLM-256M shape
-    /// (docs/benchmarks.md, "Memory": `glimpse ask`, both backends, text-only and 4 tiles +
-    /// global view), without asking for more than 1.2x the worst of them.
+    /// The estimate covers the peaks measured on the real-size shapes (docs/benchmarks.md,
+    /// "Memory": `glimpse ask`, both backends, fp32 and q4, the worst of text-only and with an
+    /// image), without asking for more than 1.6x any of them.
     #[test]
     fn the_estimate_covers_the_measured_peaks() {
         let mb = 1_000_000;
-        let fp32 = 1_026_643_720;
-        let (full, q4) = (vec![373_761_409, 113_541_375, 539_340_936], vec![63_229_973, 113_541_394, 85_254_120]);
-        // backend, parts' bytes, measured worst peak
-        for (backend, sizes, peak) in
-            [("tract", &full, 1436), ("tract", &q4, 585), ("ort", &full, 1897), ("ort", &q4, 1124)]
-        {
+        let smol = 1_026_643_720;
+        let (smol_fp32, smol_q4) =
+            (vec![373_761_409, 113_541_375, 539_340_936], vec![63_229_973, 113_541_394, 85_254_120]);
+        let ov = 4_119_562_935;
+        let (ov_fp32, ov_q4) =
+            (vec![1_597_793_439, 544_768_258, 1_977_001_238], vec![255_944_516, 544_768_277, 309_713_995]);
+        // backend, parts' bytes, their fp32 bytes, measured worst peak (MB)
+        for (backend, sizes, fp32, peak) in [
+            ("tract", &smol_fp32, smol, 1436),
+            ("tract", &smol_q4, smol, 585),
+            ("ort", &smol_fp32, smol, 1897),
+            ("ort", &smol_q4, smol, 1124),
+            ("tract", &ov_fp32, ov, 6170),
+            ("tract", &ov_q4, ov, 3488),
+            ("ort", &ov_fp32, ov, 6207),
+            ("ort", &ov_q4, ov, 4158),
+        ] {
             let e = estimate(sizes, fp32, backend);
             let peak = peak * mb;
-            assert!(e >= peak && (e as f64) < 1.25 * peak as f64, "{backend}: estimate {e} for a measured peak {peak}");
+            assert!(e >= peak && (e as f64) < 1.6 * peak as f64, "{backend}: estimate {e} for a measured peak {peak}");
         }
     }
 }

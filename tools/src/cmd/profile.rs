@@ -131,9 +131,14 @@ pub fn run(args: Args) -> Result<()> {
                 .chain(pipeline.compressor_placement().map(|pl| ("prompt_compressor".to_string(), pl)))
                 .collect::<std::collections::BTreeMap<_, _>>(),
         );
+        let dtypes = pipeline.parts().iter().map(|(_, d)| d.name()).collect::<Vec<_>>();
+        let load_dtype = match dtypes.first() {
+            Some(first) if dtypes.iter().all(|x| x == first) => first.to_string(),
+            _ => dtypes.join("/"),
+        };
         loads.push(serde_json::json!({
             "backend": b,
-            "dtype": pipeline.parts().iter().map(|(_, d)| d.name()).collect::<Vec<_>>().join("/"),
+            "dtype": load_dtype,
             "encoder": if pipeline.encoder_is_staged() { "staged" } else { "monolithic" },
             "parts": pipeline.load_memory(),
         }));
