@@ -238,12 +238,23 @@ pub trait Session: Send + Sync {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadHints {
     pub dims: Vec<(String, usize, String)>,
+    /// The part's `logits` output is read at the last position only (the decoder): both
+    /// backends then compute the final projection for that position alone
+    /// ([`rewrite::last_position_logits`]), instead of a `[seq, vocab]` matrix (845 MB for a
+    /// 1391-token prompt on Qwen2's 151,936-token vocabulary) of which one row is used.
+    pub last_position_logits: bool,
 }
 
 impl LoadHints {
     /// Adds one axis fact.
     pub fn dim(mut self, input: &str, axis: usize, value: impl ToString) -> Self {
         self.dims.push((input.to_string(), axis, value.to_string()));
+        self
+    }
+
+    /// Marks the part's `logits` as read at the last position only.
+    pub fn last_position_logits(mut self) -> Self {
+        self.last_position_logits = true;
         self
     }
 }

@@ -176,7 +176,7 @@ impl Backend for OrtBackend {
         NAME
     }
 
-    fn load(&self, onnx_file: &Path, root: &Path, part: &str, _hints: &super::LoadHints) -> Result<Box<dyn Session>> {
+    fn load(&self, onnx_file: &Path, root: &Path, part: &str, hints: &super::LoadHints) -> Result<Box<dyn Session>> {
         // the header only: ONNX Runtime reads the weights itself
         let header = read_header(onnx_file, root)?;
         let graph = header.graph.as_ref().ok_or_else(|| Error::OnnxLoad {
@@ -218,6 +218,9 @@ impl Backend for OrtBackend {
         let mut proto = crate::onnx_info::read_proto_by_reference(onnx_file, root)?;
         let dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?
             .unwrap_or_else(|| onnx_file.parent().unwrap_or(Path::new(".")).to_path_buf());
+        if hints.last_position_logits && super::rewrite::last_position_logits(&mut proto) {
+            tracing::debug!("{}: logits at the last position only", onnx_file.display());
+        }
         let bytes = prost::Message::encode_to_vec(&proto);
         drop(proto);
         builder = builder

@@ -134,7 +134,10 @@ fn parse_typed(onnx_file: &Path, root: &Path, hints: &super::LoadHints) -> Resul
     let load_err = |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
     let mut proto = read_proto_by_reference(onnx_file, root)?;
     let data_dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?;
-    let rewrites = super::rewrite::for_tract(&mut proto);
+    let mut rewrites = super::rewrite::for_tract(&mut proto);
+    if hints.last_position_logits && super::rewrite::last_position_logits(&mut proto) {
+        rewrites.push("logits at the last position only");
+    }
     if !rewrites.is_empty() {
         tracing::debug!("{}: rewrote {}", onnx_file.display(), rewrites.join(", "));
     }

@@ -32,6 +32,7 @@ pub fn text_hints() -> crate::backend::LoadHints {
         .dim("past_key_values.*", 2, "P")
         .dim("attention_mask", 0, 1)
         .dim("attention_mask", 1, "P+S")
+        .last_position_logits()
 }
 
 /// How the next token is chosen from the logits.

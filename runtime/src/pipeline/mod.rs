@@ -278,6 +278,10 @@ impl Pipeline {
             v.check(&stems)?;
             Ok(v)
         };
+        // The decoder (the largest part of most VLMs) loads first: a load's transient peak then
+        // comes while little else is resident (docs/benchmarks.md, "Memory").
+        let decoder = load(Part::Decoder)?;
+        let embed = load(Part::EmbedTokens)?;
         let vision_dtype = part_dtype(&dtypes, Part::VisionEncoder);
         let vision = match staged_files(&folder, vision_dtype, opts.encoder)? {
             None => VisionEncoder::Monolithic(load(Part::VisionEncoder)?),
@@ -310,8 +314,6 @@ impl Pipeline {
                 ));
             }
         }
-        let embed = load(Part::EmbedTokens)?;
-        let decoder = load(Part::Decoder)?;
         let decoder_io = DecoderIo::new(decoder.as_ref(), &folder)?;
         pool_fits(&opts.select, &decoder_io)?;
         let per_view = match opts.views {
