@@ -257,7 +257,7 @@ mod tests {
 
     /// The estimate covers the peaks measured on the real-size shapes (docs/benchmarks.md,
     /// "Memory": `glimpse ask`, both backends, fp32 and q4, the worst of text-only and with an
-    /// image), without asking for more than 1.6x any of them.
+    /// image; ONNX Runtime: the worst of several runs), without asking for more than 2x any of them.
     #[test]
     fn the_estimate_covers_the_measured_peaks() {
         let mb = 1_000_000;
@@ -269,18 +269,18 @@ mod tests {
             (vec![1_597_793_439, 544_768_258, 1_977_001_238], vec![255_944_516, 544_768_277, 309_713_995]);
         // backend, parts' bytes, their fp32 bytes, measured worst peak (MB)
         for (backend, sizes, fp32, peak) in [
-            ("tract", &smol_fp32, smol, 1436),
-            ("tract", &smol_q4, smol, 585),
-            ("ort", &smol_fp32, smol, 1897),
-            ("ort", &smol_q4, smol, 1124),
-            ("tract", &ov_fp32, ov, 6170),
-            ("tract", &ov_q4, ov, 3488),
-            ("ort", &ov_fp32, ov, 6207),
-            ("ort", &ov_q4, ov, 4158),
+            ("tract", &smol_fp32, smol, 1316),
+            ("tract", &smol_q4, smol, 586),
+            ("ort", &smol_fp32, smol, 1785),
+            ("ort", &smol_q4, smol, 674),
+            ("tract", &ov_fp32, ov, 4674),
+            ("tract", &ov_q4, ov, 3583),
+            ("ort", &ov_fp32, ov, 5575),
+            ("ort", &ov_q4, ov, 4358),
         ] {
             let e = estimate(sizes, fp32, backend);
             let peak = peak * mb;
-            assert!(e >= peak && (e as f64) < 1.6 * peak as f64, "{backend}: estimate {e} for a measured peak {peak}");
+            assert!(e >= peak && (e as f64) < 2.0 * peak as f64, "{backend}: estimate {e} for a measured peak {peak}");
         }
     }
 }
