@@ -17,8 +17,13 @@
 use tract_onnx::pb;
 
 /// Names of what [`last_position_logits`] adds.
-const LAST: [&str; 5] =
-    ["glimpse/last_position", "glimpse/last_position_hidden", "glimpse/last_start", "glimpse/last_end", "glimpse/last_axis"];
+const LAST: [&str; 5] = [
+    "glimpse/last_position",
+    "glimpse/last_position_hidden",
+    "glimpse/last_start",
+    "glimpse/last_end",
+    "glimpse/last_axis",
+];
 
 /// A decoder whose `logits` come from `MatMul(hidden, lm_head)` computes them for the last
 /// position only: `Slice(hidden, -1:, axis 1)` goes before the projection and the declared
@@ -32,12 +37,20 @@ pub fn last_position_logits(proto: &mut pb::ModelProto) -> bool {
         return false;
     }
     let Some(ix) = g.node.iter().position(|n| {
-        n.op_type == "MatMul" && n.domain.is_empty() && n.output.first().is_some_and(|o| o == "logits") && n.input.len() == 2
+        n.op_type == "MatMul"
+            && n.domain.is_empty()
+            && n.output.first().is_some_and(|o| o == "logits")
+            && n.input.len() == 2
     }) else {
         return false;
     };
-    let konst =
-        |name: &str, v: i64| pb::TensorProto { name: name.into(), dims: vec![1], data_type: 7, int64_data: vec![v], ..Default::default() };
+    let konst = |name: &str, v: i64| pb::TensorProto {
+        name: name.into(),
+        dims: vec![1],
+        data_type: 7,
+        int64_data: vec![v],
+        ..Default::default()
+    };
     g.initializer.extend([konst(LAST[2], -1), konst(LAST[3], i64::MAX), konst(LAST[4], 1)]);
     let hidden = std::mem::replace(&mut g.node[ix].input[0], LAST[1].to_string());
     let slice = pb::NodeProto {
