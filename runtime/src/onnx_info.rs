@@ -44,9 +44,15 @@ pub mod header {
         pub output: Vec<pb::ValueInfoProto>,
     }
 
-    /// `NodeProto`: operator and the attributes that can hold tensors or subgraphs.
+    /// `NodeProto`: name, operator, the attributes that can hold tensors or subgraphs, and the
+    /// metadata where torch's dynamo exporter records each node's module scope (field 9, which
+    /// tract's generated types predate).
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Node {
+        #[prost(string, tag = "3")]
+        pub name: String,
+        #[prost(message, repeated, tag = "9")]
+        pub metadata_props: Vec<pb::StringStringEntryProto>,
         #[prost(string, tag = "4")]
         pub op_type: String,
         #[prost(string, tag = "7")]
@@ -105,10 +111,8 @@ fn parse_error(path: &Path, message: String) -> Error {
     Error::OnnxLoad { path: path.to_path_buf(), backend: "onnx parser".into(), message }
 }
 
-/// Reads an ONNX file's header (graph structure without weight data), refusing corrupt bytes,
-/// a file without a graph and external data outside `root`.
-pub fn read_header(path: &Path, root: &Path) -> Result<header::Model> {
-    use prost::Message;
+/// The file mapped read-only, after checking it is a regular, non-empty file.
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     if !path.is_file() {
         return Err(Error::MissingFile { path: path.to_path_buf(), what: "ONNX file".into() });
     }
@@ -116,14 +120,25 @@ pub fn read_header(path: &Path, root: &Path) -> Result<header::Model> {
     if file.metadata().is_ok_and(|m| m.len() == 0) {
         return Err(parse_error(path, "the file is empty (0 bytes)".into()));
     }
-    // SAFETY: the map is read-only and lives only during the decode, which copies what it keeps;
-    // as for tract's own loader, the file must not be truncated while it is read.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| parse_error(path, format!("cannot map: {e}")))?;
+    // SAFETY: the map is read-only and lives only while it is decoded, which copies what it
+    // keeps; as for tract's own loader, the file must not be truncated while it is read.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| parse_error(path, format!("cannot map: {e}")))
+}
+
+/// The header decoded from a file's bytes, with its graph and external data checked.
+fn decode_header(path: &Path, root: &Path, bytes: &[u8]) -> Result<header::Model> {
+    use prost::Message;
     let model =
-        header::Model::decode(&map[..]).map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
+        header::Model::decode(bytes).map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
     let graph = model.graph.as_ref().ok_or_else(|| parse_error(path, "the file has no graph".into()))?;
     check_graph_external_data(graph, path, root)?;
     Ok(model)
+}
+
+/// Reads an ONNX file's header (graph structure without weight data), refusing corrupt bytes,
+/// a file without a graph and external data outside `root`.
+pub fn read_header(path: &Path, root: &Path) -> Result<header::Model> {
+    decode_header(path, root, &map_file(path)?)
 }
 
 /// Parses an ONNX file's whole protobuf, weights included, after [`read_header`]'s checks.
@@ -138,33 +153,28 @@ pub fn read_proto(path: &Path, root: &Path) -> Result<pb::ModelProto> {
     Ok(proto)
 }
 
-/// Parses an ONNX file's protobuf for a backend that reads external data itself (tract): every
-/// embedded initializer of at least [`BY_REFERENCE_MIN_BYTES`] becomes an external-data
-/// reference into the ONNX file itself (its offset and length there), so the message holds no
-/// copy of the weights and the backend reads each one straight into its own tensor.
-pub fn read_proto_by_reference(path: &Path, root: &Path) -> Result<pb::ModelProto> {
+/// Parses an ONNX file for a backend that reads external data itself, from one mapping of the
+/// file: its header (checked as by [`read_header`]) and its protobuf, in which every embedded
+/// initializer of at least [`BY_REFERENCE_MIN_BYTES`] is an external-data reference into the
+/// ONNX file itself (its offset and length there), so the message holds no copy of the weights
+/// and the backend reads each one straight into its own tensor.
+pub fn read_proto_by_reference(path: &Path, root: &Path) -> Result<(header::Model, pb::ModelProto)> {
     use prost::Message;
-    let small = bytes_by_reference(path, root)?;
+    let map = map_file(path)?;
+    let header = decode_header(path, root, &map)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| parse_error(path, "the file name is not UTF-8".into()))?;
+    let small = wire::weights_by_reference(&map, name)
+        .map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
+    drop(map);
     let proto =
         pb::ModelProto::decode(&small[..]).map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))?;
     if proto.graph.is_none() {
         return Err(parse_error(path, "the file has no graph".into()));
     }
-    Ok(proto)
-}
-
-/// The file's `ModelProto` re-encoded with its large embedded initializers as external-data
-/// references into the file ([`read_proto_by_reference`] decodes it).
-fn bytes_by_reference(path: &Path, root: &Path) -> Result<Vec<u8>> {
-    read_header(path, root)?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| parse_error(path, "the file name is not UTF-8".into()))?;
-    let file = std::fs::File::open(path).map_err(|e| parse_error(path, format!("cannot open: {e}")))?;
-    // SAFETY: as in `read_header`.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| parse_error(path, format!("cannot map: {e}")))?;
-    wire::weights_by_reference(&map, name).map_err(|e| parse_error(path, format!("not a valid ONNX protobuf: {e}")))
+    Ok((header, proto))
 }
 
 /// Embedded initializers smaller than this stay in the message (a reference costs a file

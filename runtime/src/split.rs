@@ -115,7 +115,7 @@ pub fn split(dir: &Path, opts: &SplitOptions) -> Result<SplitReport> {
     inline_external_data(&mut proto, &source, &folder.root)?;
     let heads = folder.config_usize(&["vision_config.num_attention_heads"]).ok();
     let hidden = folder.config_usize(&["vision_config.hidden_size"])?;
-    let analysis = Analysis::new(&proto, &node_scopes(&source)?, &source)?;
+    let analysis = Analysis::new(&proto, &node_scopes(&source, &folder.root)?, &source)?;
     let groups = plan_groups(analysis.layers, opts, &source)?;
     if let (Some(old), false) = (&folder.manifest.stages, opts.force) {
         let old_groups: Vec<[usize; 2]> = old.blocks.iter().map(|b| b.layers).collect();
@@ -267,41 +267,10 @@ fn inline_external_data(proto: &mut pb::ModelProto, onnx_file: &Path, root: &Pat
     Ok(())
 }
 
-/// Just the node names and metadata of an ONNX file: tract's generated protobuf types predate
-/// `NodeProto.metadata_props` (field 9), where the torch dynamo exporter records each node's
-/// module scope (`pkg.torch.onnx.name_scopes`, `namespace`) instead of scoped node names.
-mod meta {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Model {
-        #[prost(message, optional, tag = "7")]
-        pub graph: Option<Graph>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Graph {
-        #[prost(message, repeated, tag = "1")]
-        pub node: Vec<Node>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Node {
-        #[prost(string, tag = "3")]
-        pub name: String,
-        #[prost(message, repeated, tag = "9")]
-        pub metadata_props: Vec<Entry>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Entry {
-        #[prost(string, tag = "1")]
-        pub key: String,
-        #[prost(string, tag = "2")]
-        pub value: String,
-    }
-}
-
 /// Per node of the file, the scope names to read a layer index from: the node name, then the
 /// dynamo exporter's module scopes.
-fn node_scopes(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let m = meta::Model::decode(bytes.as_slice()).map_err(|e| cut_error(path, format!("node metadata: {e}")))?;
+fn node_scopes(path: &Path, root: &Path) -> Result<Vec<String>> {
+    let m = crate::onnx_info::read_header(path, root)?;
     Ok(m.graph
         .map(|g| {
             g.node

@@ -13,7 +13,7 @@ use ort::value::{DynValue, Tensor as OrtTensor};
 
 use super::{order_inputs, Backend, Placement, ProviderStatus, Session, Tensor, TensorInfo};
 use crate::error::{Error, Result};
-use crate::onnx_info::{graph_io, read_header};
+use crate::onnx_info::{graph_io, read_proto_by_reference};
 
 const NAME: &str = "ort";
 
@@ -177,8 +177,8 @@ impl Backend for OrtBackend {
     }
 
     fn load(&self, onnx_file: &Path, root: &Path, part: &str, hints: &super::LoadHints) -> Result<Box<dyn Session>> {
-        // the header only: ONNX Runtime reads the weights itself
-        let header = read_header(onnx_file, root)?;
+        // the header and the message with the weights as references: ONNX Runtime maps them
+        let (header, mut proto) = read_proto_by_reference(onnx_file, root)?;
         let graph = header.graph.as_ref().ok_or_else(|| Error::OnnxLoad {
             path: onnx_file.to_path_buf(),
             backend: NAME.into(),
@@ -215,7 +215,6 @@ impl Backend for OrtBackend {
         // tensors (measured in docs/benchmarks.md, "Memory").
         // Locations are rebased on the folder holding every data file (a Hugging Face cache
         // snapshot's files are links into its `blobs/`), which ONNX Runtime then resolves them in.
-        let mut proto = crate::onnx_info::read_proto_by_reference(onnx_file, root)?;
         let dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?
             .unwrap_or_else(|| onnx_file.parent().unwrap_or(Path::new(".")).to_path_buf());
         if hints.last_position_logits && super::rewrite::last_position_logits(&mut proto) {

@@ -185,6 +185,77 @@ mod tests {
         }
     }
 
+    /// The decoder's projection runs on the last position: tract's result is the last row of
+    /// the full product, the declared output says `[batch, 1, vocab]`, and a second call (or a
+    /// graph without the pattern) changes nothing.
+    #[test]
+    fn logits_are_projected_at_the_last_position_only() {
+        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        use tract_onnx::prelude::*;
+        let dims = |d: &[Value]| pb::TensorShapeProto {
+            dim: d.iter().map(|v| Dimension { value: Some(v.clone()), ..Default::default() }).collect(),
+        };
+        let info = |name: &str, d: &[Value]| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: Some(dims(d)),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let mut proto = pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+            graph: Some(pb::GraphProto {
+                node: vec![pb::NodeProto {
+                    op_type: "MatMul".into(),
+                    input: vec!["hidden".into(), "w".into()],
+                    output: vec!["logits".into()],
+                    ..Default::default()
+                }],
+                initializer: vec![pb::TensorProto {
+                    name: "w".into(),
+                    dims: vec![2, 4],
+                    data_type: 1,
+                    float_data: w,
+                    ..Default::default()
+                }],
+                input: vec![info("hidden", &[Value::DimValue(1), Value::DimValue(3), Value::DimValue(2)])],
+                output: vec![info("logits", &[Value::DimValue(1), Value::DimParam("S".into()), Value::DimValue(4)])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let hidden = tract_ndarray::Array3::from_shape_vec((1, 3, 2), vec![1f32, 0., 0., 1., 2., 3.]).unwrap();
+        let run = |p: &pb::ModelProto| {
+            let plan =
+                tract_onnx::onnx().model_for_proto_model(p).unwrap().into_optimized().unwrap().into_runnable().unwrap();
+            plan.run(tvec!(hidden.clone().into_tensor().into())).unwrap()[0]
+                .clone()
+                .into_tensor()
+                .into_plain_array::<f32>()
+                .unwrap()
+        };
+        let full = run(&proto);
+        assert!(last_position_logits(&mut proto));
+        assert!(!last_position_logits(&mut proto), "applied once");
+        let last = run(&proto);
+        assert_eq!(last.shape(), &[1, 1, 4]);
+        assert_eq!(last.as_slice().unwrap(), full.slice(tract_ndarray::s![0, 2, ..]).as_slice().unwrap());
+        let g = proto.graph.as_ref().unwrap();
+        let Some(pb::type_proto::Value::TensorType(t)) = g.output[0].r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            panic!("no tensor type")
+        };
+        assert_eq!(t.shape.as_ref().unwrap().dim[1].value, Some(Value::DimValue(1)));
+        let mut other = pb::ModelProto { graph: Some(pb::GraphProto::default()), ..Default::default() };
+        assert!(!last_position_logits(&mut other));
+    }
+
     #[test]
     fn only_single_output_splits_become_identities() {
         let mut one = node("Split", &["x", "sizes"], &["y"]);

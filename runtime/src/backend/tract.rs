@@ -7,7 +7,7 @@ use tract_onnx::prelude::*;
 
 use super::{order_inputs, Backend, Placement, Session, Tensor as HostTensor, TensorInfo};
 use crate::error::{Error, Result};
-use crate::onnx_info::{graph_io, read_header, read_proto_by_reference, uses_op};
+use crate::onnx_info::{graph_io, read_proto_by_reference, uses_op};
 
 /// tract backend (default).
 #[derive(Debug, Default, Clone)]
@@ -60,19 +60,29 @@ impl Backend for TractBackend {
     fn load(&self, onnx_file: &Path, root: &Path, part: &str, hints: &super::LoadHints) -> Result<Box<dyn Session>> {
         let load_err =
             |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
-        let header = read_header(onnx_file, root)?;
+        let (header, mut proto) = read_proto_by_reference(onnx_file, root)?;
         let graph = header.graph.as_ref().ok_or_else(|| load_err("the file has no graph".into()))?;
         let (inputs, outputs) = graph_io(graph);
         let block_quant = uses_op(graph, "MatMulNBits");
         drop(header);
+        let data_dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?;
+        let mut rewrites = super::rewrite::for_tract(&mut proto);
+        if hints.last_position_logits && super::rewrite::last_position_logits(&mut proto) {
+            rewrites.push("logits at the last position only");
+        }
+        if !rewrites.is_empty() {
+            tracing::debug!("{}: rewrote {}", onnx_file.display(), rewrites.join(", "));
+        }
+        let dir = data_dir.as_deref().or(onnx_file.parent()).and_then(Path::to_str);
         let analyse_err = |e: TractError| {
             load_err(format!("tract could not analyse the graph: {e:#} (ONNX Runtime may run it: `--backend ort`; docs/compatibility.md)"))
         };
-        // Optimised from a fresh parse on every try: a pass that fails is skipped on the next
-        // one, and no unoptimised copy of the weights is kept beside the plan for the retry.
+        // Optimised from a fresh parse of the message on every try: a pass that fails is skipped
+        // on the next one, and no unoptimised copy of the weights is kept beside the plan for the
+        // retry (the message holds only references to them).
         let mut skip: Vec<String> = if block_quant { vec![MERGE_AXES_PASS.to_string()] } else { Vec::new() };
         let model = loop {
-            let typed = parse_typed(onnx_file, root, hints)?.into_typed().map_err(analyse_err)?;
+            let typed = parse(&proto, dir, hints, onnx_file)?.into_typed().map_err(analyse_err)?;
             match optimize_skipping(typed, &skip) {
                 Ok(m) => break m,
                 Err(e) => match failing_pass(&e) {
@@ -81,6 +91,7 @@ impl Backend for TractBackend {
                 },
             }
         };
+        drop(proto);
         if !skip.is_empty() {
             tracing::debug!("{}: tract optimizer passes skipped: {}", onnx_file.display(), skip.join(", "));
         }
@@ -127,27 +138,20 @@ const MERGE_AXES_PASS: &str = "MergeConsecutiveSameRoleAxes";
 /// Most optimizer passes skipped before giving up on a graph.
 const MAX_SKIPPED_PASSES: usize = 4;
 
-/// Parses an ONNX file into tract's inference model with the folder's hints applied. The
-/// protobuf message (which holds a copy of embedded weights) is dropped as soon as tract holds
-/// its own tensors.
-fn parse_typed(onnx_file: &Path, root: &Path, hints: &super::LoadHints) -> Result<tract_onnx::prelude::InferenceModel> {
+/// Parses the message (external data resolved in `dir`) into tract's inference model with the
+/// folder's hints applied.
+fn parse(
+    proto: &tract_onnx::pb::ModelProto,
+    dir: Option<&str>,
+    hints: &super::LoadHints,
+    onnx_file: &Path,
+) -> Result<tract_onnx::prelude::InferenceModel> {
     let load_err = |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
-    let mut proto = read_proto_by_reference(onnx_file, root)?;
-    let data_dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, root)?;
-    let mut rewrites = super::rewrite::for_tract(&mut proto);
-    if hints.last_position_logits && super::rewrite::last_position_logits(&mut proto) {
-        rewrites.push("logits at the last position only");
-    }
-    if !rewrites.is_empty() {
-        tracing::debug!("{}: rewrote {}", onnx_file.display(), rewrites.join(", "));
-    }
     // Intermediate value_info written by other tools (e.g. ORT shape inference during
     // quantization) can name the same length with unrelated symbols (`total_sequence_length`
     // vs `sequence_length + past_sequence_length`); tract infers those shapes itself.
     let framework = tract_onnx::onnx().with_ignore_value_info(true);
-    let dir = data_dir.as_deref().or(onnx_file.parent()).and_then(Path::to_str);
-    let parsed = framework.parse(&proto, dir).map_err(|e| load_err(format!("{e:#}")))?;
-    drop(proto);
+    let parsed = framework.parse(proto, dir).map_err(|e| load_err(format!("{e:#}")))?;
     if !parsed.unresolved_inputs.is_empty() {
         return Err(load_err(format!("unresolved inputs {:?}", parsed.unresolved_inputs)));
     }
