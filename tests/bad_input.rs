@@ -365,10 +365,16 @@ fn a_part_that_is_not_a_regular_file_is_named() {
 /// the parts, their sizes and the budget's source.
 #[test]
 fn a_model_over_the_memory_budget_is_refused_before_loading() {
-    let opts = PipelineOptions { max_memory: Some(100 * 1024), ..Default::default() };
+    let opts = PipelineOptions {
+        max_memory: Some(glimpse::runtime::memory::MemoryLimit { bytes: 100 * 1024, from: "--max-memory".into() }),
+        ..Default::default()
+    };
     let (e, s) = msg(Pipeline::load(model("tiny-llava"), &opts));
     assert!(matches!(e, Error::MemoryBudget { .. }), "{e:?}");
     assert!(s.contains("--max-memory") && s.contains("decoder_model_merged fp32") && s.contains("MB"), "{s}");
-    let roomy = PipelineOptions { max_memory: Some(1 << 30), ..Default::default() };
+    let roomy = PipelineOptions {
+        max_memory: Some(glimpse::runtime::memory::MemoryLimit { bytes: 1 << 30, from: "--max-memory".into() }),
+        ..Default::default()
+    };
     Pipeline::load(model("tiny-llava"), &roomy).expect("fits in 1 GiB");
 }

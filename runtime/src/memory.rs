@@ -158,6 +158,32 @@ pub fn available() -> Option<(u64, &'static str)> {
     }
 }
 
+/// A memory budget and what set it, as the refusal names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryLimit {
+    /// Bytes.
+    pub bytes: u64,
+    /// `--max-memory`, or the profile's share of the machine's memory.
+    pub from: String,
+}
+
+/// The machine's memory: `MemTotal`, or the cgroup v2 limit when lower; with where the figure
+/// came from.
+pub fn total() -> Option<(u64, &'static str)> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let mem_total = read("/proc/meminfo").and_then(|i| {
+        let kb: u64 = i.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    });
+    let cgroup = read("/sys/fs/cgroup/memory.max").and_then(|m| m.trim().parse::<u64>().ok());
+    match (cgroup, mem_total) {
+        (Some(c), Some(m)) if c < m => Some((c, "the cgroup memory limit")),
+        (_, Some(m)) => Some((m, "MemTotal")),
+        (Some(c), None) => Some((c, "the cgroup memory limit")),
+        (None, None) => None,
+    }
+}
+
 /// Bytes of one ONNX file and its external data files named after it (`<file>_data*`,
 /// `<file>.data*`, the onnx-community and onnx naming); data under other names is not counted.
 pub fn file_bytes(path: &Path) -> u64 {
@@ -181,11 +207,11 @@ pub fn check(
     folder: &ModelFolder,
     parts: &[(Part, Dtype)],
     extra: &[(String, u64)],
-    budget: Option<u64>,
+    budget: Option<&MemoryLimit>,
     backend: &str,
 ) -> Result<()> {
     let (budget, source) = match budget {
-        Some(b) => (b, "--max-memory"),
+        Some(b) => (b.bytes, b.from.as_str()),
         None => match available() {
             Some(a) => a,
             None => return Ok(()),

@@ -375,7 +375,12 @@ pub fn describe(path: &Path, root: &Path) -> Result<OnnxSummary> {
     let (inputs, outputs) = graph_io(graph);
     let mut operators = BTreeMap::new();
     count_ops(graph, &mut operators);
-    let parameters = graph.initializer.iter().map(|t| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>()).sum();
+    // saturating: a corrupt file may declare dims whose product overflows
+    let parameters = graph
+        .initializer
+        .iter()
+        .map(|t| t.dims.iter().fold(1u64, |n, &d| n.saturating_mul(d.max(0) as u64)))
+        .fold(0u64, u64::saturating_add);
     let opsets = model
         .opset_import
         .iter()
@@ -531,4 +536,32 @@ pub fn check_graph_external_data(graph: &header::Graph, onnx_file: &Path, root: 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use tract_onnx::pb;
+
+    /// A corrupt file whose declared dims overflow a u64 product is described, not a panic
+    /// (the cargo-afl `onnx` target found it: overflow checks are on in fuzz builds); the
+    /// count saturates instead of wrapping to a small, wrong number.
+    #[test]
+    fn overflowing_dims_saturate_the_parameter_count() {
+        let huge = pb::TensorProto { name: "w".into(), dims: vec![1 << 40, 1 << 40, 1 << 40], ..Default::default() };
+        let model = pb::ModelProto {
+            ir_version: 8,
+            graph: Some(pb::GraphProto {
+                name: "g".into(),
+                initializer: vec![huge.clone(), huge],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, model.encode_to_vec()).unwrap();
+        let summary = super::describe(&path, dir.path()).unwrap();
+        assert_eq!(summary.parameters, u64::MAX);
+    }
 }

@@ -63,6 +63,8 @@ pub struct Asked {
     pub execution_providers: Vec<String>,
     /// `--fast` (`None`: the profile's default).
     pub fast: Option<bool>,
+    /// `--max-memory` in bytes (`None`: the profile's `[memory]` share, else what is free).
+    pub max_memory: Option<u64>,
 }
 
 /// The settled choices.
@@ -81,6 +83,9 @@ pub struct Applied {
     pub execution_providers: Choice<Vec<String>>,
     /// The `--fast` preset (from the profile: only where the folder has stages).
     pub fast: Choice<bool>,
+    /// The memory budget checked before loading (`None`: what the machine has free, read when
+    /// the pipeline loads).
+    pub max_memory: Choice<Option<crate::memory::MemoryLimit>>,
 }
 
 impl Applied {
@@ -168,12 +173,35 @@ pub fn settle(asked: &Asked, opts: &BackendOptions) -> Result<(Applied, BackendO
             "has no effect with method `none`, which keeps every token: add --prune METHOD (see --help)",
         ));
     }
-    let profile = Choice::new(name, profile_from);
     let fast = match asked.fast {
         Some(f) => Choice::new(f, Source::Flag),
         None => Choice::new(profile_fast, Source::Profile),
     };
-    Ok((Applied { profile, backend, threads, prune, keep, execution_providers, fast }, opts))
+    let max_memory = match (asked.max_memory, profile.memory) {
+        (Some(bytes), _) => {
+            Choice::new(Some(crate::memory::MemoryLimit { bytes, from: "--max-memory".into() }), Source::Flag)
+        }
+        (None, Some(share)) => Choice::new(profile_memory(&name, share), Source::Profile),
+        (None, None) => Choice::new(None, Source::Default),
+    };
+    let profile = Choice::new(name, profile_from);
+    Ok((Applied { profile, backend, threads, prune, keep, execution_providers, fast, max_memory }, opts))
+}
+
+/// Profile `name`'s `[memory]` share of this machine's memory, or what is free when that is
+/// less (the OS and other processes may hold more than the profile leaves them); `None` when
+/// the machine's memory cannot be read.
+fn profile_memory(name: &str, share: glimpse_targets::MemoryShare) -> Option<crate::memory::MemoryLimit> {
+    use crate::memory::MemoryLimit;
+    let (total, of) = crate::memory::total()?;
+    let limit = MemoryLimit {
+        bytes: share.of(total),
+        from: format!("target profile {name} (memory.share {} of {of}, {:.1} GB)", share.share, total as f64 / 1e9),
+    };
+    match crate::memory::available() {
+        Some((free, from)) if free < limit.bytes => Some(MemoryLimit { bytes: free, from: from.to_string() }),
+        _ => Some(limit),
+    }
 }
 
 fn keep_is_full(keep: &str) -> bool {
@@ -394,6 +422,18 @@ mod tests {
         assert_eq!((a.prune.value.as_str(), a.keep.value.as_str()), ("dart", "0.25"));
         assert_eq!(a.prune.from, Source::Profile);
         assert_eq!(opts.execution_providers, vec!["XNNPACK", "CPU"]);
+        // the profile's memory share of this machine, or what is free when that is less
+        let (total, _) = crate::memory::total().unwrap();
+        let m = a.max_memory.value.clone().unwrap();
+        assert_eq!(a.max_memory.from, Source::Profile);
+        assert!(m.bytes <= (total as f64 * 0.6) as u64 && m.bytes > 0, "{m:?} of {total}");
+        assert!(m.from.contains("raspberry-pi-5") || m.from.contains("MemAvailable") || m.from.contains("cgroup"));
+        let flag = Asked { max_memory: Some(123), ..asked.clone() };
+        let (a, _) = settle(&flag, &BackendOptions::default()).unwrap();
+        assert_eq!(a.max_memory.value.map(|m| (m.bytes, m.from)), Some((123, "--max-memory".to_string())));
+        let generic = Asked { target: Some("generic".into()), ..Default::default() };
+        let (a, _) = settle(&generic, &BackendOptions::default()).unwrap();
+        assert_eq!((a.max_memory.value, a.max_memory.from), (None, Source::Default), "generic: what is free");
         let asked = Asked { prune: Some("divprune".into()), threads: Some(1), ..asked };
         let (a, _) = settle(&asked, &BackendOptions::default()).unwrap();
         assert_eq!((a.prune.from, a.keep.value.as_str(), a.keep.from), (Source::Flag, "0.25", Source::Profile));

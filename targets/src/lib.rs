@@ -22,7 +22,7 @@ pub mod profile;
 pub use detect::{detect, detect_from_root, Detected, GpuInfo, GpuKind, JetsonInfo};
 pub use error::{DetectError, ProfileError};
 pub use part::Part;
-pub use profile::{profiles, ExecutionProvider, Profile, Threads};
+pub use profile::{profiles, ExecutionProvider, MemoryShare, Profile, Threads};
 
 /// CPU features relevant to inference kernels, detected at run time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

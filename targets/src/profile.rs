@@ -260,9 +260,30 @@ pub struct Profile {
     pub tract_dtypes: Option<DtypePreference>,
     /// Default pruning budget.
     pub pruning: Pruning,
+    /// How much of the machine's memory a model may use by default (none: what is free).
+    #[serde(default)]
+    pub memory: Option<MemoryShare>,
     /// How detection recognises this profile's machines (none: only by `--target` or fallback).
     #[serde(default)]
     pub detect: Option<DetectRules>,
+}
+
+/// The `[memory]` table: the default memory budget on a profile's boards, as a share of the
+/// machine's physical memory (or of its cgroup limit when lower), so that the OS, the robot's
+/// own processes and (on Jetson) the GPU keep the rest. `--max-memory` replaces it; a model
+/// estimated above it is refused before anything loads.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryShare {
+    /// Fraction of physical memory, in (0, 1].
+    pub share: f64,
+}
+
+impl MemoryShare {
+    /// The budget in bytes on a machine with `total` bytes of memory.
+    pub fn of(&self, total: u64) -> u64 {
+        (total as f64 * self.share) as u64
+    }
 }
 
 /// Dtype variants `--dtype auto` never picks for tract, whatever a profile ranks: ONNX Runtime's
@@ -397,6 +418,11 @@ impl Profile {
                 return Err(bad("detect", "device strings must not be empty".into()));
             }
         }
+        if let Some(m) = &self.memory {
+            if !(m.share > 0.0 && m.share <= 1.0) {
+                return Err(bad("memory.share", format!("{} is not in (0, 1]", m.share)));
+            }
+        }
         if self.pruning.method.is_empty() {
             return Err(bad("pruning.method", "must not be empty (use \"none\")".into()));
         }
@@ -430,6 +456,9 @@ impl fmt::Display for Profile {
             }
         }
         writeln!(f, "  pruning:     {} (keep {})", self.pruning.method, self.pruning.keep_ratio)?;
+        if let Some(m) = &self.memory {
+            writeln!(f, "  memory:      {:.0}% of physical memory by default", m.share * 100.0)?;
+        }
         write!(
             f,
             "  requires:    {}",

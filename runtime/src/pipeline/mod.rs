@@ -236,7 +236,7 @@ impl Pipeline {
             }
             None => (Vec::new(), std::path::PathBuf::new()),
         };
-        crate::memory::check(&folder, &dtypes, &compressor_file, opts.max_memory, &opts.backend)?;
+        crate::memory::check(&folder, &dtypes, &compressor_file, opts.max_memory.as_ref(), &opts.backend)?;
         let backend = backend::by_name(&opts.backend, &opts.backend_options)?;
         let load_memory = std::cell::RefCell::new(Vec::new());
         // every file's load goes through here, so each one's resident cost is measured

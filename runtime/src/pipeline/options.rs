@@ -69,8 +69,8 @@ pub struct PipelineOptions {
     pub fast: Fast,
     /// Limits on input images.
     pub image_limits: ImageLimits,
-    /// Memory budget in bytes checked before loading (`None`: what the machine has free).
-    pub max_memory: Option<u64>,
+    /// Memory budget checked before loading (`None`: what the machine has free).
+    pub max_memory: Option<crate::memory::MemoryLimit>,
     /// Monolithic or staged vision encoder.
     pub encoder: super::EncoderForm,
     /// Whether the encoder runs all views of an image as one batch or one view at a time.

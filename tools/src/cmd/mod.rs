@@ -74,7 +74,8 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
     pub max_image_pixels: u64,
     /// Memory budget for the model, in bytes or with a unit (`1.5G`, `800M`); checked before
-    /// loading against the parts' size (default: the cgroup limit or MemAvailable).
+    /// loading against the parts' size (default: the target profile's `[memory]` share of the
+    /// machine's memory, else the cgroup limit or MemAvailable).
     #[arg(long, value_parser = parse_bytes)]
     pub max_memory: Option<u64>,
     /// Vision encoder form: `staged` runs the stages glimpse.json lists (vision_embed, groups of
@@ -186,6 +187,7 @@ impl ModelArgs {
             keep,
             execution_providers: self.ep.clone(),
             fast: self.fast.then_some(true),
+            max_memory: self.max_memory,
         }
     }
 
@@ -250,7 +252,7 @@ impl ModelArgs {
             merge_method: reduction.merge_method,
             fast: if explicit { Fast::Off } else { applied.fast_mode() },
             backend_options,
-            max_memory: self.max_memory,
+            max_memory: applied.max_memory.value.clone(),
             encoder: self.encoder,
             views: self.views,
             prompt_compression: self.compress.config(),
