@@ -550,6 +550,23 @@ fn field_at(text: &str, at: usize) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// `[memory] share` sets a budget as a share of the machine's memory; outside (0, 1] it is
+    /// refused naming the field.
+    #[test]
+    fn memory_share_is_a_fraction_of_the_machine() {
+        let pi = Profile::by_name("raspberry-pi-5").unwrap();
+        let share = pi.memory.expect("the Pi profile has a [memory] table");
+        assert_eq!(share.of(8_000_000_000), 4_800_000_000);
+        assert!(Profile::by_name("generic").unwrap().memory.is_none());
+        let text = BUILTIN.iter().find(|(f, _)| f.contains("raspberry-pi-5")).unwrap().1;
+        for bad in ["0.0", "1.5", "-0.2"] {
+            let e = Profile::from_toml_str("pi.toml", &text.replace("share = 0.6", &format!("share = {bad}")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("memory.share") && e.contains("(0, 1]"), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn every_builtin_profile_parses_and_matches_its_file_name() {
         assert_eq!(profiles().len(), BUILTIN.len());
