@@ -25,7 +25,8 @@ const LAST: [&str; 5] = [
     "glimpse/last_axis",
 ];
 
-/// A decoder whose `logits` come from `MatMul(hidden, lm_head)` computes them for the last
+/// A decoder whose `logits` come from `MatMul(hidden, lm_head)` (or, in q4 files, its
+/// `MatMulNBits` form) computes them for the last
 /// position only: `Slice(hidden, -1:, axis 1)` goes before the projection and the declared
 /// output becomes `[batch, 1, vocab]`. Returns whether the graph had that pattern (and was not
 /// rewritten already). The prompt's other rows are never read (generation takes the last one),
@@ -36,12 +37,13 @@ pub fn last_position_logits(proto: &mut pb::ModelProto) -> bool {
     if g.node.iter().any(|n| n.name == LAST[0]) {
         return false;
     }
-    let Some(ix) = g.node.iter().position(|n| {
-        n.op_type == "MatMul"
-            && n.domain.is_empty()
-            && n.output.first().is_some_and(|o| o == "logits")
-            && n.input.len() == 2
-    }) else {
+    // fp32/fp16 `MatMul(hidden, w)`, or q4's `com.microsoft.MatMulNBits(hidden, w_q4, scales, ..)`
+    let projection = |n: &pb::NodeProto| match n.op_type.as_str() {
+        "MatMul" => n.domain.is_empty() && n.input.len() == 2,
+        "MatMulNBits" => n.domain == "com.microsoft" && n.input.len() >= 3,
+        _ => false,
+    };
+    let Some(ix) = g.node.iter().position(|n| projection(n) && n.output.first().is_some_and(|o| o == "logits")) else {
         return false;
     };
     let konst = |name: &str, v: i64| pb::TensorProto {
@@ -254,6 +256,98 @@ mod tests {
         assert_eq!(t.shape.as_ref().unwrap().dim[1].value, Some(Value::DimValue(1)));
         let mut other = pb::ModelProto { graph: Some(pb::GraphProto::default()), ..Default::default() };
         assert!(!last_position_logits(&mut other));
+    }
+
+    /// The same on q4's projection, `com.microsoft.MatMulNBits` (4-bit blocks of 32 along K,
+    /// symmetric: value = (q - 8) * scale): only the last row is computed, and it equals the
+    /// last row of the full product.
+    #[test]
+    fn q4_logits_are_projected_at_the_last_position_only() {
+        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        use tract_onnx::prelude::*;
+        const K: usize = 32;
+        const N: usize = 4;
+        let dims = |d: &[Value]| pb::TensorShapeProto {
+            dim: d.iter().map(|v| Dimension { value: Some(v.clone()), ..Default::default() }).collect(),
+        };
+        let info = |name: &str, d: &[Value]| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: Some(dims(d)),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let int = |name: &str, i: i64| pb::AttributeProto { name: name.into(), r#type: 2, i, ..Default::default() };
+        // column n, row k: q = 8 + ((n + k) % 5) - 2, two nibbles per byte, low first
+        let q = |n: usize, k: usize| (8 + (n + k) % 5 - 2) as u8;
+        let packed: Vec<u8> =
+            (0..N).flat_map(|n| (0..K / 2).map(move |b| q(n, 2 * b) | (q(n, 2 * b + 1) << 4))).collect();
+        let mut proto = pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![
+                pb::OperatorSetIdProto { domain: String::new(), version: 17 },
+                pb::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 },
+            ],
+            graph: Some(pb::GraphProto {
+                node: vec![pb::NodeProto {
+                    op_type: "MatMulNBits".into(),
+                    domain: "com.microsoft".into(),
+                    input: vec!["hidden".into(), "w_q4".into(), "w_scales".into()],
+                    output: vec!["logits".into()],
+                    attribute: vec![int("K", K as i64), int("N", N as i64), int("bits", 4), int("block_size", 32)],
+                    ..Default::default()
+                }],
+                initializer: vec![
+                    pb::TensorProto {
+                        name: "w_q4".into(),
+                        dims: vec![N as i64, 1, K as i64 / 2],
+                        data_type: 2,
+                        raw_data: packed,
+                        ..Default::default()
+                    },
+                    pb::TensorProto {
+                        name: "w_scales".into(),
+                        dims: vec![N as i64],
+                        data_type: 1,
+                        float_data: (0..N).map(|n| 0.5 + n as f32).collect(),
+                        ..Default::default()
+                    },
+                ],
+                input: vec![info("hidden", &[Value::DimValue(1), Value::DimValue(3), Value::DimValue(K as i64)])],
+                output: vec![info(
+                    "logits",
+                    &[Value::DimValue(1), Value::DimParam("S".into()), Value::DimValue(N as i64)],
+                )],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let hidden =
+            tract_ndarray::Array3::from_shape_fn((1, 3, K), |(_, s, k)| ((s * 7 + k * 3) % 11) as f32 * 0.1 - 0.5);
+        let run = |p: &pb::ModelProto| {
+            let plan = tract_onnx::onnx().model_for_proto_model(p).unwrap().into_runnable().unwrap();
+            plan.run(tvec!(hidden.clone().into_tensor().into())).unwrap()[0]
+                .clone()
+                .into_tensor()
+                .into_plain_array::<f32>()
+                .unwrap()
+        };
+        let full = run(&proto);
+        // the reference: dequantized weights times the hidden states
+        for s in 0..3 {
+            for n in 0..N {
+                let want: f32 = (0..K).map(|k| hidden[[0, s, k]] * (f32::from(q(n, k)) - 8.0) * (0.5 + n as f32)).sum();
+                assert!((full[[0, s, n]] - want).abs() < 1e-4, "row {s} col {n}: {} vs {want}", full[[0, s, n]]);
+            }
+        }
+        assert!(last_position_logits(&mut proto), "MatMulNBits is the projection");
+        let last = run(&proto);
+        assert_eq!(last.shape(), &[1, 1, N]);
+        assert_eq!(last.as_slice().unwrap(), full.slice(tract_ndarray::s![0, 2, ..]).as_slice().unwrap());
     }
 
     #[test]
