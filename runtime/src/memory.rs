@@ -107,14 +107,15 @@ pub const LOAD_PEAK_PER_BYTE: f64 = 1.75;
 
 /// Working memory while answering (activations, KV cache, logits) per byte of the parts' fp32
 /// variant, by backend: it follows the model's dimensions more than its dtype. Measured on the
-/// real-size SmolVLM-256M and LLaVA-OneVision-0.5B shapes answering about an image: tract up
-/// to 0.55 (q4, whose block-quantized products run on dequantized temporaries); ONNX Runtime
-/// up to 0.88, varying from run to run (its arena grows differently as the encoder's threads
-/// allocate).
+/// real-size SmolVLM-256M and LLaVA-OneVision-0.5B shapes answering about an image, above the
+/// parts kept (docs/benchmarks.md, "Memory"): tract up to 0.22 (SmolVLM-256M q4 and
+/// LLaVA-OneVision q4, whose block-quantized products run on dequantized temporaries), ONNX
+/// Runtime up to 0.20 with its shared arena (SmolVLM-256M q4); 0.3 leaves a margin for other
+/// images and thread counts.
 pub fn working_per_fp32_byte(backend: &str) -> f64 {
     match backend {
-        "tract" => 0.6,
-        _ => 0.9,
+        "tract" => 0.3,
+        _ => 0.3,
     }
 }
 
@@ -283,7 +284,8 @@ mod tests {
 
     /// The estimate covers the peaks measured on the real-size shapes (docs/benchmarks.md,
     /// "Memory": `glimpse ask`, both backends, fp32 and q4, the worst of text-only and with an
-    /// image; ONNX Runtime: the worst of several runs), without asking for more than 2x any of them.
+    /// image, and of `glimpse profile`'s per-stage peaks), without asking for more than 2.5x any of
+    /// them.
     #[test]
     fn the_estimate_covers_the_measured_peaks() {
         let mb = 1_000_000;
@@ -295,18 +297,20 @@ mod tests {
             (vec![1_597_793_439, 544_768_258, 1_977_001_238], vec![255_944_516, 544_768_277, 309_713_995]);
         // backend, parts' bytes, their fp32 bytes, measured worst peak (MB)
         for (backend, sizes, fp32, peak) in [
-            ("tract", &smol_fp32, smol, 1316),
-            ("tract", &smol_q4, smol, 586),
-            ("ort", &smol_fp32, smol, 1785),
-            ("ort", &smol_q4, smol, 674),
-            ("tract", &ov_fp32, ov, 4674),
-            ("tract", &ov_q4, ov, 3583),
-            ("ort", &ov_fp32, ov, 5575),
-            ("ort", &ov_q4, ov, 4358),
+            ("tract", &smol_fp32, smol, 1334),
+            ("tract", &smol_q4, smol, 510),
+            ("ort", &smol_fp32, smol, 1266),
+            ("ort", &smol_q4, smol, 498),
+            ("tract", &ov_fp32, ov, 4595),
+            ("tract", &ov_q4, ov, 2125),
+            ("ort", &ov_fp32, ov, 4115),
+            ("ort", &ov_q4, ov, 1115),
         ] {
             let e = estimate(sizes, fp32, backend);
             let peak = peak * mb;
-            assert!(e >= peak && (e as f64) < 2.0 * peak as f64, "{backend}: estimate {e} for a measured peak {peak}");
+            // at most 2.5x: ONNX Runtime maps LLaVA-OneVision's 545 MB embedding table and reads
+            // only the rows a prompt looks up, which the estimate counts as kept (2.2x there)
+            assert!(e >= peak && (e as f64) < 2.5 * peak as f64, "{backend}: estimate {e} for a measured peak {peak}");
         }
     }
 }
