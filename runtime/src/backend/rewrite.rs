@@ -347,7 +347,15 @@ mod tests {
         assert!(last_position_logits(&mut proto), "MatMulNBits is the projection");
         let last = run(&proto);
         assert_eq!(last.shape(), &[1, 1, N]);
-        assert_eq!(last.as_slice().unwrap(), full.slice(tract_ndarray::s![0, 2, ..]).as_slice().unwrap());
+        // one row may take another kernel than three (matrix-vector): equal up to rounding
+        for n in 0..N {
+            assert!(
+                (last[[0, 0, n]] - full[[0, 2, n]]).abs() < 1e-5,
+                "col {n}: {} vs {}",
+                last[[0, 0, n]],
+                full[[0, 2, n]]
+            );
+        }
     }
 
     #[test]
