@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::f32_value_info;
+
 use std::path::Path;
 
 use glimpse::runtime::backend::{self, BackendOptions, LoadHints, Tensor};
@@ -21,26 +23,6 @@ const WEIGHT_BYTES: usize = K * N * 4;
 
 fn weight(k: usize, n: usize) -> f32 {
     ((k * 31 + n * 17) % 13) as f32 * 0.01
-}
-
-fn value_info(name: &str, dims: [i64; 2]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: 1,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// Writes `dir/m.onnx`: y = x · w, w `[K, N]` embedded, or in `m.onnx.data` when `external`.
@@ -71,8 +53,8 @@ fn write_model(dir: &Path, external: bool) {
             ..Default::default()
         }],
         initializer: vec![w],
-        input: vec![value_info("x", [1, K as i64])],
-        output: vec![value_info("y", [1, N as i64])],
+        input: vec![f32_value_info("x", &[1, K as i64])],
+        output: vec![f32_value_info("y", &[1, N as i64])],
         ..Default::default()
     };
     let model = pb::ModelProto {

@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::f32_value_info;
+
 use glimpse::runtime::backend::{self, BackendOptions, LoadHints, Tensor};
 use glimpse::runtime::memory::{release_free, rss_bytes};
 use ndarray::{ArrayD, IxDyn};
@@ -21,26 +23,6 @@ use tract_onnx::pb;
 
 const SIDE: i64 = 4096;
 const INTERMEDIATE_BYTES: f64 = (SIDE * SIDE * 4) as f64;
-
-fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: 1,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 /// `y = ReduceSum(Expand(x, [SIDE, SIDE]))`: a scalar out of a SIDE x SIDE f32 intermediate.
 fn write_model(path: &std::path::Path) {
@@ -63,8 +45,8 @@ fn write_model(path: &std::path::Path) {
         name: "expand_sum".into(),
         node: vec![node("Expand", &["x", "shape"], "big"), sum],
         initializer: vec![shape],
-        input: vec![value_info("x", &[1, 1])],
-        output: vec![value_info("y", &[])],
+        input: vec![f32_value_info("x", &[1, 1])],
+        output: vec![f32_value_info("y", &[])],
         ..Default::default()
     };
     let model = pb::ModelProto {

@@ -106,27 +106,21 @@ pub const KEPT_PER_BYTE: f64 = 1.1;
 pub const LOAD_PEAK_PER_BYTE: f64 = 1.75;
 
 /// Working memory while answering (activations, KV cache, logits) per byte of the parts' fp32
-/// variant, by backend: it follows the model's dimensions more than its dtype. Measured on the
-/// real-size SmolVLM-256M and LLaVA-OneVision-0.5B shapes answering about an image, above the
-/// parts kept (docs/benchmarks.md, "Memory"): tract up to 0.22 (SmolVLM-256M q4 and
-/// LLaVA-OneVision q4, whose block-quantized products run on dequantized temporaries), ONNX
-/// Runtime up to 0.20 with its shared arena (SmolVLM-256M q4); 0.3 leaves a margin for other
-/// images and thread counts.
-pub fn working_per_fp32_byte(backend: &str) -> f64 {
-    match backend {
-        "tract" => 0.3,
-        _ => 0.3,
-    }
-}
+/// variant: it follows the model's dimensions more than its dtype. Measured on the real-size
+/// SmolVLM-256M and LLaVA-OneVision-0.5B shapes answering about an image, above the parts kept
+/// (docs/benchmarks.md, "Memory"): tract up to 0.22 (SmolVLM-256M q4 and LLaVA-OneVision q4,
+/// whose block-quantized products run on dequantized temporaries), ONNX Runtime up to 0.20 with
+/// its shared arena (SmolVLM-256M q4); 0.3 leaves a margin for other images and thread counts.
+pub const WORKING_PER_FP32_BYTE: f64 = 0.3;
 
 /// The resident peak expected for parts of `sizes` bytes whose fp32 variants total
-/// `fp32_bytes`, on `backend`: the larger of the load peak (every other part kept, the largest
+/// `fp32_bytes`: the larger of the load peak (every other part kept, the largest
 /// loading) and the answering peak (every part kept, plus working memory).
-pub fn estimate(sizes: &[u64], fp32_bytes: u64, backend: &str) -> u64 {
+pub fn estimate(sizes: &[u64], fp32_bytes: u64) -> u64 {
     let total: u64 = sizes.iter().sum();
     let largest = sizes.iter().copied().max().unwrap_or(0);
     let load = KEPT_PER_BYTE * (total - largest) as f64 + LOAD_PEAK_PER_BYTE * largest as f64;
-    let answer = KEPT_PER_BYTE * total as f64 + working_per_fp32_byte(backend) * fp32_bytes as f64;
+    let answer = KEPT_PER_BYTE * total as f64 + WORKING_PER_FP32_BYTE * fp32_bytes as f64;
     load.max(answer) as u64
 }
 
@@ -134,16 +128,10 @@ pub fn estimate(sizes: &[u64], fp32_bytes: u64, backend: &str) -> u64 {
 /// minus the working set, i.e. current use without reclaimable file cache, as the kubelet counts
 /// it); with where the figure came from.
 pub fn available() -> Option<(u64, &'static str)> {
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    let info = read("/proc/meminfo");
-    let mem_available = info.as_deref().and_then(|i| {
-        let kb: u64 = i.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
-    });
     let cgroup = (|| {
-        let max: u64 = read("/sys/fs/cgroup/memory.max")?.trim().parse().ok()?;
-        let current: u64 = read("/sys/fs/cgroup/memory.current")?.trim().parse().ok()?;
-        let stat = read("/sys/fs/cgroup/memory.stat").unwrap_or_default();
+        let max: u64 = read_sys("/sys/fs/cgroup/memory.max")?.trim().parse().ok()?;
+        let current: u64 = read_sys("/sys/fs/cgroup/memory.current")?.trim().parse().ok()?;
+        let stat = read_sys("/sys/fs/cgroup/memory.stat").unwrap_or_default();
         let inactive_file: u64 = stat
             .lines()
             .find_map(|l| l.strip_prefix("inactive_file "))
@@ -151,9 +139,26 @@ pub fn available() -> Option<(u64, &'static str)> {
             .unwrap_or(0);
         Some(max.saturating_sub(current.saturating_sub(inactive_file)))
     })();
-    match (cgroup, mem_available) {
+    lower_of(cgroup, meminfo_bytes("MemAvailable"), "MemAvailable")
+}
+
+fn read_sys(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`) in bytes.
+fn meminfo_bytes(key: &str) -> Option<u64> {
+    let info = read_sys("/proc/meminfo")?;
+    let value = info.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?;
+    let kb: u64 = value.split_whitespace().next()?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The lower of a cgroup figure and a `/proc/meminfo` one (`name`), with where it came from.
+fn lower_of(cgroup: Option<u64>, meminfo: Option<u64>, name: &'static str) -> Option<(u64, &'static str)> {
+    match (cgroup, meminfo) {
         (Some(c), Some(m)) if c < m => Some((c, "the cgroup memory limit")),
-        (_, Some(m)) => Some((m, "MemAvailable")),
+        (_, Some(m)) => Some((m, name)),
         (Some(c), None) => Some((c, "the cgroup memory limit")),
         (None, None) => None,
     }
@@ -171,18 +176,8 @@ pub struct MemoryLimit {
 /// The machine's memory: `MemTotal`, or the cgroup v2 limit when lower; with where the figure
 /// came from.
 pub fn total() -> Option<(u64, &'static str)> {
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    let mem_total = read("/proc/meminfo").and_then(|i| {
-        let kb: u64 = i.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
-    });
-    let cgroup = read("/sys/fs/cgroup/memory.max").and_then(|m| m.trim().parse::<u64>().ok());
-    match (cgroup, mem_total) {
-        (Some(c), Some(m)) if c < m => Some((c, "the cgroup memory limit")),
-        (_, Some(m)) => Some((m, "MemTotal")),
-        (Some(c), None) => Some((c, "the cgroup memory limit")),
-        (None, None) => None,
-    }
+    let cgroup = read_sys("/sys/fs/cgroup/memory.max").and_then(|m| m.trim().parse::<u64>().ok());
+    lower_of(cgroup, meminfo_bytes("MemTotal"), "MemTotal")
 }
 
 /// Bytes of one ONNX file and its external data files named after it (`<file>_data*`,
@@ -239,7 +234,7 @@ pub fn check(
         v
     };
     let model: u64 = sizes.iter().map(|s| s.2).sum::<u64>() + extra_bytes;
-    let needed = estimate(&with_extra(sizes.iter().map(|s| s.2).collect()), fp32, backend);
+    let needed = estimate(&with_extra(sizes.iter().map(|s| s.2).collect()), fp32);
     if needed <= budget {
         return Ok(());
     }
@@ -255,7 +250,7 @@ pub fn check(
                 .map(|&(p, _)| folder.variants(p).contains(&d).then(|| file_bytes(&folder.part_file(p, d))))
                 .collect();
             let bytes = with_extra(bytes?);
-            let need = estimate(&bytes, fp32, backend);
+            let need = estimate(&bytes, fp32);
             (need <= budget)
                 .then(|| format!("--dtype {d} ({} of files, about {} resident)", mb(bytes.iter().sum()), mb(need)))
         })
@@ -273,7 +268,7 @@ pub fn check(
             "{} of model files ({}); estimated as the larger of the load peak (parts kept x {KEPT_PER_BYTE}, the largest loading x {LOAD_PEAK_PER_BYTE}) and the answering peak (parts kept plus {} x the fp32 size of working memory on {backend}); {hint}",
             mb(model),
             listed.join(", "),
-            working_per_fp32_byte(backend)
+            WORKING_PER_FP32_BYTE
         ),
     })
 }
@@ -306,7 +301,7 @@ mod tests {
             ("ort", &ov_fp32, ov, 4115),
             ("ort", &ov_q4, ov, 1115),
         ] {
-            let e = estimate(sizes, fp32, backend);
+            let e = estimate(sizes, fp32);
             let peak = peak * mb;
             // at most 2.5x: ONNX Runtime maps LLaVA-OneVision's 545 MB embedding table and reads
             // only the rows a prompt looks up, which the estimate counts as kept (2.2x there)

@@ -130,11 +130,12 @@ pub fn library_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
 }
 
 /// Registers one CPU arena allocator on the environment, which every session then uses
-/// (`session.use_env_allocators`) instead of an arena of its own. Each session's arena keeps
-/// its high-water mark for the life of the process, so the encoder's activations stayed
-/// resident while the decoder allocated its own: on the real-size SmolVLM-256M shape (fp32,
-/// image) the shared arena lowers the peak from 1663 to 1236 MB with the same tokens
-/// (docs/benchmarks.md, "Memory"). It extends by what is requested rather than by doubling.
+/// (`session.use_env_allocators`). Without it sessions allocate through glibc malloc (the
+/// `ort` crate's CPU provider turns the per-session arena off), whose freed blocks stayed
+/// resident in the heaps they came from, so the encoder's activations stayed beside the
+/// decoder's: on the real-size SmolVLM-256M shape (fp32, image) the shared arena lowers the
+/// peak from 1663 to 1236 MB with the same tokens (docs/benchmarks.md, "Memory"). It extends by
+/// what is requested rather than by doubling.
 fn register_shared_arena(env: &ort::environment::Environment) -> std::result::Result<(), String> {
     use ort::AsPointer;
     let api = ort::api();
@@ -187,11 +188,11 @@ impl OrtBackend {
             let built = std::panic::catch_unwind(|| ort::init_from(&lib).map(|b| b.with_name("glimpse").build()));
             match built {
                 Ok(Ok(Ok(env))) => {
-                    // without it every session keeps an arena of its own (more memory, same answers)
+                    // without it sessions allocate through malloc (more memory, same answers)
                     let shared_arena = match register_shared_arena(&env) {
                         Ok(()) => true,
                         Err(e) => {
-                            tracing::warn!("ONNX Runtime: no shared CPU arena ({e}); each session keeps its own");
+                            tracing::warn!("ONNX Runtime: no shared CPU arena ({e}); sessions allocate through malloc");
                             false
                         }
                     };

@@ -187,27 +187,30 @@ mod tests {
         }
     }
 
+    /// The declared f32 tensor `name` with dimensions `d`.
+    fn info(name: &str, d: &[pb::tensor_shape_proto::dimension::Value]) -> pb::ValueInfoProto {
+        use pb::tensor_shape_proto::Dimension;
+        let dim = d.iter().map(|v| Dimension { value: Some(v.clone()), ..Default::default() }).collect();
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: Some(pb::TensorShapeProto { dim }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     /// The decoder's projection runs on the last position: tract's result is the last row of
     /// the full product, the declared output says `[batch, 1, vocab]`, and a second call (or a
     /// graph without the pattern) changes nothing.
     #[test]
     fn logits_are_projected_at_the_last_position_only() {
-        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        use pb::tensor_shape_proto::dimension::Value;
         use tract_onnx::prelude::*;
-        let dims = |d: &[Value]| pb::TensorShapeProto {
-            dim: d.iter().map(|v| Dimension { value: Some(v.clone()), ..Default::default() }).collect(),
-        };
-        let info = |name: &str, d: &[Value]| pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: 1,
-                    shape: Some(dims(d)),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let mut proto = pb::ModelProto {
             ir_version: 8,
@@ -263,24 +266,10 @@ mod tests {
     /// last row of the full product.
     #[test]
     fn q4_logits_are_projected_at_the_last_position_only() {
-        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        use pb::tensor_shape_proto::dimension::Value;
         use tract_onnx::prelude::*;
         const K: usize = 32;
         const N: usize = 4;
-        let dims = |d: &[Value]| pb::TensorShapeProto {
-            dim: d.iter().map(|v| Dimension { value: Some(v.clone()), ..Default::default() }).collect(),
-        };
-        let info = |name: &str, d: &[Value]| pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: 1,
-                    shape: Some(dims(d)),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let int = |name: &str, i: i64| pb::AttributeProto { name: name.into(), r#type: 2, i, ..Default::default() };
         // column n, row k: q = 8 + ((n + k) % 5) - 2, two nibbles per byte, low first
         let q = |n: usize, k: usize| (8 + (n + k) % 5 - 2) as u8;
