@@ -51,6 +51,11 @@ pub enum Error {
     #[error("{path}: cannot load ONNX model with {backend}: {message}")]
     OnnxLoad { path: PathBuf, backend: String, message: String },
 
+    /// A model file changed on disk after it was loaded, and a plan had to be built from it
+    /// again (tract's plans for new input shapes): mixing two files' weights would answer wrong.
+    #[error("{path}: the file changed since it was loaded; load the model again to use the new file")]
+    FileChanged { path: PathBuf },
+
     /// A backend could not be initialised (e.g. its native library is missing).
     #[error("backend {backend}: {message}")]
     Backend { backend: String, message: String },

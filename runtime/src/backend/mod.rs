@@ -243,12 +243,24 @@ pub struct LoadHints {
     /// ([`rewrite::last_position_logits`]), instead of a `[seq, vocab]` matrix (845 MB for a
     /// 1391-token prompt on Qwen2's 151,936-token vocabulary) of which one row is used.
     pub last_position_logits: bool,
+    /// How many distinct input shapes the part sees run after run (the vision encoder: one
+    /// view at a time, the full grid, plus the reduced token counts of a reducing request); 0
+    /// when they change from run to run (the decoder's sequence and past). A backend that plans
+    /// for fixed shapes (tract) keeps up to this many plans for exact shapes, which run faster
+    /// than one plan for symbolic shapes, at the cost of a build on each shape's first run.
+    pub repeated_shapes: usize,
 }
 
 impl LoadHints {
     /// Adds one axis fact.
     pub fn dim(mut self, input: &str, axis: usize, value: impl ToString) -> Self {
         self.dims.push((input.to_string(), axis, value.to_string()));
+        self
+    }
+
+    /// Declares that the part's input shapes repeat: at most `n` distinct ones.
+    pub fn repeated_shapes(mut self, n: usize) -> Self {
+        self.repeated_shapes = n;
         self
     }
 

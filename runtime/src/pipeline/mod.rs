@@ -246,20 +246,27 @@ impl Pipeline {
             load_memory.borrow_mut().extend(m);
             session
         };
+        // The encoder's input shapes repeat: the full grid, one view at a time, plus the reduced
+        // token counts (tiles and the global view differ) when requests reduce tokens.
+        let reduces = opts.regions.is_some() || opts.merge.is_some() || opts.stages_for_requests;
+        let encoder_shapes = if reduces { 2 } else { 1 };
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = paths.iter().find(|(p, _)| *p == part).map(|(_, path)| path).ok_or_else(|| {
                 Error::field(folder.path("glimpse.json"), "parts", format!("no part with role `{}`", part.role()))
             })?;
             let hints = match part {
-                Part::VisionEncoder => family.encoder_hints(),
+                Part::VisionEncoder => family.encoder_hints().repeated_shapes(encoder_shapes),
                 Part::EmbedTokens | Part::Decoder => crate::generate::text_hints(),
             };
             load_file(path, part.stem(), &hints)
         };
         let load_staged = |files: Vec<(String, std::path::PathBuf)>| -> Result<VisionEncoder> {
             let stages = manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
-            let (hints, head_hints) = (family.encoder_hints(), family.head_hints());
-            let none = crate::backend::LoadHints::default();
+            let (hints, head_hints) = (
+                family.encoder_hints().repeated_shapes(encoder_shapes),
+                family.head_hints().repeated_shapes(encoder_shapes),
+            );
+            let none = crate::backend::LoadHints::default().repeated_shapes(encoder_shapes);
             let mut sessions = Vec::with_capacity(files.len());
             for (k, (stem, path)) in files.iter().enumerate() {
                 let h = match k {
@@ -287,7 +294,6 @@ impl Pipeline {
             None => VisionEncoder::Monolithic(load(Part::VisionEncoder)?),
             Some(files) => load_staged(files)?,
         };
-        let reduces = opts.regions.is_some() || opts.merge.is_some() || opts.stages_for_requests;
         let groups = manifest.stages.as_ref().map_or(0, |s| s.blocks.len());
         if opts.merge.is_some() && groups < 2 {
             return Err(Error::field(
