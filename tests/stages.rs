@@ -260,3 +260,47 @@ fn views_one_by_one_give_the_batch_features() {
         }
     }
 }
+
+#[test]
+fn tract_plans_the_encoder_for_the_full_grid_and_reduced_runs_stay_symbolic() {
+    use glimpse::runtime::pipeline::{RegionSkip, SkippedTiles};
+    use glimpse::runtime::select::{Budget, Scope};
+    let dir = model("tiny-smolvlm");
+    let case = cases(&dir).1.into_iter().next().expect("a fixture case");
+    let regions = RegionSkip {
+        budget: Budget::Ratio(0.5),
+        scope: Scope::Global,
+        skipped: SkippedTiles::Drop,
+        relevance: 0.0,
+        global: Budget::Ratio(1.0),
+    };
+    for encoder in [EncoderForm::Monolithic, EncoderForm::Staged] {
+        let plain = Pipeline::load(&dir, &PipelineOptions { encoder, ..Default::default() }).expect("load");
+        let input = plain.preprocess(&plain.load_image(&case.image()).expect("image")).expect("preprocess");
+        assert!(input.views.len() > 1, "the case must have several views");
+        plain.encode(&input).expect("encode");
+        // views run one at a time, so every session saw one shape: one plan each, for one view
+        let plans = plain.encoder_fixed_plans();
+        assert_eq!(plans.len(), if encoder == EncoderForm::Staged { 4 } else { 1 });
+        for p in &plans {
+            assert_eq!(p.len(), 1, "{encoder:?}: {plans:?}");
+            let first = p[0].split("; ").next().unwrap_or_default();
+            let views_axis = if encoder == EncoderForm::Monolithic { 1 } else { 0 };
+            let dims: Vec<&str> = first.split(['[', ']']).nth(1).unwrap_or_default().split(", ").collect();
+            assert_eq!(dims.get(views_axis), Some(&"1"), "{encoder:?}: one view per run: {first}");
+        }
+    }
+    let reduced = Pipeline::load(&dir, &PipelineOptions { regions: Some(regions), ..Default::default() }).expect("load");
+    let input = reduced.preprocess(&reduced.load_image(&case.image()).expect("image")).expect("preprocess");
+    let opts = GenerationOptions { max_new_tokens: 2, ..Default::default() };
+    reduced.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask");
+    assert!(input.views.len() > 1);
+    assert!(reduced.encoder_fixed_plans().iter().all(|p| p.is_empty()), "{:?}", reduced.encoder_fixed_plans());
+    #[cfg(feature = "venv-tests")]
+    {
+        let ort_opts = backends().into_iter().find(|b| b.backend == "ort").expect("ort options");
+        let ort = Pipeline::load(&dir, &ort_opts).expect("ort");
+        ort.encode(&input).expect("encode");
+        assert!(ort.encoder_fixed_plans().iter().all(|p| p.is_empty()));
+    }
+}

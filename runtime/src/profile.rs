@@ -73,6 +73,9 @@ pub struct ProfileRow {
     pub encoder: String,
     /// Views encoded as one batch (`batch`) or `one-by-one`.
     pub views_run: String,
+    /// Per vision encoder session, the input shapes the backend held a plan for exactly after
+    /// the runs (tract without token reduction); empty lists: a plan for symbolic shapes.
+    pub encoder_plans: Vec<Vec<String>>,
     pub views: usize,
     pub visual_tokens: usize,
     pub visual_tokens_kept: usize,
@@ -219,6 +222,7 @@ pub fn profile(
         reduction: "all".into(),
         encoder: if pipeline.encoder_is_staged() { "staged" } else { "monolithic" }.into(),
         views_run: if pipeline.encodes_views_one_by_one() { "one-by-one" } else { "batch" }.into(),
+        encoder_plans: pipeline.encoder_fixed_plans(),
         views,
         visual_tokens: stats.visual_tokens,
         visual_tokens_kept: stats.visual_tokens_kept,

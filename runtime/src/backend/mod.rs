@@ -230,6 +230,12 @@ pub trait Session: Send + Sync {
     fn run(&self, inputs: Vec<(&str, Tensor)>) -> Result<Vec<Tensor>>;
     /// Where the part runs.
     fn placement(&self) -> Placement;
+    /// The input shapes the backend holds a plan for exactly (`name [d0, d1, ...]` per input,
+    /// joined by `; `; one entry per plan, most recent last); empty where it runs one plan for
+    /// symbolic shapes or plans every run itself (ONNX Runtime). Reported by `glimpse profile`.
+    fn fixed_plans(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Facts the model folder knows about a part's inputs, for backends that analyse shapes ahead
@@ -243,11 +249,11 @@ pub struct LoadHints {
     /// ([`rewrite::last_position_logits`]), instead of a `[seq, vocab]` matrix (845 MB for a
     /// 1391-token prompt on Qwen2's 151,936-token vocabulary) of which one row is used.
     pub last_position_logits: bool,
-    /// How many distinct input shapes the part sees run after run (the vision encoder: one
-    /// view at a time, the full grid, plus the reduced token counts of a reducing request); 0
-    /// when they change from run to run (the decoder's sequence and past). A backend that plans
-    /// for fixed shapes (tract) keeps up to this many plans for exact shapes, which run faster
-    /// than one plan for symbolic shapes, at the cost of a build on each shape's first run.
+    /// How many distinct input shapes the part sees run after run (the vision encoder without
+    /// token reduction: one, the full grid of one view); 0 when they change from run to run
+    /// (the decoder's sequence and past, reduced token counts). A backend that plans for fixed
+    /// shapes (tract) keeps up to this many plans for exact shapes instead of its plan for
+    /// symbolic ones, which run faster, at the cost of a build on each shape's first run.
     pub repeated_shapes: usize,
 }
 

@@ -294,6 +294,14 @@ impl Session for TractSession {
         Placement::cpu(NAME)
     }
 
+    fn fixed_plans(&self) -> Vec<String> {
+        let Ok(plans) = self.plans.lock() else { return Vec::new() };
+        let show = |key: &[(String, Vec<usize>)]| {
+            key.iter().map(|(n, shape)| format!("{n} {shape:?}")).collect::<Vec<_>>().join("; ")
+        };
+        plans.entries.iter().filter_map(|(k, _)| k.as_deref().map(show)).collect()
+    }
+
     fn run(&self, inputs: Vec<(&str, HostTensor)>) -> Result<Vec<HostTensor>> {
         let ordered = order_inputs(&self.part, &self.inputs, inputs)?;
         let shapes: Vec<(String, Vec<usize>)> =

@@ -246,10 +246,12 @@ impl Pipeline {
             load_memory.borrow_mut().extend(m);
             session
         };
-        // The encoder's input shapes repeat: the full grid, one view at a time, plus the reduced
-        // token counts (tiles and the global view differ) when requests reduce tokens.
+        // Without token reduction the encoder sees one shape run after run (the full grid, one
+        // view at a time): tract then plans for it exactly. Reduced requests vary the token count
+        // from tile to tile (region budgets are shared across tiles), so their encoders keep the
+        // plan for symbolic shapes: a plan per count would cost a build per tile.
         let reduces = opts.regions.is_some() || opts.merge.is_some() || opts.stages_for_requests;
-        let encoder_shapes = if reduces { 2 } else { 1 };
+        let encoder_shapes = if reduces { 0 } else { 1 };
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = paths.iter().find(|(p, _)| *p == part).map(|(_, path)| path).ok_or_else(|| {
                 Error::field(folder.path("glimpse.json"), "parts", format!("no part with role `{}`", part.role()))
@@ -383,6 +385,13 @@ impl Pipeline {
     /// Whether the encoder runs an image's views one at a time (else as one batch).
     pub fn encodes_views_one_by_one(&self) -> bool {
         self.per_view
+    }
+
+    /// Per vision encoder session (monolithic, or embed, groups, head), the input shapes the
+    /// backend planned it for exactly: tract plans the encoder for the full grid when no token
+    /// reduction is on ([`crate::backend::LoadHints::repeated_shapes`]); empty lists otherwise.
+    pub fn encoder_fixed_plans(&self) -> Vec<Vec<String>> {
+        self.vision.fixed_plans()
     }
 
     /// Whether the vision encoder runs as stages (`docs/stages.md`).

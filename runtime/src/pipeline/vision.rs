@@ -155,6 +155,18 @@ impl VisionEncoder {
         }
     }
 
+    /// Per session (the monolithic one, or embed, groups, head), the input shapes its backend
+    /// planned it for exactly ([`Session::fixed_plans`]).
+    pub fn fixed_plans(&self) -> Vec<Vec<String>> {
+        match self {
+            VisionEncoder::Monolithic(s) => vec![s.fixed_plans()],
+            VisionEncoder::Staged { embed, groups, head } => std::iter::once(embed.fixed_plans())
+                .chain(groups.iter().map(|g| g.session.fixed_plans()))
+                .chain(std::iter::once(head.fixed_plans()))
+                .collect(),
+        }
+    }
+
     /// Checks that the stages have the interface `docs/stages.md` gives, naming the stem.
     pub fn check(&self, stems: &[&str]) -> Result<()> {
         let VisionEncoder::Staged { embed, groups, head } = self else { return Ok(()) };
