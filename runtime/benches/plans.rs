@@ -1,0 +1,71 @@
+//! tract's plan for exact shapes against its plan for symbolic ones, interleaved: two pipelines
+//! of one folder on tract, one planning the encoder for the full grid (the default without
+//! token reduction), one keeping the symbolic plan (what a pipeline that may reduce tokens
+//! runs: `stages_for_requests`), encoding the same image in alternating order so that drift on
+//! a shared machine hits both alike. Prints each one's median encode time and their ratio.
+//!
+//! `GLIMPSE_BENCH_MODEL` (default `models/tiny-smolvlm`; e.g. `models/real/smolvlm-256m`),
+//! `GLIMPSE_BENCH_ENCODER` (`monolithic` | `staged`, default `staged`), `GLIMPSE_BENCH_THREADS`
+//! (0: every core), `GLIMPSE_BENCH_RUNS` (5), `GLIMPSE_BENCH_IMAGE` (`models/images/strip.png`).
+//! Run: `cargo bench --workspace --features venv-tests --bench plans`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use glimpse_runtime::backend::BackendOptions;
+use glimpse_runtime::pipeline::EncoderForm;
+use glimpse_runtime::{Pipeline, PipelineOptions};
+
+fn env(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_string())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks for a list
+    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = repo.join(env("GLIMPSE_BENCH_MODEL", "models/tiny-smolvlm"));
+    let image = repo.join(env("GLIMPSE_BENCH_IMAGE", "models/images/strip.png"));
+    let encoder: EncoderForm = env("GLIMPSE_BENCH_ENCODER", "staged").parse().expect("GLIMPSE_BENCH_ENCODER");
+    let threads: usize = env("GLIMPSE_BENCH_THREADS", "0").parse().expect("GLIMPSE_BENCH_THREADS");
+    let runs: usize = env("GLIMPSE_BENCH_RUNS", "5").parse().expect("GLIMPSE_BENCH_RUNS");
+    let load = |symbolic: bool| {
+        let opts = PipelineOptions {
+            backend: "tract".into(),
+            backend_options: BackendOptions { threads, ..Default::default() },
+            encoder,
+            stages_for_requests: symbolic,
+            ..Default::default()
+        };
+        Pipeline::load(&model, &opts).unwrap_or_else(|e| panic!("{}: {e}", model.display()))
+    };
+    let forms = [load(false), load(true)];
+    let input = forms[0].preprocess(&forms[0].load_image(&image).expect("image")).expect("preprocess");
+    for p in &forms {
+        p.encode(&input).expect("warm-up (builds the fixed-shape plans)");
+    }
+    assert!(forms[0].encoder_fixed_plans().iter().all(|p| p.len() == 1), "{:?}", forms[0].encoder_fixed_plans());
+    assert!(forms[1].encoder_fixed_plans().iter().all(|p| p.is_empty()), "{:?}", forms[1].encoder_fixed_plans());
+    let mut times = [Vec::new(), Vec::new()];
+    for round in 0..runs {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let t = Instant::now();
+            forms[k].encode(&input).expect("encode");
+            times[k].push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let [fixed, symbolic] = times.map(median);
+    println!(
+        "{} ({encoder:?} encoder) on tract ({threads} threads), {} views, {runs} interleaved runs: fixed-shape plans {fixed:.1} ms, symbolic plan {symbolic:.1} ms, symbolic/fixed {:.3}",
+        model.display(),
+        input.views.len(),
+        symbolic / fixed
+    );
+}
