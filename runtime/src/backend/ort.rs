@@ -108,9 +108,18 @@ fn register(name: &str, builder: &mut SessionBuilder, engine_cache: &Path) -> Pr
     }
 }
 
-/// The environment, the library it was loaded from, and whether it has the shared CPU arena.
-static ENVIRONMENT: OnceLock<std::result::Result<(ort::environment::Environment, PathBuf, bool), String>> =
-    OnceLock::new();
+/// The process's ONNX Runtime environment, made by the first backend.
+struct Env {
+    env: ort::environment::Environment,
+    /// The library it was loaded from.
+    library: PathBuf,
+    /// Whether it has the shared CPU arena ([`register_shared_arena`]).
+    shared_arena: bool,
+    /// Intra-op threads of its global thread pool (0: ONNX Runtime's default), when it has one.
+    pool_threads: Option<usize>,
+}
+
+static ENVIRONMENT: OnceLock<std::result::Result<Env, String>> = OnceLock::new();
 
 /// Where the library is looked for, in order.
 pub fn library_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
@@ -184,8 +193,26 @@ impl OrtBackend {
                     candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
                 ));
             };
-            // ort panics on some load failures; keep a panic from escaping as one.
-            let built = std::panic::catch_unwind(|| ort::init_from(&lib).map(|b| b.with_name("glimpse").build()));
+            // One intra-op thread pool for every session: with a pool per session, the pool of the
+            // stage that just ran keeps spinning while the next stage runs, which cost the staged
+            // encoder 3-7% against the monolithic one (docs/benchmarks.md, "Staging overhead").
+            let pool = ort::environment::GlobalThreadPoolOptions::default()
+                .with_intra_threads(opts.threads)
+                .map_err(|e| tracing::warn!("ONNX Runtime: no global thread pool ({e}); a pool per session"))
+                .ok();
+            let pool_threads = pool.as_ref().map(|_| opts.threads);
+            // ort panics on some load failures; keep a panic from escaping as one
+            // (the pool options hold no state a panic could leave half-changed).
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ort::init_from(&lib).map(|b| {
+                    let b = b.with_name("glimpse");
+                    match pool {
+                        Some(pool) => b.with_global_thread_pool(pool),
+                        None => b,
+                    }
+                    .build()
+                })
+            }));
             match built {
                 Ok(Ok(Ok(env))) => {
                     // without it sessions allocate through malloc (more memory, same answers)
@@ -196,7 +223,7 @@ impl OrtBackend {
                             false
                         }
                     };
-                    Ok((env, lib, shared_arena))
+                    Ok(Env { env, library: lib, shared_arena, pool_threads })
                 }
                 Ok(Ok(Err(e))) => Err(format!("{}: {e}", lib.display())),
                 Ok(Err(e)) => Err(format!("{}: {e}", lib.display())),
@@ -223,7 +250,7 @@ impl OrtBackend {
 
     /// The library in use, once loaded.
     pub fn library() -> Option<PathBuf> {
-        ENVIRONMENT.get().and_then(|e| e.as_ref().ok()).map(|(_, p, _)| p.clone())
+        ENVIRONMENT.get().and_then(|e| e.as_ref().ok()).map(|e| e.library.clone())
     }
 }
 
@@ -247,12 +274,17 @@ impl Backend for OrtBackend {
             backend: NAME.into(),
             message: e.to_string(),
         };
-        let Some(Ok((env, _, shared_arena))) = ENVIRONMENT.get() else {
+        let Some(Ok(Env { env, shared_arena, pool_threads, .. })) = ENVIRONMENT.get() else {
             return Err(Error::Backend { backend: NAME.into(), message: "ONNX Runtime is not initialised".into() });
         };
         let mut builder = OrtSession::builder(env).map_err(load_err)?;
-        if self.threads > 0 {
-            builder = builder.with_intra_threads(self.threads).map_err(|e| load_err(e.into()))?;
+        // the environment's pool serves a backend asking for its thread count; another count
+        // (a second backend in the process with other --threads) gets a pool of its own
+        if *pool_threads != Some(self.threads) {
+            builder = builder.with_independent_thread_pool().map_err(|e| load_err(e.into()))?;
+            if self.threads > 0 {
+                builder = builder.with_intra_threads(self.threads).map_err(|e| load_err(e.into()))?;
+            }
         }
         if self.providers.iter().any(|p| p == "TensorRT") {
             std::fs::create_dir_all(&self.engine_cache).map_err(|e| Error::Backend {
