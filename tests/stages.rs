@@ -262,7 +262,7 @@ fn views_one_by_one_give_the_batch_features() {
 }
 
 #[test]
-fn tract_plans_the_encoder_for_the_full_grid_and_reduced_runs_stay_symbolic() {
+fn tract_plans_the_encoder_for_the_shapes_that_repeat() {
     use glimpse::runtime::pipeline::{RegionSkip, SkippedTiles};
     use glimpse::runtime::select::{Budget, Scope};
     let dir = model("tiny-smolvlm");
@@ -290,12 +290,22 @@ fn tract_plans_the_encoder_for_the_full_grid_and_reduced_runs_stay_symbolic() {
             assert_eq!(dims.get(views_axis), Some(&"1"), "{encoder:?}: one view per run: {first}");
         }
     }
-    let reduced = Pipeline::load(&dir, &PipelineOptions { regions: Some(regions), ..Default::default() }).expect("load");
-    let input = reduced.preprocess(&reduced.load_image(&case.image()).expect("image")).expect("preprocess");
+    // region skipping varies the groups' token counts: they stay symbolic; embed (the tiles in
+    // one batch) and head (the full grid) repeat theirs
     let opts = GenerationOptions { max_new_tokens: 2, ..Default::default() };
+    let reduced =
+        Pipeline::load(&dir, &PipelineOptions { regions: Some(regions), ..Default::default() }).expect("load");
+    let input = reduced.preprocess(&reduced.load_image(&case.image()).expect("image")).expect("preprocess");
     reduced.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask");
-    assert!(input.views.len() > 1);
-    assert!(reduced.encoder_fixed_plans().iter().all(|p| p.is_empty()), "{:?}", reduced.encoder_fixed_plans());
+    let counts: Vec<usize> = reduced.encoder_fixed_plans().iter().map(Vec::len).collect();
+    assert_eq!(counts, [1, 0, 0, 1], "{:?}", reduced.encoder_fixed_plans());
+    // merging alone: each group sees one count, planned exactly
+    let merged = Pipeline::load(&dir, &PipelineOptions { merge: Some(Budget::Ratio(0.25)), ..Default::default() })
+        .expect("load");
+    merged.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask");
+    let plans = merged.encoder_fixed_plans();
+    assert!(plans.iter().all(|p| p.len() == 1), "{plans:?}");
+    assert_ne!(plans[1], plans[2], "the second group runs on fewer tokens: {plans:?}");
     #[cfg(feature = "venv-tests")]
     {
         let ort_opts = backends().into_iter().find(|b| b.backend == "ort").expect("ort options");

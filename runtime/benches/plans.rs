@@ -1,8 +1,8 @@
 //! tract's plan for exact shapes against its plan for symbolic ones, interleaved: two pipelines
-//! of one folder on tract, one planning the encoder for the full grid (the default without
-//! token reduction), one keeping the symbolic plan (what a pipeline that may reduce tokens
-//! runs: `stages_for_requests`), encoding the same image in alternating order so that drift on
-//! a shared machine hits both alike. Prints each one's median encode time and their ratio.
+//! of one folder on tract, one planning the encoder's parts for the shapes they see (the
+//! default), one keeping the plans for symbolic shapes (`BackendOptions::symbolic_plans`),
+//! encoding the same image in alternating order so that drift on a shared machine hits both
+//! alike. Prints each one's median encode time and their ratio.
 //!
 //! `GLIMPSE_BENCH_MODEL` (default `models/tiny-smolvlm`; e.g. `models/real/smolvlm-256m`),
 //! `GLIMPSE_BENCH_ENCODER` (`monolithic` | `staged`, default `staged`), `GLIMPSE_BENCH_THREADS`
@@ -38,9 +38,8 @@ fn main() {
     let load = |symbolic: bool| {
         let opts = PipelineOptions {
             backend: "tract".into(),
-            backend_options: BackendOptions { threads, ..Default::default() },
+            backend_options: BackendOptions { threads, symbolic_plans: symbolic, ..Default::default() },
             encoder,
-            stages_for_requests: symbolic,
             ..Default::default()
         };
         Pipeline::load(&model, &opts).unwrap_or_else(|e| panic!("{}: {e}", model.display()))

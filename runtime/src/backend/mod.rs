@@ -307,6 +307,10 @@ pub struct BackendOptions {
     /// Folder for TensorRT engine and timing caches (building engines takes minutes on a Jetson;
     /// the cache makes later loads fast). `None`: `$XDG_CACHE_HOME` or `~/.cache` + `glimpse/tensorrt`.
     pub engine_cache: Option<std::path::PathBuf>,
+    /// tract: one plan for symbolic shapes for every part, even where its shapes repeat
+    /// ([`LoadHints::repeated_shapes`]): what ran before fixed-shape plans, kept to compare
+    /// against (`runtime/benches/plans.rs`).
+    pub symbolic_plans: bool,
 }
 
 /// A registered backend: its name, what it is, the cargo feature that compiles it in, the

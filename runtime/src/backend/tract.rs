@@ -14,6 +14,7 @@ use crate::onnx_info::{graph_io, read_proto_by_reference, uses_op};
 pub struct TractBackend {
     executor: tract_linalg::multithread::Executor,
     threads: usize,
+    symbolic_plans: bool,
 }
 
 impl TractBackend {
@@ -29,7 +30,14 @@ impl TractBackend {
         } else {
             Executor::SingleThread
         };
-        Ok(TractBackend { executor, threads })
+        Ok(TractBackend { executor, threads, symbolic_plans: false })
+    }
+
+    /// A backend that keeps one plan for symbolic shapes for every part
+    /// ([`super::BackendOptions::symbolic_plans`]).
+    pub fn with_symbolic_plans(mut self, on: bool) -> Self {
+        self.symbolic_plans = on;
+        self
     }
 
     /// Threads its plans run on.
@@ -47,7 +55,7 @@ pub const SPEC: super::BackendSpec = super::BackendSpec {
     feature: None,
     compiled: true,
     options: &["threads"],
-    make: |opts| Ok(Box::new(TractBackend::new(opts.threads)?)),
+    make: |opts| Ok(Box::new(TractBackend::new(opts.threads)?.with_symbolic_plans(opts.symbolic_plans))),
     starts: |_| Ok(()),
     views_one_by_one: true,
 };
@@ -82,7 +90,8 @@ impl TractBackend {
             stamp: stamp(onnx_file),
         };
         let plan = source.build(None)?;
-        let plans = Plans { entries: vec![(None, plan)], cap: hints.repeated_shapes, fixed_failed: false };
+        let cap = if self.symbolic_plans { 0 } else { hints.repeated_shapes };
+        let plans = Plans { entries: vec![(None, plan)], cap, fixed_failed: false };
         Ok(TractSession {
             part: part.to_string(),
             source: std::sync::Mutex::new(source),
@@ -178,13 +187,16 @@ fn fix_input_shapes(
     Ok(())
 }
 
+/// Every input's name and shape, in the graph's input order: what a fixed-shape plan is for.
+type ShapeKey = Vec<(String, Vec<usize>)>;
+
 /// A session's plans: the one for symbolic shapes built at load, then, where the part's input
 /// shapes repeat ([`super::LoadHints::repeated_shapes`]), one per distinct input shape, most
 /// recently used last. tract picks its matrix kernels and fuses element-wise ops only where the
 /// sizes are known: on SigLIP's layers a plan for a fixed token count runs 1.5-1.8x faster than
 /// the symbolic one (docs/benchmarks.md, "Plans for fixed shapes").
 struct Plans {
-    entries: Vec<(Option<Vec<(String, Vec<usize>)>>, Arc<TypedSimplePlan>)>,
+    entries: Vec<(Option<ShapeKey>, Arc<TypedSimplePlan>)>,
     /// Fixed-shape plans kept at most (0: the symbolic plan only).
     cap: usize,
     /// A fixed-shape build failed once: the symbolic plan serves from then on.
@@ -461,7 +473,8 @@ mod tests {
         let bytes = std::fs::read(&file).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&file, &bytes).unwrap();
-        let e = s.run(stream(1, 20)).err().expect("a changed file must be refused").to_string();
+        let Err(e) = s.run(stream(1, 20)) else { panic!("a changed file must be refused") };
+        let e = e.to_string();
         assert!(e.contains("vision_blocks_0.onnx") && e.contains("changed since it was loaded"), "{e}");
     }
 }

@@ -246,29 +246,28 @@ impl Pipeline {
             load_memory.borrow_mut().extend(m);
             session
         };
-        // Without token reduction the encoder sees one shape run after run (the full grid, one
-        // view at a time): tract then plans for it exactly. Reduced requests vary the token count
-        // from tile to tile (region budgets are shared across tiles), so their encoders keep the
-        // plan for symbolic shapes: a plan per count would cost a build per tile.
-        let reduces = opts.regions.is_some() || opts.merge.is_some() || opts.stages_for_requests;
-        let encoder_shapes = if reduces { 0 } else { 1 };
+        // The encoder's parts see one shape run after run (views one at a time, the full grid),
+        // and tract then plans for it exactly; so do the groups of layers under merging alone
+        // (each merges a fixed share of a fixed count). Region skipping varies the token count
+        // from tile to tile (its budget is shared across tiles), and a server's requests choose
+        // their own reductions: those groups keep the plan for symbolic shapes, as a plan per
+        // count would cost a build per tile.
+        let group_shapes = if opts.regions.is_some() || opts.stages_for_requests { 0 } else { 1 };
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = paths.iter().find(|(p, _)| *p == part).map(|(_, path)| path).ok_or_else(|| {
                 Error::field(folder.path("glimpse.json"), "parts", format!("no part with role `{}`", part.role()))
             })?;
             let hints = match part {
-                Part::VisionEncoder => family.encoder_hints().repeated_shapes(encoder_shapes),
+                Part::VisionEncoder => family.encoder_hints().repeated_shapes(1),
                 Part::EmbedTokens | Part::Decoder => crate::generate::text_hints(),
             };
             load_file(path, part.stem(), &hints)
         };
         let load_staged = |files: Vec<(String, std::path::PathBuf)>| -> Result<VisionEncoder> {
             let stages = manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
-            let (hints, head_hints) = (
-                family.encoder_hints().repeated_shapes(encoder_shapes),
-                family.head_hints().repeated_shapes(encoder_shapes),
-            );
-            let none = crate::backend::LoadHints::default().repeated_shapes(encoder_shapes);
+            let (hints, head_hints) =
+                (family.encoder_hints().repeated_shapes(1), family.head_hints().repeated_shapes(1));
+            let none = crate::backend::LoadHints::default().repeated_shapes(group_shapes);
             let mut sessions = Vec::with_capacity(files.len());
             for (k, (stem, path)) in files.iter().enumerate() {
                 let h = match k {
@@ -296,6 +295,7 @@ impl Pipeline {
             None => VisionEncoder::Monolithic(load(Part::VisionEncoder)?),
             Some(files) => load_staged(files)?,
         };
+        let reduces = opts.regions.is_some() || opts.merge.is_some() || opts.stages_for_requests;
         let groups = manifest.stages.as_ref().map_or(0, |s| s.blocks.len());
         if opts.merge.is_some() && groups < 2 {
             return Err(Error::field(
@@ -388,8 +388,9 @@ impl Pipeline {
     }
 
     /// Per vision encoder session (monolithic, or embed, groups, head), the input shapes the
-    /// backend planned it for exactly: tract plans the encoder for the full grid when no token
-    /// reduction is on ([`crate::backend::LoadHints::repeated_shapes`]); empty lists otherwise.
+    /// backend planned it for exactly ([`crate::backend::LoadHints::repeated_shapes`]): on tract
+    /// every part but the groups of layers of a pipeline that skips regions (whose token counts
+    /// vary); empty lists for plans for symbolic shapes.
     pub fn encoder_fixed_plans(&self) -> Vec<Vec<String>> {
         self.vision.fixed_plans()
     }
