@@ -6,7 +6,7 @@
 //!
 //! `GLIMPSE_BENCH_MODEL` (default `models/tiny-smolvlm`; e.g. `models/real/smolvlm-256m`),
 //! `GLIMPSE_BENCH_ENCODER` (`monolithic` | `staged`, default `staged`), `GLIMPSE_BENCH_THREADS`
-//! (0: every core), `GLIMPSE_BENCH_RUNS` (5), `GLIMPSE_BENCH_IMAGE` (`models/images/strip.png`).
+//! (0: every core), `GLIMPSE_BENCH_RUNS` (5), `GLIMPSE_BENCH_DTYPE` (`fp32`), `GLIMPSE_BENCH_IMAGE` (`models/images/strip.png`).
 //! Run: `cargo bench --workspace --features venv-tests --bench plans`.
 
 use std::path::PathBuf;
@@ -35,11 +35,13 @@ fn main() {
     let encoder: EncoderForm = env("GLIMPSE_BENCH_ENCODER", "staged").parse().expect("GLIMPSE_BENCH_ENCODER");
     let threads: usize = env("GLIMPSE_BENCH_THREADS", "0").parse().expect("GLIMPSE_BENCH_THREADS");
     let runs: usize = env("GLIMPSE_BENCH_RUNS", "5").parse().expect("GLIMPSE_BENCH_RUNS");
+    let dtype: glimpse_runtime::Dtype = env("GLIMPSE_BENCH_DTYPE", "fp32").parse().expect("GLIMPSE_BENCH_DTYPE");
     let load = |symbolic: bool| {
         let opts = PipelineOptions {
             backend: "tract".into(),
             backend_options: BackendOptions { threads, symbolic_plans: symbolic, ..Default::default() },
             encoder,
+            dtype,
             ..Default::default()
         };
         Pipeline::load(&model, &opts).unwrap_or_else(|e| panic!("{}: {e}", model.display()))

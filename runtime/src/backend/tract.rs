@@ -360,7 +360,10 @@ impl TractSession {
                 plans.entries.remove(0);
             }
             crate::memory::release_free();
-            match source.build(Some(&shapes)) {
+            let built = source.build(Some(&shapes));
+            // the build's parse and unpacked copies are freed: give their pages back before the run
+            crate::memory::release_free();
+            match built {
                 Ok(plan) => {
                     plans.entries.push((Some(shapes), plan.clone()));
                     return Ok(plan);
