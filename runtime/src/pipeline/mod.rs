@@ -249,10 +249,11 @@ impl Pipeline {
         // The encoder's parts see one shape run after run (views one at a time, the full grid),
         // and tract then plans for it exactly; so do the groups of layers under merging alone
         // (each merges a fixed share of a fixed count). Region skipping varies the token count
-        // from tile to tile (its budget is shared across tiles), and a server's requests choose
-        // their own reductions: those groups keep the plan for symbolic shapes, as a plan per
-        // count would cost a build per tile.
-        let group_shapes = if opts.regions.is_some() || opts.stages_for_requests { 0 } else { 1 };
+        // from tile to tile (its budget is shared across tiles) and embeds an image's tiles as one
+        // batch (as many as the image has), and a server's requests choose their own reductions:
+        // those groups and that embed stage keep the plan for symbolic shapes, as a plan per
+        // shape would cost a build per tile or per image.
+        let varying = if opts.regions.is_some() || opts.stages_for_requests { 0 } else { 1 };
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = paths.iter().find(|(p, _)| *p == part).map(|(_, path)| path).ok_or_else(|| {
                 Error::field(folder.path("glimpse.json"), "parts", format!("no part with role `{}`", part.role()))
@@ -266,8 +267,8 @@ impl Pipeline {
         let load_staged = |files: Vec<(String, std::path::PathBuf)>| -> Result<VisionEncoder> {
             let stages = manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
             let (hints, head_hints) =
-                (family.encoder_hints().repeated_shapes(1), family.head_hints().repeated_shapes(1));
-            let none = crate::backend::LoadHints::default().repeated_shapes(group_shapes);
+                (family.encoder_hints().repeated_shapes(varying), family.head_hints().repeated_shapes(1));
+            let none = crate::backend::LoadHints::default().repeated_shapes(varying);
             let mut sessions = Vec::with_capacity(files.len());
             for (k, (stem, path)) in files.iter().enumerate() {
                 let h = match k {
@@ -389,8 +390,8 @@ impl Pipeline {
 
     /// Per vision encoder session (monolithic, or embed, groups, head), the input shapes the
     /// backend planned it for exactly ([`crate::backend::LoadHints::repeated_shapes`]): on tract
-    /// every part but the groups of layers of a pipeline that skips regions (whose token counts
-    /// vary); empty lists for plans for symbolic shapes.
+    /// every part but the embed stage and groups of layers of a pipeline that skips regions
+    /// (whose shapes vary); empty lists for plans for symbolic shapes.
     pub fn encoder_fixed_plans(&self) -> Vec<Vec<String>> {
         self.vision.fixed_plans()
     }
