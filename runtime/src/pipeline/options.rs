@@ -109,7 +109,8 @@ pub enum Fast {
 /// What `--fast` turns on for a family: on tiled families (SmolVLM) region skipping at 0.3 of
 /// the tiles' tokens and 0.5 of the global view's (by patch saliency) plus ToMe merging a
 /// quarter of the tokens after every group of layers (testbed-smolvlm: 88.5% of questions
-/// against 92.4% full, 3.1x sooner; fresh scenes 86.9% against 90.1%, 2.6x); on single-view
+/// against 92.4% full, 3.1x sooner before tract's fixed-shape plans made full tokens faster, 2.2x
+/// since; fresh scenes 86.9% against 90.1%, 2.6x); on single-view
 /// families (LLaVA) region skipping at 0.3 by patch saliency, without merging (testbed-llava:
 /// 93.5% against 95.6%, 3.8x sooner; merging cost it 6 points there). OneVision (packed
 /// crops): merging only, unmeasured on a testbed.
