@@ -53,7 +53,7 @@ pub enum Error {
 
     /// A model file changed on disk after it was loaded, and a plan had to be built from it
     /// again (tract's plans for new input shapes): mixing two files' weights would answer wrong.
-    #[error("{path}: the file changed since it was loaded; load the model again to use the new file")]
+    #[error("{path}: the file changed or was removed since it was loaded (a plan for new input shapes is built from it); load the model again")]
     FileChanged { path: PathBuf },
 
     /// A backend could not be initialised (e.g. its native library is missing).

@@ -478,6 +478,6 @@ mod tests {
         std::fs::write(&file, &bytes).unwrap();
         let Err(e) = s.run(stream(1, 20)) else { panic!("a changed file must be refused") };
         let e = e.to_string();
-        assert!(e.contains("vision_blocks_0.onnx") && e.contains("changed since it was loaded"), "{e}");
+        assert!(e.contains("vision_blocks_0.onnx") && e.contains("changed or was removed since it was loaded"), "{e}");
     }
 }
