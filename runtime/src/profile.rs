@@ -74,7 +74,8 @@ pub struct ProfileRow {
     /// Views encoded as one batch (`batch`) or `one-by-one`.
     pub views_run: String,
     /// Per vision encoder session, the input shapes the backend held a plan for exactly after
-    /// the runs (tract without token reduction); empty lists: a plan for symbolic shapes.
+    /// the runs (tract: every part but region skipping's embed stage and groups); empty lists:
+    /// a plan for symbolic shapes.
     pub encoder_plans: Vec<Vec<String>>,
     pub views: usize,
     pub visual_tokens: usize,

@@ -249,9 +249,9 @@ pub struct LoadHints {
     /// ([`rewrite::last_position_logits`]), instead of a `[seq, vocab]` matrix (845 MB for a
     /// 1391-token prompt on Qwen2's 151,936-token vocabulary) of which one row is used.
     pub last_position_logits: bool,
-    /// How many distinct input shapes the part sees run after run (the vision encoder without
-    /// token reduction: one, the full grid of one view); 0 when they change from run to run
-    /// (the decoder's sequence and past, reduced token counts). A backend that plans for fixed
+    /// How many distinct input shapes the part sees run after run (the vision encoder's parts:
+    /// one, a view's full grid or a fixed share of it); 0 when they change from run to run (the
+    /// decoder's sequence and past, region skipping's token counts). A backend that plans for fixed
     /// shapes (tract) keeps up to this many plans for exact shapes instead of its plan for
     /// symbolic ones, which run faster, at the cost of a build on each shape's first run.
     pub repeated_shapes: usize,

@@ -72,7 +72,14 @@ impl Backend for TractBackend {
 
 impl TractBackend {
     fn open(&self, onnx_file: &Path, root: &Path, part: &str, hints: &super::LoadHints) -> Result<TractSession> {
-        let (header, _) = read_proto_by_reference(onnx_file, root)?;
+        let mut source = Source {
+            file: onnx_file.to_path_buf(),
+            root: root.to_path_buf(),
+            hints: hints.clone(),
+            skip: Vec::new(),
+            stamp: stamp(onnx_file),
+        };
+        let (header, proto) = read_proto_by_reference(onnx_file, root)?;
         let graph = header.graph.as_ref().ok_or_else(|| Error::OnnxLoad {
             path: onnx_file.to_path_buf(),
             backend: NAME.into(),
@@ -81,20 +88,14 @@ impl TractBackend {
         let (inputs, outputs) = graph_io(graph);
         let block_quant = uses_op(graph, "MatMulNBits");
         drop(header);
-        let skip = if block_quant { vec![MERGE_AXES_PASS.to_string()] } else { Vec::new() };
-        let mut source = Source {
-            file: onnx_file.to_path_buf(),
-            root: root.to_path_buf(),
-            hints: hints.clone(),
-            skip,
-            stamp: stamp(onnx_file),
-        };
-        let plan = source.build(None)?;
+        if block_quant {
+            source.skip.push(MERGE_AXES_PASS.to_string());
+        }
+        let plan = source.plan(proto, None)?;
         let cap = if self.symbolic_plans { 0 } else { hints.repeated_shapes };
-        let plans = Plans { entries: vec![(None, plan)], cap, fixed_failed: false };
+        let plans = Plans { source, entries: vec![(None, plan)], cap, fixed_failed: false };
         Ok(TractSession {
             part: part.to_string(),
-            source: std::sync::Mutex::new(source),
             plans: std::sync::Mutex::new(plans),
             inputs,
             outputs,
@@ -122,16 +123,24 @@ fn stamp(file: &Path) -> Option<(u64, std::time::SystemTime)> {
 }
 
 impl Source {
-    /// Parses, analyses and optimises the file into a plan: for the shapes the hints leave
-    /// symbolic (`None`), or for these input shapes exactly (in the graph's input order).
-    fn build(&mut self, shapes: Option<&[(String, Vec<usize>)]>) -> Result<Arc<TypedSimplePlan>> {
+    /// The file's message, read again; refuses a file changed since load.
+    fn read(&self) -> Result<tract_onnx::pb::ModelProto> {
+        if stamp(&self.file) != self.stamp {
+            return Err(Error::FileChanged { path: self.file.clone() });
+        }
+        Ok(read_proto_by_reference(&self.file, &self.root)?.1)
+    }
+
+    /// Parses, analyses and optimises the file's message into a plan: for the shapes the hints
+    /// leave symbolic (`None`), or for these input shapes exactly.
+    fn plan(
+        &mut self,
+        mut proto: tract_onnx::pb::ModelProto,
+        shapes: Option<&[(String, Vec<usize>)]>,
+    ) -> Result<Arc<TypedSimplePlan>> {
         let onnx_file = self.file.as_path();
         let load_err =
             |message: String| Error::OnnxLoad { path: onnx_file.to_path_buf(), backend: NAME.into(), message };
-        if stamp(onnx_file) != self.stamp {
-            return Err(Error::FileChanged { path: onnx_file.to_path_buf() });
-        }
-        let (_, mut proto) = read_proto_by_reference(onnx_file, &self.root)?;
         let data_dir = crate::onnx_info::rebase_external_data(&mut proto, onnx_file, &self.root)?;
         let mut rewrites = super::rewrite::for_tract(&mut proto);
         if self.hints.last_position_logits && super::rewrite::last_position_logits(&mut proto) {
@@ -190,12 +199,14 @@ fn fix_input_shapes(
 /// Every input's name and shape, in the graph's input order: what a fixed-shape plan is for.
 type ShapeKey = Vec<(String, Vec<usize>)>;
 
-/// A session's plans: the one for symbolic shapes built at load, then, where the part's input
-/// shapes repeat ([`super::LoadHints::repeated_shapes`]), one per distinct input shape, most
-/// recently used last. tract picks its matrix kernels and fuses element-wise ops only where the
+/// A session's plans and where they come from: the one for symbolic shapes built at load,
+/// then, where the part's input shapes repeat ([`super::LoadHints::repeated_shapes`]), one per
+/// distinct input shape, most recently used last. tract picks its matrix kernels and fuses element-wise ops only where the
 /// sizes are known: on SigLIP's layers a plan for a fixed token count runs 1.5-1.8x faster than
 /// the symbolic one (docs/benchmarks.md, "Plans for fixed shapes").
 struct Plans {
+    /// What a new plan is built from (under the same lock: one build at a time).
+    source: Source,
     entries: Vec<(Option<ShapeKey>, Arc<TypedSimplePlan>)>,
     /// Fixed-shape plans kept at most (0: the symbolic plan only).
     cap: usize,
@@ -286,7 +297,6 @@ fn failing_pass(e: &TractError) -> Option<String> {
 
 struct TractSession {
     part: String,
-    source: std::sync::Mutex<Source>,
     plans: std::sync::Mutex<Plans>,
     inputs: Vec<TensorInfo>,
     outputs: Vec<TensorInfo>,
@@ -316,7 +326,7 @@ impl Session for TractSession {
 
     fn run(&self, inputs: Vec<(&str, HostTensor)>) -> Result<Vec<HostTensor>> {
         let ordered = order_inputs(&self.part, &self.inputs, inputs)?;
-        let shapes: Vec<(String, Vec<usize>)> =
+        let shapes: ShapeKey =
             self.inputs.iter().zip(&ordered).map(|(info, t)| (info.name.clone(), t.shape().to_vec())).collect();
         let plan = self.plan_for(shapes)?;
         let values: TVec<TValue> = ordered.into_iter().map(|t| to_tract(t).into_tvalue()).collect();
@@ -333,17 +343,16 @@ impl Session for TractSession {
 impl TractSession {
     /// The plan for these input shapes: a fixed-shape plan where the part's shapes repeat (built
     /// on first use, least recently used dropped past the cap), else the symbolic one.
-    fn plan_for(&self, shapes: Vec<(String, Vec<usize>)>) -> Result<Arc<TypedSimplePlan>> {
+    fn plan_for(&self, shapes: ShapeKey) -> Result<Arc<TypedSimplePlan>> {
         let lock_err = || Error::Inference {
             part: self.part.clone(),
             backend: NAME.into(),
             message: "a run panicked while building a plan".into(),
         };
         let mut plans = self.plans.lock().map_err(|_| lock_err())?;
-        let symbolic = |p: &Plans| p.entries.iter().find(|(k, _)| k.is_none()).map(|(_, plan)| plan.clone());
         if plans.cap == 0 || plans.fixed_failed {
-            if let Some(plan) = symbolic(&plans) {
-                return Ok(plan);
+            if let Some((_, plan)) = plans.entries.iter().find(|(k, _)| k.is_none()) {
+                return Ok(plan.clone());
             }
         }
         if let Some(ix) = plans.entries.iter().position(|(k, _)| k.as_ref() == Some(&shapes)) {
@@ -352,7 +361,6 @@ impl TractSession {
             plans.entries.push(entry);
             return Ok(plan);
         }
-        let mut source = self.source.lock().map_err(|_| lock_err())?;
         if plans.cap > 0 && !plans.fixed_failed {
             // room first, so that the new plan's build is the only extra copy of the weights
             plans.entries.retain(|(k, _)| k.is_some());
@@ -360,7 +368,7 @@ impl TractSession {
                 plans.entries.remove(0);
             }
             crate::memory::release_free();
-            let built = source.build(Some(&shapes));
+            let built = plans.source.read().and_then(|proto| plans.source.plan(proto, Some(&shapes)));
             // the build's parse and unpacked copies are freed: give their pages back before the run
             crate::memory::release_free();
             match built {
@@ -376,7 +384,8 @@ impl TractSession {
                 }
             }
         }
-        let plan = source.build(None)?;
+        let proto = plans.source.read()?;
+        let plan = plans.source.plan(proto, None)?;
         plans.entries.push((None, plan.clone()));
         Ok(plan)
     }

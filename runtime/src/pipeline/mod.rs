@@ -253,7 +253,7 @@ impl Pipeline {
         // batch (as many as the image has), and a server's requests choose their own reductions:
         // those groups and that embed stage keep the plan for symbolic shapes, as a plan per
         // shape would cost a build per tile or per image.
-        let varying = if opts.regions.is_some() || opts.stages_for_requests { 0 } else { 1 };
+        let embed_and_group_shapes = if opts.regions.is_some() || opts.stages_for_requests { 0 } else { 1 };
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = paths.iter().find(|(p, _)| *p == part).map(|(_, path)| path).ok_or_else(|| {
                 Error::field(folder.path("glimpse.json"), "parts", format!("no part with role `{}`", part.role()))
@@ -266,9 +266,11 @@ impl Pipeline {
         };
         let load_staged = |files: Vec<(String, std::path::PathBuf)>| -> Result<VisionEncoder> {
             let stages = manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
-            let (hints, head_hints) =
-                (family.encoder_hints().repeated_shapes(varying), family.head_hints().repeated_shapes(1));
-            let none = crate::backend::LoadHints::default().repeated_shapes(varying);
+            let (hints, head_hints) = (
+                family.encoder_hints().repeated_shapes(embed_and_group_shapes),
+                family.head_hints().repeated_shapes(1),
+            );
+            let none = crate::backend::LoadHints::default().repeated_shapes(embed_and_group_shapes);
             let mut sessions = Vec::with_capacity(files.len());
             for (k, (stem, path)) in files.iter().enumerate() {
                 let h = match k {
