@@ -7,14 +7,13 @@
 
 mod common;
 
-use common::f32_value_info;
+use common::{f32_value_info, node, write_graph};
 
 use std::path::Path;
 
 use glimpse::runtime::backend::{self, BackendOptions, LoadHints, Tensor};
 use glimpse::runtime::memory::{release_free, rss_bytes};
 use ndarray::{ArrayD, IxDyn};
-use prost::Message;
 use tract_onnx::pb;
 
 const K: usize = 2048;
@@ -46,24 +45,13 @@ fn write_model(dir: &Path, external: bool) {
     }
     let graph = pb::GraphProto {
         name: "matmul".into(),
-        node: vec![pb::NodeProto {
-            op_type: "MatMul".into(),
-            input: vec!["x".into(), "w".into()],
-            output: vec!["y".into()],
-            ..Default::default()
-        }],
+        node: vec![node("MatMul", &["x", "w"], "y")],
         initializer: vec![w],
         input: vec![f32_value_info("x", &[1, K as i64])],
         output: vec![f32_value_info("y", &[1, N as i64])],
         ..Default::default()
     };
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
-        graph: Some(graph),
-        ..Default::default()
-    };
-    std::fs::write(dir.join("m.onnx"), model.encode_to_vec()).expect("write model");
+    write_graph(&dir.join("m.onnx"), graph);
 }
 
 fn backends() -> Vec<(&'static str, BackendOptions)> {

@@ -13,12 +13,11 @@
 
 mod common;
 
-use common::f32_value_info;
+use common::{f32_value_info, node, write_graph};
 
 use glimpse::runtime::backend::{self, BackendOptions, LoadHints, Tensor};
 use glimpse::runtime::memory::{release_free, rss_bytes};
 use ndarray::{ArrayD, IxDyn};
-use prost::Message;
 use tract_onnx::pb;
 
 const SIDE: i64 = 4096;
@@ -33,12 +32,6 @@ fn write_model(path: &std::path::Path) {
         int64_data: vec![SIDE, SIDE],
         ..Default::default()
     };
-    let node = |op: &str, input: &[&str], output: &str| pb::NodeProto {
-        op_type: op.into(),
-        input: input.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        ..Default::default()
-    };
     let mut sum = node("ReduceSum", &["big"], "y");
     sum.attribute = vec![pb::AttributeProto { name: "keepdims".into(), r#type: 2, i: 0, ..Default::default() }];
     let graph = pb::GraphProto {
@@ -49,13 +42,7 @@ fn write_model(path: &std::path::Path) {
         output: vec![f32_value_info("y", &[])],
         ..Default::default()
     };
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
-        graph: Some(graph),
-        ..Default::default()
-    };
-    std::fs::write(path, model.encode_to_vec()).expect("write model");
+    write_graph(path, graph);
 }
 
 #[test]

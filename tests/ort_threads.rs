@@ -12,34 +12,22 @@
 
 mod common;
 
-use common::f32_value_info;
+use common::{f32_value_info, node, write_graph};
 
 use glimpse::runtime::backend::{self, BackendOptions, LoadHints, Tensor};
 use ndarray::{ArrayD, IxDyn};
-use prost::Message;
 use tract_onnx::pb;
 
 /// `y = x + x` on `[1, 4096]`.
 fn write_model(path: &std::path::Path) {
     let graph = pb::GraphProto {
         name: "add".into(),
-        node: vec![pb::NodeProto {
-            op_type: "Add".into(),
-            input: vec!["x".into(), "x".into()],
-            output: vec!["y".into()],
-            ..Default::default()
-        }],
+        node: vec![node("Add", &["x", "x"], "y")],
         input: vec![f32_value_info("x", &[1, 4096])],
         output: vec![f32_value_info("y", &[1, 4096])],
         ..Default::default()
     };
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
-        graph: Some(graph),
-        ..Default::default()
-    };
-    std::fs::write(path, model.encode_to_vec()).expect("write model");
+    write_graph(path, graph);
 }
 
 fn threads() -> usize {

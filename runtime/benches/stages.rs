@@ -7,32 +7,26 @@
 //! `GLIMPSE_BENCH_RUNS` (5), `GLIMPSE_BENCH_IMAGE` (`models/images/strip.png`).
 //! Run: `cargo bench --workspace --features venv-tests --bench stages`.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use glimpse_runtime::backend::BackendOptions;
 use glimpse_runtime::pipeline::EncoderForm;
 use glimpse_runtime::{Pipeline, PipelineOptions};
 
-fn env(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_string())
-}
+mod common;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+use common::{env, median, parsed};
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --benches` asks for a list
+    if common::listing() {
+        return;
     }
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = common::repo();
     let model = repo.join(env("GLIMPSE_BENCH_MODEL", "models/tiny-smolvlm"));
     let image = repo.join(env("GLIMPSE_BENCH_IMAGE", "models/images/strip.png"));
     let backend = env("GLIMPSE_BENCH_BACKEND", "tract");
-    let threads: usize = env("GLIMPSE_BENCH_THREADS", "0").parse().expect("GLIMPSE_BENCH_THREADS");
-    let runs: usize = env("GLIMPSE_BENCH_RUNS", "5").parse().expect("GLIMPSE_BENCH_RUNS");
+    let threads: usize = parsed("GLIMPSE_BENCH_THREADS", "0");
+    let runs: usize = parsed("GLIMPSE_BENCH_RUNS", "5");
     let load = |encoder| {
         let opts = PipelineOptions {
             backend: backend.clone(),

@@ -180,3 +180,26 @@ pub fn f32_value_info(name: &str, dims: &[i64]) -> tract_onnx::pb::ValueInfoProt
         ..Default::default()
     }
 }
+
+/// One node of a graph the tests build: `op` on `inputs`, writing `output`.
+pub fn node(op: &str, inputs: &[&str], output: &str) -> tract_onnx::pb::NodeProto {
+    tract_onnx::pb::NodeProto {
+        op_type: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+/// Writes `graph` as an ONNX file (IR 8, opset 17) at `path`.
+pub fn write_graph(path: &Path, graph: tract_onnx::pb::GraphProto) {
+    use prost::Message;
+    use tract_onnx::pb;
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    std::fs::write(path, model.encode_to_vec()).expect("write model");
+}
