@@ -290,15 +290,42 @@ fn tract_plans_the_encoder_for_the_shapes_that_repeat() {
             assert_eq!(dims.get(views_axis), Some(&"1"), "{encoder:?}: one view per run: {first}");
         }
     }
-    // region skipping varies the groups' token counts and embeds each image's tiles as one batch:
-    // those stay symbolic; the head (the full grid) repeats its shape
+    // a region budget shared across tiles varies the groups' token counts from tile to tile: those
+    // stay symbolic; the embed stage (one view at a time) and the head (the full grid) repeat theirs
     let opts = GenerationOptions { max_new_tokens: 2, ..Default::default() };
     let reduced =
         Pipeline::load(&dir, &PipelineOptions { regions: Some(regions), ..Default::default() }).expect("load");
     let input = reduced.preprocess(&reduced.load_image(&case.image()).expect("image")).expect("preprocess");
     reduced.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask");
     let counts: Vec<usize> = reduced.encoder_fixed_plans().iter().map(Vec::len).collect();
-    assert_eq!(counts, [0, 0, 0, 1], "{:?}", reduced.encoder_fixed_plans());
+    assert_eq!(counts, [1, 0, 0, 1], "{:?}", reduced.encoder_fixed_plans());
+    // a budget within each tile: every tile keeps the same count, so each group sees two counts
+    // (the global view's, the tiles') and tract plans both; the answer is the symbolic plan's
+    let per_view =
+        RegionSkip { scope: Scope::PerView, budget: Budget::Ratio(0.25), global: Budget::Ratio(0.5), ..regions };
+    use glimpse::runtime::backend::BackendOptions;
+    let ask = |backend_options: BackendOptions| {
+        let p =
+            Pipeline::load(&dir, &PipelineOptions { regions: Some(per_view), backend_options, ..Default::default() })
+                .expect("load");
+        let mut tokens = Vec::new();
+        p.ask(Some(&case.image()), case.prompt(), &opts, &mut |t| tokens.push(t.to_string())).expect("ask");
+        (tokens, p.encoder_fixed_plans())
+    };
+    let (fixed_tokens, plans) = ask(BackendOptions::default());
+    let counts: Vec<usize> = plans.iter().map(Vec::len).collect();
+    assert_eq!(counts, [1, 2, 2, 1], "{plans:?}");
+    let (symbolic_tokens, none) = ask(BackendOptions { symbolic_plans: true, ..Default::default() });
+    assert!(none.iter().all(Vec::is_empty), "{none:?}");
+    assert_eq!(fixed_tokens, symbolic_tokens);
+    // single-view region skipping keeps one count per view whatever the scope
+    let llava = model("tiny-llava");
+    let salient =
+        Pipeline::load(&llava, &PipelineOptions { regions: Some(regions), ..Default::default() }).expect("load");
+    let c = cases(&llava).1.into_iter().next().expect("a fixture case");
+    salient.ask(Some(&c.image()), c.prompt(), &opts, &mut |_| {}).expect("ask");
+    let plans = salient.encoder_fixed_plans();
+    assert!(plans[1..plans.len() - 1].iter().all(|p| p.len() == 1), "{plans:?}");
     // merging alone: each group sees one count, planned exactly
     let merged = Pipeline::load(&dir, &PipelineOptions { merge: Some(Budget::Ratio(0.25)), ..Default::default() })
         .expect("load");

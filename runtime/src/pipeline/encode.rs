@@ -391,8 +391,19 @@ impl Pipeline {
         let (kept, skipped): (Vec<Vec<usize>>, SkippedTiles) = match (red.tiles, red.regions) {
             (_, Some(skip)) => {
                 let staged = self.encoder_for(true);
-                let sub = input.subset(&tile_ids);
-                let (hidden, took) = staged.embed(sub.inputs_for(staged.inputs(), self.family.name())?)?;
+                // one tile at a time, like every other encoder run: the embed stage then sees one
+                // shape, which tract plans for exactly (a batch would be as many as the image has)
+                let mut embedded = Vec::with_capacity(tile_ids.len());
+                let mut took = Duration::ZERO;
+                for &v in &tile_ids {
+                    let (h, t) = staged.embed(input.subset(&[v]).inputs_for(staged.inputs(), self.family.name())?)?;
+                    embedded.push(h);
+                    took += t;
+                }
+                let views: Vec<_> = embedded.iter().map(|h| h.view()).collect();
+                let hidden = ndarray::concatenate(Axis(0), &views)
+                    .map_err(|e| Error::interface("vision_embed", format!("tiles of unequal shapes: {e}")))?;
+                drop(embedded);
                 extra_stages.push(("vision_embed".into(), took));
                 let prefix = self.family.encoder_prefix_tokens();
                 // prior (global view) and local (patch embeddings) scores, each z-scored over all tiles

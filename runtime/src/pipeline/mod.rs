@@ -88,6 +88,22 @@ fn staged_files(
     }
 }
 
+/// How many input shapes tract should plan for exactly (the rest run its plan for symbolic
+/// shapes): `(embed stage, each group of layers)`. Views run the encoder one at a time on the
+/// full grid, so without region skipping every stage sees one shape; merging alone keeps it one
+/// per group (a fixed share of a fixed count). Under region skipping the layer groups see the
+/// global view's count and the tiles' one: one count per tile when each tile has its own budget
+/// (`per-view`) or the family has no tiles, but a count per tile and image when the budget is
+/// shared across tiles. A server's requests choose their own reductions.
+fn plan_shapes(opts: &PipelineOptions, tiled: bool) -> (usize, usize) {
+    match &opts.regions {
+        _ if opts.stages_for_requests => (0, 0),
+        None => (1, 1),
+        Some(skip) if !tiled || skip.scope == crate::select::Scope::PerView => (1, 2),
+        Some(_) => (1, 0),
+    }
+}
+
 /// What the family allows of a reduction (the pipeline's at load, a request's own before it
 /// runs): tiles need tiled images, regions patch-grid views, one of the two.
 fn fits_family(family: &dyn Family, r: &EncoderReduction) -> Result<()> {
@@ -236,7 +252,21 @@ impl Pipeline {
             }
             None => (Vec::new(), std::path::PathBuf::new()),
         };
-        crate::memory::check(&folder, &dtypes, &compressor_file, opts.max_memory.as_ref(), &opts.backend)?;
+        let (embed_shapes, group_shapes) = plan_shapes(opts, family.splits_into_tiles());
+        let vision_dtype = part_dtype(&dtypes, Part::VisionEncoder);
+        let staged = staged_files(&folder, vision_dtype, opts.encoder)?;
+        let mut extra_bytes = compressor_file.clone();
+        // tract keeps a plan (packed weights) per shape: a second shape holds the groups twice
+        // (region skipping runs the stages, loaded beside a monolithic encoder if need be)
+        let groups_twice = group_shapes > 1 && opts.backend == "tract" && !opts.backend_options.symbolic_plans;
+        if let Some(files) =
+            groups_twice.then(|| staged_files(&folder, vision_dtype, EncoderForm::Staged)).transpose()?.flatten()
+        {
+            let groups = &files[1..files.len().saturating_sub(1)];
+            let bytes = groups.iter().map(|(_, p)| crate::memory::file_bytes(p)).sum::<u64>();
+            extra_bytes.push(("a second tract plan of the vision layer groups (region skipping)".into(), bytes));
+        }
+        crate::memory::check(&folder, &dtypes, &extra_bytes, opts.max_memory.as_ref(), &opts.backend)?;
         let backend = backend::by_name(&opts.backend, &opts.backend_options)?;
         let load_memory = std::cell::RefCell::new(Vec::new());
         // every file's load goes through here, so each one's resident cost is measured
@@ -246,14 +276,6 @@ impl Pipeline {
             load_memory.borrow_mut().extend(m);
             session
         };
-        // The encoder's parts see one shape run after run (views one at a time, the full grid),
-        // and tract then plans for it exactly; so do the groups of layers under merging alone
-        // (each merges a fixed share of a fixed count). Region skipping varies the token count
-        // from tile to tile (its budget is shared across tiles) and embeds an image's tiles as one
-        // batch (as many as the image has), and a server's requests choose their own reductions:
-        // those groups and that embed stage keep the plan for symbolic shapes, as a plan per
-        // shape would cost a build per tile or per image.
-        let embed_and_group_shapes = if opts.regions.is_some() || opts.stages_for_requests { 0 } else { 1 };
         let load = |part: Part| -> Result<Box<dyn Session>> {
             let path = paths.iter().find(|(p, _)| *p == part).map(|(_, path)| path).ok_or_else(|| {
                 Error::field(folder.path("glimpse.json"), "parts", format!("no part with role `{}`", part.role()))
@@ -266,11 +288,9 @@ impl Pipeline {
         };
         let load_staged = |files: Vec<(String, std::path::PathBuf)>| -> Result<VisionEncoder> {
             let stages = manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
-            let (hints, head_hints) = (
-                family.encoder_hints().repeated_shapes(embed_and_group_shapes),
-                family.head_hints().repeated_shapes(1),
-            );
-            let none = crate::backend::LoadHints::default().repeated_shapes(embed_and_group_shapes);
+            let (hints, head_hints) =
+                (family.encoder_hints().repeated_shapes(embed_shapes), family.head_hints().repeated_shapes(1));
+            let none = crate::backend::LoadHints::default().repeated_shapes(group_shapes);
             let mut sessions = Vec::with_capacity(files.len());
             for (k, (stem, path)) in files.iter().enumerate() {
                 let h = match k {
@@ -293,8 +313,7 @@ impl Pipeline {
         // comes while little else is resident (docs/benchmarks.md, "Memory").
         let decoder = load(Part::Decoder)?;
         let embed = load(Part::EmbedTokens)?;
-        let vision_dtype = part_dtype(&dtypes, Part::VisionEncoder);
-        let vision = match staged_files(&folder, vision_dtype, opts.encoder)? {
+        let vision = match staged {
             None => VisionEncoder::Monolithic(load(Part::VisionEncoder)?),
             Some(files) => load_staged(files)?,
         };
@@ -390,12 +409,15 @@ impl Pipeline {
         self.per_view
     }
 
-    /// Per vision encoder session (monolithic, or embed, groups, head), the input shapes the
-    /// backend planned it for exactly ([`crate::backend::LoadHints::repeated_shapes`]): on tract
-    /// every part but the embed stage and groups of layers of a pipeline that skips regions
-    /// (whose shapes vary); empty lists for plans for symbolic shapes.
+    /// Per vision encoder session (monolithic, or embed, groups, head; then the stages loaded
+    /// beside a monolithic encoder for reductions), the input shapes the backend planned it for
+    /// exactly ([`crate::backend::LoadHints::repeated_shapes`]): on tract every part but the
+    /// groups of layers under a region budget shared across tiles (whose counts vary); empty
+    /// lists for plans for symbolic shapes.
     pub fn encoder_fixed_plans(&self) -> Vec<Vec<String>> {
-        self.vision.fixed_plans()
+        let mut plans = self.vision.fixed_plans();
+        plans.extend(self.staged.iter().flat_map(VisionEncoder::fixed_plans));
+        plans
     }
 
     /// Whether the vision encoder runs as stages (`docs/stages.md`).
