@@ -224,8 +224,8 @@ fn a_profile_default_preset_applies_only_where_stages_exist() {
         Pipeline::load(model("testbed-smolvlm"), &PipelineOptions { fast: Fast::WhereStaged, ..Default::default() })
             .expect("load");
     let a = p.ask(Some(&img), "What number is written?", &opts, &mut |_| {}).expect("ask");
-    // tiles at 0.3 of 256, the global view at 0.5 of 64
-    assert_eq!(a.stats.visual_tokens_kept, 77 + 32);
+    // each of the 4 tiles at 0.35 of its 64 tokens, the global view at 0.5 of 64
+    assert_eq!(a.stats.visual_tokens_kept, 4 * 22 + 32);
     // without stages: off for the profile's default, an error for the flag
     let tmp = tempfile::tempdir().expect("tempdir");
     copy_dir(&model("testbed-llava"), tmp.path());

@@ -252,21 +252,30 @@ impl Pipeline {
             }
             None => (Vec::new(), std::path::PathBuf::new()),
         };
-        let (embed_shapes, group_shapes) = plan_shapes(opts, family.splits_into_tiles());
+        let (embed_shapes, mut group_shapes) = plan_shapes(opts, family.splits_into_tiles());
         let vision_dtype = part_dtype(&dtypes, Part::VisionEncoder);
         let staged = staged_files(&folder, vision_dtype, opts.encoder)?;
-        let mut extra_bytes = compressor_file.clone();
+        let check = |extra: &[(String, u64)]| {
+            crate::memory::check(&folder, &dtypes, extra, opts.max_memory.as_ref(), &opts.backend)
+        };
         // tract keeps a plan (packed weights) per shape: a second shape holds the groups twice
-        // (region skipping runs the stages, loaded beside a monolithic encoder if need be)
+        // (region skipping runs the stages, loaded beside a monolithic encoder if need be); where
+        // that does not fit but one copy does, the groups keep their plan for symbolic shapes
         let groups_twice = group_shapes > 1 && opts.backend == "tract" && !opts.backend_options.symbolic_plans;
-        if let Some(files) =
-            groups_twice.then(|| staged_files(&folder, vision_dtype, EncoderForm::Staged)).transpose()?.flatten()
-        {
-            let groups = &files[1..files.len().saturating_sub(1)];
-            let bytes = groups.iter().map(|(_, p)| crate::memory::file_bytes(p)).sum::<u64>();
-            extra_bytes.push(("a second tract plan of the vision layer groups (region skipping)".into(), bytes));
+        match groups_twice.then(|| staged_files(&folder, vision_dtype, EncoderForm::Staged)).transpose()?.flatten() {
+            Some(files) => {
+                let groups = &files[1..files.len().saturating_sub(1)];
+                let bytes = groups.iter().map(|(_, p)| crate::memory::file_bytes(p)).sum::<u64>();
+                let mut twice = compressor_file.clone();
+                twice.push(("a second tract plan of the vision layer groups (region skipping)".into(), bytes));
+                if let Err(e) = check(&twice) {
+                    check(&compressor_file)?;
+                    tracing::info!("the layer groups keep tract's plan for symbolic shapes: {e}");
+                    group_shapes = 0;
+                }
+            }
+            None => check(&compressor_file)?,
         }
-        crate::memory::check(&folder, &dtypes, &extra_bytes, opts.max_memory.as_ref(), &opts.backend)?;
         let backend = backend::by_name(&opts.backend, &opts.backend_options)?;
         let load_memory = std::cell::RefCell::new(Vec::new());
         // every file's load goes through here, so each one's resident cost is measured

@@ -106,25 +106,26 @@ pub enum Fast {
     WhereStaged,
 }
 
-/// What `--fast` turns on for a family: on tiled families (SmolVLM) region skipping at 0.3 of
-/// the tiles' tokens and 0.5 of the global view's (by patch saliency) plus ToMe merging a
-/// quarter of the tokens after every group of layers (testbed-smolvlm: 88.5% of questions
-/// against 92.4% full, 3.1x sooner before tract's fixed-shape plans made full tokens faster, 2.2x
-/// since; fresh scenes 86.9% against 90.1%, 2.6x); on single-view
-/// families (LLaVA) region skipping at 0.3 by patch saliency, without merging (testbed-llava:
-/// 93.5% against 95.6%, 3.8x sooner; merging cost it 6 points there). OneVision (packed
-/// crops): merging only, unmeasured on a testbed.
+/// What `--fast` turns on for a family: on tiled families (SmolVLM) region skipping at 0.35 of
+/// each tile's tokens and 0.5 of the global view's (by patch saliency) plus ToMe merging a
+/// quarter of the tokens after every group of layers (testbed-smolvlm: 89.2% of questions
+/// against 92.4% full, 2.2x sooner on tract; fresh scenes 86.8% against 90.1%, 2.3x); a budget
+/// per tile keeps one token count per tile, which tract plans for exactly (docs/pruning.md, "The
+/// --fast preset"). On single-view families (LLaVA) region skipping at 0.3 by patch saliency,
+/// without merging (testbed-llava: 93.5% against 95.6%, 3.8x sooner; merging cost it 6 points
+/// there). OneVision (packed crops): merging only, unmeasured on a testbed.
 pub fn fast_preset(tiled: bool, patch_grid: bool) -> (Option<RegionSkip>, Option<Budget>) {
-    let regions = |r: f32, global: f32| RegionSkip {
+    let regions = |r: f32, scope: crate::select::Scope, global: f32| RegionSkip {
         budget: Budget::Ratio(r),
-        scope: crate::select::Scope::Global,
+        scope,
         skipped: crate::select::tiles::SkippedTiles::Drop,
         relevance: 0.0,
         global: Budget::Ratio(global),
     };
+    use crate::select::Scope::{Global, PerView};
     match (tiled, patch_grid) {
-        (true, _) => (Some(regions(0.3, 0.5)), Some(Budget::Ratio(0.25))),
-        (false, true) => (Some(regions(0.3, 1.0)), None),
+        (true, _) => (Some(regions(0.35, PerView, 0.5)), Some(Budget::Ratio(0.25))),
+        (false, true) => (Some(regions(0.3, Global, 1.0)), None),
         (false, false) => (None, Some(Budget::Ratio(0.25))),
     }
 }

@@ -88,7 +88,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub views: glimpse_runtime::pipeline::ViewRun,
     /// The preset measured best on the testbeds (docs/pruning.md; needs stages): tiled models
-    /// (SmolVLM) region skipping 0.3 (global view 0.5) + merging 0.25, single-view (LLaVA) region skipping 0.3,
+    /// (SmolVLM) region skipping 0.35 per tile (global view 0.5) + merging 0.25, single-view (LLaVA) region skipping 0.3,
     /// LLaVA-OneVision merging 0.25. Any of --tiles, --regions or --merge (even 0) replaces it.
     /// Default: the target profile's.
     #[arg(long)]
