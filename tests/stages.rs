@@ -318,6 +318,20 @@ fn tract_plans_the_encoder_for_the_shapes_that_repeat() {
     let (symbolic_tokens, none) = ask(BackendOptions { symbolic_plans: true, ..Default::default() });
     assert!(none.iter().all(Vec::is_empty), "{none:?}");
     assert_eq!(fixed_tokens, symbolic_tokens);
+    // where the memory budget fits the groups once but not twice, they keep the symbolic plan
+    let limited = |bytes: u64| PipelineOptions {
+        regions: Some(per_view),
+        max_memory: Some(glimpse::runtime::memory::MemoryLimit { bytes, from: "--max-memory".into() }),
+        ..Default::default()
+    };
+    let once = match Pipeline::load(&dir, &limited(1024)) {
+        Err(glimpse::runtime::Error::MemoryBudget { needed, .. }) => needed,
+        other => panic!("a 1 KB budget must be refused: {:?}", other.err()),
+    };
+    let tight = Pipeline::load(&dir, &limited(once)).expect("fits with one copy of the groups");
+    tight.ask(Some(&case.image()), case.prompt(), &opts, &mut |_| {}).expect("ask");
+    let counts: Vec<usize> = tight.encoder_fixed_plans().iter().map(Vec::len).collect();
+    assert_eq!(counts, [1, 0, 0, 1], "{:?}", tight.encoder_fixed_plans());
     // single-view region skipping keeps one count per view whatever the scope
     let llava = model("tiny-llava");
     let salient =
