@@ -331,8 +331,10 @@ impl Session for TractSession {
         let plan = self.plan_for(shapes)?;
         let values: TVec<TValue> = ordered.into_iter().map(|t| to_tract(t).into_tvalue()).collect();
         let infer_err = |message: String| Error::Inference { part: self.part.clone(), backend: NAME.into(), message };
-        let outs = tract_linalg::multithread::multithread_tract_scope(self.executor.clone(), || plan.run(values))
-            .map_err(|e| infer_err(format!("{e:#}")))?;
+        let outs = tract_linalg::multithread::multithread_tract_scope(self.executor.clone(), || {
+            plan.spawn()?.run_plan_with_eval(values, eval_node)
+        })
+        .map_err(|e| infer_err(format!("{e:#}")))?;
         outs.into_iter()
             .zip(&self.outputs)
             .map(|(v, info)| from_tract(v.into_tensor()).map_err(|m| infer_err(format!("output `{}`: {m}", info.name))))
@@ -388,6 +390,40 @@ impl TractSession {
         let plan = plans.source.plan(proto, None)?;
         plans.entries.push((None, plan.clone()));
         Ok(plan)
+    }
+}
+
+/// Runs one node of a plan as tract does, then clears the upper halves of the vector registers.
+/// tract's x86_64 assembly kernels return with them dirty, and legacy-SSE code that follows them
+/// on the thread (glibc's `cosf` / `sinf` in rotary embeddings, tract's scalar and symbolic-
+/// dimension ops) then pays a state transition: the rotary `Cos` of a 156-token testbed prefill
+/// took 0.65 ms after a matrix product and 0.01 ms with the registers cleared (docs/benchmarks.md,
+/// "Kernel choice, mask sums and plans under region skipping").
+fn eval_node<F, O>(
+    ctx: &tract_onnx::tract_core::plan::EvalContext,
+    state: Option<&mut (dyn tract_onnx::tract_core::ops::OpState + 'static)>,
+    node: &tract_onnx::tract_core::model::Node<F, O>,
+    inputs: TVec<TValue>,
+) -> TractResult<TVec<TValue>>
+where
+    F: Fact + Clone + 'static,
+    O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
+{
+    let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+    clear_vector_upper();
+    out
+}
+
+/// `vzeroupper` where the CPU has AVX; nothing elsewhere.
+fn clear_vector_upper() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        #[target_feature(enable = "avx")]
+        unsafe fn vzeroupper() {
+            std::arch::x86_64::_mm256_zeroupper();
+        }
+        // SAFETY: the CPU has AVX (checked above), which is all the instruction needs
+        unsafe { vzeroupper() }
     }
 }
 
