@@ -109,7 +109,7 @@ pub enum Fast {
 /// What `--fast` turns on for a family: on tiled families (SmolVLM) region skipping at 0.35 of
 /// each tile's tokens and 0.5 of the global view's (by patch saliency) plus ToMe merging a
 /// quarter of the tokens after every group of layers (testbed-smolvlm: 89.2% of questions
-/// against 92.4% full, 2.2x sooner on tract; fresh scenes 86.8% against 90.1%, 2.3x); a budget
+/// against 92.4% full, 2.4x sooner on tract; fresh scenes 86.8% against 90.1%, 2.3x); a budget
 /// per tile keeps one token count per tile, which tract plans for exactly (docs/pruning.md, "The
 /// --fast preset"). On single-view families (LLaVA) region skipping at 0.3 by patch saliency,
 /// without merging (testbed-llava: 93.5% against 95.6%, 3.8x sooner; merging cost it 6 points
