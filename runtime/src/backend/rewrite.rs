@@ -293,13 +293,18 @@ mod tests {
 
     /// The declared f32 tensor `name` with dimensions `d`.
     fn info(name: &str, d: &[pb::tensor_shape_proto::dimension::Value]) -> pb::ValueInfoProto {
+        tensor_info(name, 1, d)
+    }
+
+    /// The declared tensor `name` of ONNX element type `elem_type` with dimensions `d`.
+    fn tensor_info(name: &str, elem_type: i32, d: &[pb::tensor_shape_proto::dimension::Value]) -> pb::ValueInfoProto {
         use pb::tensor_shape_proto::Dimension;
         let dim = d.iter().map(|v| Dimension { value: Some(v.clone()), ..Default::default() }).collect();
         pb::ValueInfoProto {
             name: name.into(),
             r#type: Some(pb::TypeProto {
                 value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: 1,
+                    elem_type,
                     shape: Some(pb::TensorShapeProto { dim }),
                 })),
                 ..Default::default()
@@ -503,15 +508,8 @@ mod tests {
             int64_data: v,
             ..Default::default()
         };
-        let typed = |name: &str, elem_type: i32| pb::ValueInfoProto {
-            r#type: info(name, &[Value::DimValue(2), Value::DimValue(6)]).r#type.map(|mut t| {
-                if let Some(pb::type_proto::Value::TensorType(tt)) = t.value.as_mut() {
-                    tt.elem_type = elem_type;
-                }
-                t
-            }),
-            ..info(name, &[Value::DimValue(2), Value::DimValue(6)])
-        };
+        let typed =
+            |name: &str, elem_type: i32| tensor_info(name, elem_type, &[Value::DimValue(2), Value::DimValue(6)]);
         let sum = |i: &str, o: &str| pb::NodeProto {
             attribute: vec![int("keepdims", 0)],
             ..node("ReduceSum", &[i, "axes"], &[o])

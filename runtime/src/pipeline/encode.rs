@@ -306,12 +306,17 @@ impl Pipeline {
         keep: &mut PatchKeep,
         red: &EncoderReduction,
     ) -> Result<Encoded> {
-        let staged = self.encoder_for(true);
         let one = input.subset(&[view]);
-        let (hidden, took) = staged.embed(one.inputs_for(staged.inputs(), self.family.name())?)?;
+        let (hidden, took) = self.embed_one(&one)?;
         let mut enc = self.run_partial(&one, hidden, keep, red)?;
         enc.stages.insert(0, ("vision_embed".into(), took));
         Ok(enc)
+    }
+
+    /// The staged encoder's embed stage on one view's input (`[1, tokens, d]`) and its time.
+    fn embed_one(&self, one: &VisionInput) -> Result<(ndarray::Array3<f32>, Duration)> {
+        let staged = self.encoder_for(true);
+        staged.embed(one.inputs_for(staged.inputs(), self.family.name())?)
     }
 
     /// The groups and head of the staged encoder on one embedded view `[1, tokens, d]`, with
@@ -390,29 +395,24 @@ impl Pipeline {
         let mut extra_stages: Vec<(String, Duration)> = Vec::new();
         let (kept, skipped): (Vec<Vec<usize>>, SkippedTiles) = match (red.tiles, red.regions) {
             (_, Some(skip)) => {
-                let staged = self.encoder_for(true);
                 // one tile at a time, like every other encoder run: the embed stage then sees one
                 // shape, which tract plans for exactly (a batch would be as many as the image has)
                 let mut embedded = Vec::with_capacity(tile_ids.len());
                 let mut took = Duration::ZERO;
                 for &v in &tile_ids {
-                    let (h, t) = staged.embed(input.subset(&[v]).inputs_for(staged.inputs(), self.family.name())?)?;
+                    let (h, t) = self.embed_one(&input.subset(&[v]))?;
                     embedded.push(h);
                     took += t;
                 }
-                let views: Vec<_> = embedded.iter().map(|h| h.view()).collect();
-                let hidden = ndarray::concatenate(Axis(0), &views)
-                    .map_err(|e| Error::interface("vision_embed", format!("tiles of unequal shapes: {e}")))?;
-                drop(embedded);
                 extra_stages.push(("vision_embed".into(), took));
                 let prefix = self.family.encoder_prefix_tokens();
                 // prior (global view) and local (patch embeddings) scores, each z-scored over all tiles
                 let mut prior = Vec::new();
                 let mut local = Vec::new();
-                for (k, &v) in tile_ids.iter().enumerate() {
+                for (hidden, &v) in embedded.iter().zip(&tile_ids) {
                     let layout = PatchLayout::new(hidden.shape()[1], prefix, input.views[v].grid)?;
                     prior.extend(regions::prior_of(&input.views[v], gview, &gscores));
-                    local.extend(regions::embedding_saliency(&hidden.index_axis(Axis(0), k).to_owned(), &layout));
+                    local.extend(regions::embedding_saliency(&hidden.index_axis(Axis(0), 0).to_owned(), &layout));
                 }
                 let combined: Vec<f32> =
                     tiles::zscore(&prior).into_iter().zip(tiles::zscore(&local)).map(|(a, b)| a + b).collect();
@@ -423,11 +423,10 @@ impl Pipeline {
                     at += input.views[v].tokens;
                 }
                 let kept = regions::choose_regions(&input.views, &scores, skip.budget, skip.scope);
-                for (k, &v) in tile_ids.iter().enumerate() {
+                for (one, &v) in embedded.into_iter().zip(&tile_ids) {
                     if kept[v].is_empty() {
                         continue;
                     }
-                    let one = hidden.slice(ndarray::s![k..k + 1, .., ..]).to_owned();
                     let mut keep = PatchKeep::new(Keep::Tokens(kept[v].clone()), prefix, input.views[v].grid);
                     runs.push((vec![v], self.run_partial(&input.subset(&[v]), one, &mut keep, red)?));
                 }
