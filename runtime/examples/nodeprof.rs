@@ -2,7 +2,8 @@
 //! choice, mask sums and plans under region skipping"). Inputs are filled with constants (f32
 //! 0.5, bool true, i64 1), given in graph order as `name:f32|bool|i64:D0xD1x..`; the plan is for
 //! those shapes exactly, or for the file's symbolic ones with `SYMBOLIC=1`. Prints the 25
-//! slowest nodes (op, name, input shapes) averaged over RUNS runs after one warm-up.
+//! slowest nodes (op, name, input shapes) averaged over RUNS runs after one warm-up, clearing the
+//! upper vector registers after each node as the runtime does.
 //!
 //! `cargo run --release --workspace --features venv-tests --example nodeprof -- FILE RUNS INPUT..`
 use std::collections::HashMap;
@@ -31,6 +32,22 @@ fn main() -> TractResult<()> {
     let model = model.into_optimized()?;
     let plan = SimplePlan::new(model)?;
     let mut state = SimpleState::new(&plan)?;
+    let threads: usize = std::env::var("THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(1);
+    let executor = if threads > 1 {
+        tract_linalg::multithread::Executor::multithread(threads)
+    } else {
+        tract_linalg::multithread::Executor::SingleThread
+    };
+    if let Some(v) = std::env::var("ELEMENTS").ok().and_then(|t| t.parse().ok()) {
+        tract_linalg::multithread::set_threading_element_threshold(v);
+    }
+    if let Some(v) = std::env::var("PANELS").ok().and_then(|t| t.parse().ok()) {
+        tract_linalg::multithread::set_threading_panel_threshold(v);
+    }
+    tract_linalg::multithread::multithread_tract_scope(executor, || run(&mut state, values, runs))
+}
+
+fn run(state: &mut SimpleState<TypedFact, Box<dyn TypedOp>>, values: TVec<TValue>, runs: usize) -> TractResult<()> {
     state.run(values.clone())?;
     let mut times: HashMap<String, (f64, usize)> = HashMap::new();
     let t0 = Instant::now();
@@ -39,6 +56,7 @@ fn main() -> TractResult<()> {
             let t = Instant::now();
             let shapes: Vec<String> = inputs.iter().map(|i| format!("{:?}{:?}", i.datum_type(), i.shape())).collect();
             let r = tract_onnx::tract_core::plan::eval(ctx, st, node, inputs);
+            clear_vector_upper();
             let e = times.entry(format!("{} {} {}", node.op().name(), node.name, shapes.join(","))).or_default();
             e.0 += t.elapsed().as_secs_f64() * 1e3 / runs as f64;
             e.1 += 1;
@@ -52,4 +70,17 @@ fn main() -> TractResult<()> {
         println!("{ms:8.3} ms  {k}");
     }
     Ok(())
+}
+
+/// As the runtime's tract backend does after every node (`backend/tract.rs::eval_node`).
+fn clear_vector_upper() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        #[target_feature(enable = "avx")]
+        unsafe fn vzeroupper() {
+            std::arch::x86_64::_mm256_zeroupper();
+        }
+        // SAFETY: the CPU has AVX (checked above)
+        unsafe { vzeroupper() }
+    }
 }

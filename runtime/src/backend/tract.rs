@@ -329,16 +329,29 @@ impl Session for TractSession {
         let shapes: ShapeKey =
             self.inputs.iter().zip(&ordered).map(|(info, t)| (info.name.clone(), t.shape().to_vec())).collect();
         let plan = self.plan_for(shapes)?;
-        let values: TVec<TValue> = ordered.into_iter().map(|t| to_tract(t).into_tvalue()).collect();
         let infer_err = |message: String| Error::Inference { part: self.part.clone(), backend: NAME.into(), message };
-        let outs = tract_linalg::multithread::multithread_tract_scope(self.executor.clone(), || {
-            plan.spawn()?.run_plan_with_eval(values, eval_node)
-        })
-        .map_err(|e| infer_err(format!("{e:#}")))?;
-        outs.into_iter()
-            .zip(&self.outputs)
-            .map(|(v, info)| from_tract(v.into_tensor()).map_err(|m| infer_err(format!("output `{}`: {m}", info.name))))
-            .collect()
+        let executor = self.executor.clone();
+        let run = move || -> Result<Vec<HostTensor>> {
+            let values: TVec<TValue> = ordered.into_iter().map(|t| to_tract(t).into_tvalue()).collect();
+            let outs = tract_linalg::multithread::multithread_tract_scope(executor, || {
+                plan.spawn()?.run_plan_with_eval(values, eval_node)
+            })
+            .map_err(|e| infer_err(format!("{e:#}")))?;
+            outs.into_iter()
+                .zip(&self.outputs)
+                .map(|(v, info)| {
+                    from_tract(v.into_tensor()).map_err(|m| infer_err(format!("output `{}`: {m}", info.name)))
+                })
+                .collect()
+        };
+        // On a pool, the whole plan runs on one of its threads: each product then splits from
+        // inside the pool instead of waking it from outside and sleeping until it is done, a
+        // cross-thread hand-off per node that made small parts slower on 2 threads than on 1
+        // (docs/benchmarks.md, "The plan runs inside the thread pool").
+        match &self.executor {
+            tract_linalg::multithread::Executor::MultiThread(pool) => pool.install(run),
+            _ => run(),
+        }
     }
 }
 
