@@ -58,6 +58,40 @@ fn keeping_everything_equals_the_unreduced_staged_encoder_exactly() {
     }
 }
 
+/// Under a per-tile budget the tiles run the groups and head as one batch; a server's request
+/// reductions (`stages_for_requests`) run them one at a time. Both keep the same tokens, merge
+/// them the same way and encode them to the same features.
+#[test]
+fn batched_tiles_encode_as_the_tiles_one_at_a_time() {
+    let dir = model("testbed-smolvlm");
+    let base = PipelineOptions {
+        regions: Some(RegionSkip {
+            global: Budget::Ratio(0.5),
+            ..regions(Budget::Ratio(0.35), Scope::PerView).unwrap()
+        }),
+        merge: Some(Budget::Ratio(0.25)),
+        ..Default::default()
+    };
+    let batched = Pipeline::load(&dir, &base).expect("load");
+    let one_by_one =
+        Pipeline::load(&dir, &PipelineOptions { stages_for_requests: true, ..base.clone() }).expect("load");
+    let img = batched.load_image(&images().join("scene.png")).expect("image");
+    let input = batched.preprocess(&img).expect("preprocess");
+    let tiles = input.views.len() - 1;
+    assert!(tiles > 1, "the image must have several tiles");
+    let a = batched.encode_reduced(&input, &mut no_text).expect("batched");
+    let b = one_by_one.encode_reduced(&input, &mut no_text).expect("one by one");
+    // the batch shows in the stages' plans: the groups and the head ran on `tiles` views at once
+    let plans = batched.encoder_fixed_plans();
+    let head = plans.last().expect("a head");
+    assert!(head.iter().any(|p| p.starts_with(&format!("hidden_states [{tiles}, "))), "{plans:?}");
+    assert_eq!(a.present, b.present);
+    assert_eq!(a.merged, b.merged);
+    assert!(a.merged.iter().filter(|m| !m.is_empty()).count() == input.views.len(), "every view merged");
+    let diff = (&a.features - &b.features).mapv(f32::abs).fold(0.0f32, |m, &x| m.max(x));
+    assert!(diff <= 1e-4, "batched tiles differ by {diff}");
+}
+
 #[test]
 fn region_budgets_hold_end_to_end_and_views_keep_their_place() {
     let dir = model("testbed-smolvlm");

@@ -319,8 +319,9 @@ impl Pipeline {
         staged.embed(one.inputs_for(staged.inputs(), self.family.name())?)
     }
 
-    /// The groups and head of the staged encoder on one embedded view `[1, tokens, d]`, with
-    /// region skipping (`keep`) and merging; `one` is that view's input.
+    /// The groups and head of the staged encoder on embedded views `[views, tokens, d]` (one, or
+    /// a batch of tiles keeping as many tokens each), with region skipping (`keep`) and merging;
+    /// `one` is those views' input.
     fn run_partial(
         &self,
         one: &VisionInput,
@@ -341,8 +342,12 @@ impl Pipeline {
         let mut enc = self.finish(staged, one, run)?;
         if let Some(m) = merger.as_mut() {
             let prefix = self.family.encoder_prefix_tokens();
-            enc.merged =
-                m.take_groups().iter().map(|s| merge_groups(s, Some(keep.entered()), prefix, tokens)).collect();
+            enc.merged = m
+                .take_groups()
+                .iter()
+                .enumerate()
+                .map(|(v, s)| merge_groups(s, Some(keep.entered_of(v)), prefix, tokens))
+                .collect();
         }
         Ok(enc)
     }
@@ -423,12 +428,24 @@ impl Pipeline {
                     at += input.views[v].tokens;
                 }
                 let kept = regions::choose_regions(&input.views, &scores, skip.budget, skip.scope);
-                for (one, &v) in embedded.into_iter().zip(&tile_ids) {
-                    if kept[v].is_empty() {
-                        continue;
+                let chosen: Vec<(usize, ndarray::Array3<f32>)> =
+                    tile_ids.iter().copied().zip(embedded).filter(|(v, _)| !kept[*v].is_empty()).collect();
+                let same = chosen.windows(2).all(|w| kept[w[0].0].len() == kept[w[1].0].len());
+                if self.batch_tiles && same && chosen.len() > 1 {
+                    // one batch through the groups and head: as many tokens each
+                    let views: Vec<usize> = chosen.iter().map(|(v, _)| *v).collect();
+                    let parts: Vec<_> = chosen.iter().map(|(_, h)| h.view()).collect();
+                    let hidden = ndarray::concatenate(Axis(0), &parts)
+                        .map_err(|e| Error::interface("region skipping", format!("batching the tiles: {e}")))?;
+                    let keeps = views.iter().map(|&v| Keep::Tokens(kept[v].clone())).collect();
+                    let mut keep = PatchKeep::batch(keeps, prefix, input.views[views[0]].grid);
+                    let enc = self.run_partial(&input.subset(&views), hidden, &mut keep, red)?;
+                    runs.push((views, enc));
+                } else {
+                    for (v, one) in chosen {
+                        let mut keep = PatchKeep::new(Keep::Tokens(kept[v].clone()), prefix, input.views[v].grid);
+                        runs.push((vec![v], self.run_partial(&input.subset(&[v]), one, &mut keep, red)?));
                     }
-                    let mut keep = PatchKeep::new(Keep::Tokens(kept[v].clone()), prefix, input.views[v].grid);
-                    runs.push((vec![v], self.run_partial(&input.subset(&[v]), one, &mut keep, red)?));
                 }
                 (kept, skip.skipped)
             }

@@ -88,19 +88,30 @@ fn staged_files(
     }
 }
 
-/// How many input shapes tract should plan for exactly (the rest run its plan for symbolic
-/// shapes): `(embed stage, each group of layers)`. Views run the encoder one at a time on the
-/// full grid, so without region skipping every stage sees one shape; merging alone keeps it one
-/// per group (a fixed share of a fixed count). Under region skipping the layer groups see the
-/// global view's count and the tiles' one: one count per tile when each tile has its own budget
-/// (`per-view`) or the family has no tiles, but a count per tile and image when the budget is
-/// shared across tiles. A server's requests choose their own reductions.
-fn plan_shapes(opts: &PipelineOptions, tiled: bool) -> (usize, usize) {
+/// How many input shapes tract plans for exactly, per encoder stage (0: the plan for symbolic
+/// shapes only). Views run the encoder one at a time on the full grid, so without region
+/// skipping every stage sees one shape; merging alone keeps it one per group (a fixed share of a
+/// fixed count). Under region skipping the layer groups see the global view's count and the
+/// tiles' one: with a budget per tile (`per-view`) the tiles keep as many tokens each and run
+/// the groups and head as one batch, so groups and head see two shapes (global view, tiles);
+/// single-view families see one count per image; a budget shared across tiles gives a count per
+/// tile and image (symbolic groups). A server's requests choose their own reductions (their
+/// tiles run one at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PlanShapes {
+    embed: usize,
+    groups: usize,
+    head: usize,
+}
+
+fn plan_shapes(opts: &PipelineOptions, tiled: bool) -> PlanShapes {
+    let shapes = |embed, groups, head| PlanShapes { embed, groups, head };
     match &opts.regions {
-        _ if opts.stages_for_requests => (0, 0),
-        None => (1, 1),
-        Some(skip) if !tiled || skip.scope == crate::select::Scope::PerView => (1, 2),
-        Some(_) => (1, 0),
+        _ if opts.stages_for_requests => shapes(0, 0, 1),
+        None => shapes(1, 1, 1),
+        Some(skip) if tiled && skip.scope == crate::select::Scope::PerView => shapes(1, 2, 2),
+        Some(_) if !tiled => shapes(1, 2, 1),
+        Some(_) => shapes(1, 0, 1),
     }
 }
 
@@ -152,6 +163,11 @@ pub struct Pipeline {
     staged: Option<VisionEncoder>,
     /// Run the encoder one view at a time.
     per_view: bool,
+    /// Under a per-tile region budget, run the tiles' kept tokens through the groups and head as
+    /// one batch (they keep as many each): a call per stage instead of one per tile, whose fixed
+    /// cost dominates small encoders. Set where the stages were planned for that shape
+    /// ([`PlanShapes`]); a server's request reductions run tiles one at a time.
+    batch_tiles: bool,
     embed: Box<dyn Session>,
     decoder: Box<dyn Session>,
     decoder_io: DecoderIo,
@@ -252,26 +268,31 @@ impl Pipeline {
             }
             None => (Vec::new(), std::path::PathBuf::new()),
         };
-        let (embed_shapes, mut group_shapes) = plan_shapes(opts, family.splits_into_tiles());
+        let mut shapes = plan_shapes(opts, family.splits_into_tiles());
+        let batch_tiles = shapes.head == 2;
         let vision_dtype = part_dtype(&dtypes, Part::VisionEncoder);
         let staged = staged_files(&folder, vision_dtype, opts.encoder)?;
         let check = |extra: &[(String, u64)]| {
             crate::memory::check(&folder, &dtypes, extra, opts.max_memory.as_ref(), &opts.backend)
         };
-        // tract keeps a plan (packed weights) per shape: a second shape holds the groups twice
-        // (region skipping runs the stages, loaded beside a monolithic encoder if need be); where
-        // that does not fit but one copy does, the groups keep their plan for symbolic shapes
-        let groups_twice = group_shapes > 1 && opts.backend == "tract" && !opts.backend_options.symbolic_plans;
+        // tract keeps a plan (packed weights) per shape: a second shape holds the groups (and the
+        // head, for batched tiles) twice (region skipping runs the stages, loaded beside a
+        // monolithic encoder if need be); where that does not fit but one copy does, those
+        // stages keep their plan for symbolic shapes
+        let groups_twice = shapes.groups > 1 && opts.backend == "tract" && !opts.backend_options.symbolic_plans;
         match groups_twice.then(|| staged_files(&folder, vision_dtype, EncoderForm::Staged)).transpose()?.flatten() {
             Some(files) => {
-                let groups = &files[1..files.len().saturating_sub(1)];
-                let bytes = groups.iter().map(|(_, p)| crate::memory::file_bytes(p)).sum::<u64>();
+                let last = if shapes.head > 1 { files.len() } else { files.len().saturating_sub(1) };
+                let bytes = files[1..last].iter().map(|(_, p)| crate::memory::file_bytes(p)).sum::<u64>();
                 let mut twice = compressor_file.clone();
                 twice.push(("a second tract plan of the vision layer groups (region skipping)".into(), bytes));
                 if let Err(e) = check(&twice) {
                     check(&compressor_file)?;
                     tracing::info!("the layer groups keep tract's plan for symbolic shapes: {e}");
-                    group_shapes = 0;
+                    shapes.groups = 0;
+                    if shapes.head > 1 {
+                        shapes.head = 0;
+                    }
                 }
             }
             None => check(&compressor_file)?,
@@ -297,9 +318,11 @@ impl Pipeline {
         };
         let load_staged = |files: Vec<(String, std::path::PathBuf)>| -> Result<VisionEncoder> {
             let stages = manifest.stages.as_ref().ok_or_else(|| Error::interface("vision stages", "none listed"))?;
-            let (hints, head_hints) =
-                (family.encoder_hints().repeated_shapes(embed_shapes), family.head_hints().repeated_shapes(1));
-            let none = crate::backend::LoadHints::default().repeated_shapes(group_shapes);
+            let (hints, head_hints) = (
+                family.encoder_hints().repeated_shapes(shapes.embed),
+                family.head_hints().repeated_shapes(shapes.head),
+            );
+            let none = crate::backend::LoadHints::default().repeated_shapes(shapes.groups);
             let mut sessions = Vec::with_capacity(files.len());
             for (k, (stem, path)) in files.iter().enumerate() {
                 let h = match k {
@@ -381,6 +404,7 @@ impl Pipeline {
             vision,
             staged,
             per_view,
+            batch_tiles,
             embed,
             decoder,
             decoder_io,

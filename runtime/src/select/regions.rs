@@ -148,31 +148,44 @@ pub enum Keep {
     Salient(Budget),
 }
 
-/// The encoder hook of region skipping for one view: before the blocks it keeps only the patches
-/// of the kept LLM tokens (and the prefix); before the head it puts them back into the embedded
-/// full grid, so the head's connector sees a full grid. The output tokens of the dropped groups
-/// are then dropped by the pipeline ([`PatchKeep::kept`]).
+/// The encoder hook of region skipping for one view, or a batch of views that keep as many
+/// tokens each (the tiles of an image under a per-tile budget): before the blocks it keeps only
+/// the patches of the kept LLM tokens (and the prefix); before the head it puts them back into
+/// the embedded full grid, so the head's connector sees a full grid. The output tokens of the
+/// dropped groups are then dropped by the pipeline ([`PatchKeep::kept`]).
 #[derive(Debug, Clone)]
 pub struct PatchKeep {
-    keep: Keep,
+    /// One per view of the batch.
+    keep: Vec<Keep>,
     prefix: usize,
     grid: (usize, usize),
-    kept: Vec<usize>,
-    entered: Vec<usize>,
+    kept: Vec<Vec<usize>>,
+    entered: Vec<Vec<usize>>,
     patches: usize,
-    state: Option<(Array3<f32>, Vec<usize>)>,
+    state: Option<(Array3<f32>, Vec<Vec<usize>>)>,
 }
 
 impl PatchKeep {
     /// Keeps `keep` of a view of `grid` LLM tokens whose encoder tokens start with `prefix`
     /// non-patch tokens.
     pub fn new(keep: Keep, prefix: usize, grid: (usize, usize)) -> Self {
+        Self::batch(vec![keep], prefix, grid)
+    }
+
+    /// [`PatchKeep::new`] for a batch of views of the same grid, `keep[v]` for view `v`; the run
+    /// fails unless every view keeps the same number of tokens (the batch is one tensor).
+    pub fn batch(keep: Vec<Keep>, prefix: usize, grid: (usize, usize)) -> Self {
         PatchKeep { keep, prefix, grid, kept: Vec::new(), entered: Vec::new(), patches: 0, state: None }
     }
 
-    /// The LLM tokens kept (known after the run's embed stage).
+    /// The LLM tokens the first view kept (known after the run's embed stage).
     pub fn kept(&self) -> &[usize] {
-        &self.kept
+        self.kept_of(0)
+    }
+
+    /// The LLM tokens view `v` of the batch kept (after the run's embed stage).
+    pub fn kept_of(&self, v: usize) -> &[usize] {
+        self.kept.get(v).map_or(&[], Vec::as_slice)
     }
 
     /// Patches of the view (after the run): scale² per LLM token.
@@ -180,9 +193,15 @@ impl PatchKeep {
         self.patches
     }
 
-    /// The encoder tokens (prefix included) that entered the groups, ascending (after the run).
+    /// The encoder tokens (prefix included) of the first view that entered the groups,
+    /// ascending (after the run).
     pub fn entered(&self) -> &[usize] {
-        &self.entered
+        self.entered_of(0)
+    }
+
+    /// [`PatchKeep::entered`] for view `v` of the batch.
+    pub fn entered_of(&self, v: usize) -> &[usize] {
+        self.entered.get(v).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -204,29 +223,48 @@ pub fn embedding_saliency(hidden: &Array2<f32>, layout: &PatchLayout) -> Vec<f32
 
 impl EncoderHook for PatchKeep {
     fn before_groups(&mut self, state: &mut Between) -> Result<()> {
-        if state.hidden.shape()[0] != 1 {
-            return Err(Error::interface("region skipping", "runs one view at a time"));
+        let views = state.hidden.shape()[0];
+        if views != self.keep.len() {
+            return Err(Error::interface(
+                "region skipping",
+                format!("{views} views entered the groups for {} kept-token lists", self.keep.len()),
+            ));
         }
         let layout = PatchLayout::new(state.grid, self.prefix, self.grid)?;
         self.patches = state.grid - self.prefix;
         let cells = self.grid.0 * self.grid.1;
-        self.kept = match &self.keep {
-            Keep::Tokens(t) => {
-                if let Some(bad) = t.iter().find(|&&i| i >= cells) {
-                    return Err(Error::interface("region skipping", format!("token {bad} outside a view of {cells}")));
+        let mut kept = Vec::with_capacity(views);
+        for (v, keep) in self.keep.iter().enumerate() {
+            kept.push(match keep {
+                Keep::Tokens(t) => {
+                    if let Some(bad) = t.iter().find(|&&i| i >= cells) {
+                        return Err(Error::interface(
+                            "region skipping",
+                            format!("token {bad} outside a view of {cells}"),
+                        ));
+                    }
+                    t.clone()
                 }
-                t.clone()
-            }
-            Keep::Salient(budget) => {
-                let view = state.hidden.index_axis(Axis(0), 0).to_owned();
-                let s = embedding_saliency(&view, &layout);
-                top_k(ArrayView1::from(&s), budget.of(cells))
-            }
-        };
-        let idx = layout.patches_of(&self.kept);
-        let full = std::mem::replace(&mut state.hidden, Array3::zeros((1, 0, 0)));
-        state.hidden = full.select(Axis(1), &idx);
-        state.bias = Array2::zeros((1, idx.len()));
+                Keep::Salient(budget) => {
+                    let view = state.hidden.index_axis(Axis(0), v).to_owned();
+                    let s = embedding_saliency(&view, &layout);
+                    top_k(ArrayView1::from(&s), budget.of(cells))
+                }
+            });
+        }
+        let idx: Vec<Vec<usize>> = kept.iter().map(|k| layout.patches_of(k)).collect();
+        let len = idx.first().map_or(0, Vec::len);
+        if idx.iter().any(|i| i.len() != len) {
+            return Err(Error::interface("region skipping", "views batched together keep different token counts"));
+        }
+        let full = std::mem::replace(&mut state.hidden, Array3::zeros((views, 0, 0)));
+        let mut hidden = Array3::<f32>::zeros((views, len, full.shape()[2]));
+        for (v, ix) in idx.iter().enumerate() {
+            hidden.index_axis_mut(Axis(0), v).assign(&full.index_axis(Axis(0), v).select(Axis(0), ix));
+        }
+        state.hidden = hidden;
+        state.bias = Array2::zeros((views, len));
+        self.kept = kept;
         self.entered.clone_from(&idx);
         self.state = Some((full, idx));
         Ok(())
@@ -234,17 +272,22 @@ impl EncoderHook for PatchKeep {
 
     fn before_head(&mut self, state: &mut Between) -> Result<()> {
         let Some((mut full, idx)) = self.state.take() else { return Ok(()) };
-        if state.hidden.shape()[1] != idx.len() {
+        let len = idx.first().map_or(0, Vec::len);
+        if state.hidden.shape()[0] != idx.len() || state.hidden.shape()[1] != len {
             return Err(Error::interface(
                 "region skipping",
-                format!("{} tokens came back for {} kept", state.hidden.shape()[1], idx.len()),
+                format!("{:?} tokens came back for {} views of {len} kept", state.hidden.shape(), idx.len()),
             ));
         }
-        for (k, &i) in idx.iter().enumerate() {
-            full.index_axis_mut(Axis(1), i).assign(&state.hidden.index_axis(Axis(1), k));
+        for (v, ix) in idx.iter().enumerate() {
+            let back = state.hidden.index_axis(Axis(0), v);
+            let mut view = full.index_axis_mut(Axis(0), v);
+            for (k, &i) in ix.iter().enumerate() {
+                view.index_axis_mut(Axis(0), i).assign(&back.index_axis(Axis(0), k));
+            }
         }
         state.hidden = full;
-        state.bias = Array2::zeros((1, state.grid));
+        state.bias = Array2::zeros((idx.len(), state.grid));
         Ok(())
     }
 }
