@@ -95,8 +95,9 @@ fn staged_files(
 /// tiles' one: with a budget per tile (`per-view`) the tiles keep as many tokens each and run
 /// the groups and head as one batch, so groups and head see two shapes (global view, tiles);
 /// single-view families see one count per image; a budget shared across tiles gives a count per
-/// tile and image (symbolic groups). A server's requests choose their own reductions (their
-/// tiles run one at a time).
+/// tile and image (symbolic groups). Tiles are batched only on encoders whose view is small
+/// ([`batches_tiles`]); otherwise they run one at a time and the head sees one shape. A server's
+/// requests choose their own reductions (their tiles run one at a time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PlanShapes {
     embed: usize,
@@ -104,15 +105,40 @@ struct PlanShapes {
     head: usize,
 }
 
-fn plan_shapes(opts: &PipelineOptions, tiled: bool) -> PlanShapes {
+fn plan_shapes(opts: &PipelineOptions, tiled: bool, small_views: bool) -> PlanShapes {
     let shapes = |embed, groups, head| PlanShapes { embed, groups, head };
     match &opts.regions {
         _ if opts.stages_for_requests => shapes(0, 0, 1),
         None => shapes(1, 1, 1),
-        Some(skip) if tiled && skip.scope == crate::select::Scope::PerView => shapes(1, 2, 2),
+        Some(skip) if tiled && skip.scope == crate::select::Scope::PerView => {
+            shapes(1, 2, if small_views { 2 } else { 1 })
+        }
         Some(_) if !tiled => shapes(1, 2, 1),
         Some(_) => shapes(1, 0, 1),
     }
+}
+
+/// Largest residual stream of one full view (`patches × hidden` f32) whose tiles run the layer
+/// groups as one batch. Batching removes a call per tile and stage, which pays where calls are
+/// short: testbed-smolvlm (256 × 96, 96 KiB per view) --fast encode 17.5-18.1 -> 16.1-16.5 ms;
+/// on SmolVLM-256M's views (1024 × 768, 3 MiB) the batch ran 11% slower than the tiles one at a
+/// time (encode 1906-1952 vs 2148-2151 ms, tract, 2 threads; docs/benchmarks.md).
+const BATCH_TILES_BELOW: usize = 512 * 1024;
+
+/// Whether the folder's vision encoder is small enough per view to batch tiles
+/// ([`BATCH_TILES_BELOW`]); `false` when its config does not say.
+fn batches_tiles(folder: &ModelFolder) -> bool {
+    let get = |key: &str| folder.config_usize(&[&format!("vision_config.{key}")]).ok();
+    match (get("hidden_size"), get("image_size"), get("patch_size")) {
+        (Some(hidden), Some(side), Some(patch)) => view_is_small(hidden, side, patch),
+        _ => false,
+    }
+}
+
+/// Whether a view of `side` pixels in `patch`-pixel patches of `hidden` features is below
+/// [`BATCH_TILES_BELOW`].
+fn view_is_small(hidden: usize, side: usize, patch: usize) -> bool {
+    patch > 0 && (side / patch).pow(2).saturating_mul(hidden).saturating_mul(4) <= BATCH_TILES_BELOW
 }
 
 /// What the family allows of a reduction (the pipeline's at load, a request's own before it
@@ -268,7 +294,7 @@ impl Pipeline {
             }
             None => (Vec::new(), std::path::PathBuf::new()),
         };
-        let mut shapes = plan_shapes(opts, family.splits_into_tiles());
+        let mut shapes = plan_shapes(opts, family.splits_into_tiles(), batches_tiles(&folder));
         let batch_tiles = shapes.head == 2;
         let vision_dtype = part_dtype(&dtypes, Part::VisionEncoder);
         let staged = staged_files(&folder, vision_dtype, opts.encoder)?;
@@ -585,4 +611,17 @@ pub(crate) fn pool_fits(config: &SelectConfig, io: &DecoderIo) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_small_views_batch_their_tiles() {
+        // testbed-smolvlm: 16 x 16 patches of 96 features; SmolVLM-256M: 32 x 32 of 768
+        assert!(view_is_small(96, 128, 8));
+        assert!(!view_is_small(768, 512, 16));
+        assert!(!view_is_small(96, 128, 0), "a zero patch size never batches");
+    }
 }
