@@ -56,7 +56,7 @@ fn run(state: &mut SimpleState<TypedFact, Box<dyn TypedOp>>, values: TVec<TValue
             let t = Instant::now();
             let shapes: Vec<String> = inputs.iter().map(|i| format!("{:?}{:?}", i.datum_type(), i.shape())).collect();
             let r = tract_onnx::tract_core::plan::eval(ctx, st, node, inputs);
-            clear_vector_upper();
+            glimpse_runtime::backend::tract::clear_vector_upper();
             let e = times.entry(format!("{} {} {}", node.op().name(), node.name, shapes.join(","))).or_default();
             e.0 += t.elapsed().as_secs_f64() * 1e3 / runs as f64;
             e.1 += 1;
@@ -70,17 +70,4 @@ fn run(state: &mut SimpleState<TypedFact, Box<dyn TypedOp>>, values: TVec<TValue
         println!("{ms:8.3} ms  {k}");
     }
     Ok(())
-}
-
-/// As the runtime's tract backend does after every node (`backend/tract.rs::eval_node`).
-fn clear_vector_upper() {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        #[target_feature(enable = "avx")]
-        unsafe fn vzeroupper() {
-            std::arch::x86_64::_mm256_zeroupper();
-        }
-        // SAFETY: the CPU has AVX (checked above)
-        unsafe { vzeroupper() }
-    }
 }

@@ -427,8 +427,9 @@ where
     out
 }
 
-/// `vzeroupper` where the CPU has AVX; nothing elsewhere.
-fn clear_vector_upper() {
+/// `vzeroupper` where the CPU has AVX; nothing elsewhere. Public for the per-node profiler
+/// (`runtime/examples/nodeprof.rs`), which must run nodes as the session does.
+pub fn clear_vector_upper() {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
         #[target_feature(enable = "avx")]
